@@ -1,0 +1,31 @@
+"""Shared test helpers: tiny diffusers reference models with identical random weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_reference(seed: int = 0, jitter: float = 0.02, **config):
+    """A diffusers AutoencoderKL with seeded random weights; norm affines are perturbed so they matter."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    levels = len(config.get("block_out_channels", (64,)))
+    config.setdefault("down_block_types", ["DownEncoderBlock2D"] * levels)
+    config.setdefault("up_block_types", ["UpDecoderBlock2D"] * levels)
+    model = AutoencoderKL(**config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * jitter)
+    return model
+
+
+@pytest.fixture
+def reference():
+    return make_reference

@@ -1,0 +1,5 @@
+"""`python -m vaecli` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,206 @@
+"""Batches through the model: pixel range, latent normalization, precision policy, NaN and OOM fallback.
+
+Pixels are [0, 1] floats at this module's edge and [-1, 1] inside the model; latents returned by `encode`
+are normalized by the LatentSpec given (raw when none).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import LatentSpec
+from .errors import VaecliError
+from .model import AutoencoderKL
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _oom_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [torch.cuda.OutOfMemoryError]
+    if hasattr(torch, "OutOfMemoryError"):
+        types.append(torch.OutOfMemoryError)
+    return tuple(types)
+
+
+OOM_ERRORS = _oom_types()
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run the model; every field has a CLI flag of the same name."""
+
+    dtype: torch.dtype = torch.float32  # requested compute precision
+    upcast: bool | None = None  # None: honour config.force_upcast (fp16 -> fp32), as diffusers' SDXL pipelines
+    tiling: str = "off"  # "on", "off" or "auto" (on when an untiled run would not fit)
+    tile_size: int = 512  # tile side in image pixels, for encode and decode alike
+    tile_overlap: int = 64  # overlap between neighbouring tiles in image pixels
+    slicing: int | None = None  # run batches in slices of this many samples
+
+
+@dataclass
+class Retry:
+    """One sample re-run at higher precision because its output was not finite."""
+
+    index: int
+    from_dtype: str
+    to_dtype: str
+
+
+@dataclass
+class BatchResult:
+    """Outputs of one batch, with what had to be done to get them."""
+
+    tensor: torch.Tensor  # (N, ...) float32 on the CPU; rows listed in `failed` are undefined
+    failed: dict[int, str] = field(default_factory=dict)  # sample index -> error message
+    retries: list[Retry] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)  # e.g. OOM batch splits, tiling fallback
+
+
+def compute_dtype(requested: torch.dtype, force_upcast: bool, upcast: bool | None) -> torch.dtype:
+    """The precision actually used: fp16 becomes fp32 when the model asks for upcasting (or --upcast)."""
+    if requested == torch.float16 and (force_upcast if upcast is None else upcast):
+        return torch.float32
+    return requested
+
+
+def precision_ladder(start: torch.dtype, device: torch.device) -> list[torch.dtype]:
+    """The precisions to try in order when outputs are not finite: fp16 -> bf16 (where supported) -> fp32."""
+    ladder = [start]
+    if start == torch.float16 and bf16_supported(device):
+        ladder.append(torch.bfloat16)
+    if start != torch.float32:
+        ladder.append(torch.float32)
+    return ladder
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
+
+
+def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(t.flatten(1)).all(dim=1)
+
+
+class Runner:
+    """A loaded model with its precision policy; encodes and decodes batches and recovers from NaN and OOM.
+
+    Higher-precision copies of the model are made only when a retry needs one, and kept for later batches.
+    """
+
+    def __init__(self, vae: AutoencoderKL, options: RunOptions = RunOptions()) -> None:
+        self.options = options
+        self.device = next(vae.parameters()).device
+        self.dtype = compute_dtype(options.dtype, vae.config.force_upcast, options.upcast)
+        self.config = vae.config
+        self._models: dict[torch.dtype, AutoencoderKL] = {next(vae.parameters()).dtype: vae}
+        self.ladder = precision_ladder(self.dtype, self.device)
+
+    def model(self, dtype: torch.dtype) -> AutoencoderKL:
+        """The model in `dtype`, converted from the loaded one on first use."""
+        if dtype not in self._models:
+            base = next(iter(self._models.values()))
+            self._models[dtype] = copy.deepcopy(base).to(dtype)
+        return self._models[dtype]
+
+    # -- public operations --------------------------------------------------------------------------------
+
+    def encode(
+        self, pixels: torch.Tensor, spec: LatentSpec | None = None, noise: torch.Tensor | None = None
+    ) -> BatchResult:
+        """Images (N, C, H, W) in [0, 1] -> latents (N, c, H/f, W/f), normalized by `spec` when given.
+
+        noise: standard-normal tensor of the latent shape to sample the posterior (mean + std * noise);
+        None takes the posterior mode. Drawing it outside keeps samples independent of batching.
+        """
+
+        def op(model: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+            return self._encode_once(model, x)
+
+        result = self._run(op, pixels * 2.0 - 1.0)
+        moments = result.tensor
+        mean, logvar = moments.chunk(2, dim=1)
+        z = mean if noise is None else mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean)
+        result.tensor = spec.normalize(z) if spec is not None else z
+        return result
+
+    def encode_moments(self, pixels: torch.Tensor) -> BatchResult:
+        """Images in [0, 1] -> posterior moments (N, 2c, h, w): mean and clamped-later logvar, raw."""
+        return self._run(lambda m, x: self._encode_once(m, x), pixels * 2.0 - 1.0)
+
+    def decode(self, latents: torch.Tensor, spec: LatentSpec | None = None) -> BatchResult:
+        """Latents (N, c, h, w), normalized by `spec` when given -> images (N, C, h*f, w*f) in [0, 1]."""
+        z = spec.denormalize(latents.float()) if spec is not None else latents.float()
+        result = self._run(lambda m, x: self._decode_once(m, x), z)
+        result.tensor = ((result.tensor + 1.0) / 2.0).clamp_(0.0, 1.0)
+        return result
+
+    # -- the single-model-call layer (tiling plugs in here) -----------------------------------------------
+
+    def _encode_once(self, model: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+        return model.encode_moments(x)
+
+    def _decode_once(self, model: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+        return model.decode(z)
+
+    # -- batching, precision fallback and OOM recovery -----------------------------------------------------
+
+    def _run(self, op: Callable[[AutoencoderKL, torch.Tensor], torch.Tensor], x: torch.Tensor) -> BatchResult:
+        n = x.shape[0]
+        events: list[str] = []
+        out = self._sliced(op, self.model(self.dtype), x.to(self.device, self.dtype), events)
+        result = BatchResult(out, events=events)
+        bad = (~_finite_rows(out)).nonzero().flatten().tolist()
+        for lower, higher in zip(self.ladder, self.ladder[1:]):
+            if not bad:
+                break
+            for i in bad:
+                result.retries.append(Retry(i, DTYPE_NAMES[lower], DTYPE_NAMES[higher]))
+            redo = self._sliced(op, self.model(higher), x[bad].to(self.device, higher), events)
+            result.tensor[bad] = redo
+            bad = [i for i, ok in zip(bad, _finite_rows(redo).tolist()) if not ok]
+        for i in bad:
+            result.failed[i] = "model output is NaN/Inf even in fp32 (weights or input out of range)"
+        assert result.tensor.shape[0] == n
+        return result
+
+    def _sliced(
+        self,
+        op: Callable[[AutoencoderKL, torch.Tensor], torch.Tensor],
+        model: AutoencoderKL,
+        x: torch.Tensor,
+        events: list[str],
+    ) -> torch.Tensor:
+        """Run `op` over x in slices (options.slicing), halving a slice on out-of-memory; float32 CPU result."""
+        size = self.options.slicing or x.shape[0]
+        outs: list[torch.Tensor] = []
+        start = 0
+        with torch.inference_mode():
+            while start < x.shape[0]:
+                part = x[start : start + size]
+                try:
+                    y = op(model, part)
+                except OOM_ERRORS:
+                    if size == 1:
+                        raise VaecliError(
+                            "out of memory even for one image: use --tiling on with a smaller --tile-size, "
+                            "or --device cpu"
+                        ) from None
+                    _free_cache(self.device)
+                    size = max(1, size // 2)
+                    events.append(f"out of memory: batch halved to {size}")
+                    continue
+                outs.append(y.float().cpu())
+                start += part.shape[0]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _free_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,416 @@
+"""Read weight files, detect their key layout, rename through one table, infer configs, load strictly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .config import DEFAULT_FAMILY, ModelInfo, VAEConfig, apply_family
+from .errors import ConfigError, WeightsError
+from .model import AutoencoderKL
+
+DEFAULT_MODEL = "vaecli-default"
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Folder weight names diffusers writes, in the order we prefer them (safetensors first, full precision first).
+FOLDER_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
+# Prefixes under which whole-pipeline checkpoints keep their VAE.
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+# The one rename table: original LDM (CompVis) key patterns <-> diffusers key patterns.
+# {i} is a level index, {j} a resnet index; decoder levels count in opposite directions ({u} is LDM's
+# `up.{u}`, which is diffusers' `up_blocks.{levels-1-u}`). Attention projections are 1x1 convs in LDM files
+# and Linear layers in diffusers: the tensors are reshaped by `_to_linear` / `_to_conv`.
+RENAME_TABLE: tuple[tuple[str, str], ...] = (
+    ("encoder.down.{i}.block.{j}.nin_shortcut.", "encoder.down_blocks.{i}.resnets.{j}.conv_shortcut."),
+    ("encoder.down.{i}.block.{j}.", "encoder.down_blocks.{i}.resnets.{j}."),
+    ("encoder.down.{i}.downsample.conv.", "encoder.down_blocks.{i}.downsamplers.0.conv."),
+    ("decoder.up.{u}.block.{j}.nin_shortcut.", "decoder.up_blocks.{u}.resnets.{j}.conv_shortcut."),
+    ("decoder.up.{u}.block.{j}.", "decoder.up_blocks.{u}.resnets.{j}."),
+    ("decoder.up.{u}.upsample.conv.", "decoder.up_blocks.{u}.upsamplers.0.conv."),
+    ("{e}.mid.block_1.nin_shortcut.", "{e}.mid_block.resnets.0.conv_shortcut."),
+    ("{e}.mid.block_2.nin_shortcut.", "{e}.mid_block.resnets.1.conv_shortcut."),
+    ("{e}.mid.block_1.", "{e}.mid_block.resnets.0."),
+    ("{e}.mid.block_2.", "{e}.mid_block.resnets.1."),
+    ("{e}.mid.attn_1.norm.", "{e}.mid_block.attentions.0.group_norm."),
+    ("{e}.mid.attn_1.q.", "{e}.mid_block.attentions.0.to_q."),
+    ("{e}.mid.attn_1.k.", "{e}.mid_block.attentions.0.to_k."),
+    ("{e}.mid.attn_1.v.", "{e}.mid_block.attentions.0.to_v."),
+    ("{e}.mid.attn_1.proj_out.", "{e}.mid_block.attentions.0.to_out.0."),
+    ("{e}.norm_out.", "{e}.conv_norm_out."),
+)
+# Attention names of diffusers files written before diffusers 0.14; read, never written.
+LEGACY_ATTENTION = (("query.", "to_q."), ("key.", "to_k."), ("value.", "to_v."), ("proj_attn.", "to_out.0."))
+_ATTN_PROJ = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+
+_FIELDS = {"{i}": r"(?P<i>\d+)", "{j}": r"(?P<j>\d+)", "{u}": r"(?P<u>\d+)", "{e}": r"(?P<e>encoder|decoder)"}
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    regex = re.escape(pattern)
+    for name, group in _FIELDS.items():
+        regex = regex.replace(re.escape(name), group)
+    return re.compile("^" + regex)
+
+
+_LDM_TO_DIFFUSERS = [(_compile(src), dst) for src, dst in RENAME_TABLE]
+_DIFFUSERS_TO_LDM = [(_compile(dst), src) for src, dst in RENAME_TABLE]
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern[str], str]], levels: int) -> str:
+    for regex, target in rules:
+        m = regex.match(key)
+        if m is None:
+            continue
+        fields = m.groupdict()
+        if "u" in fields:  # decoder levels are numbered in opposite directions in the two layouts
+            fields["u"] = str(levels - 1 - int(fields["u"]))
+        out = target
+        for name, value in fields.items():
+            out = out.replace("{" + name + "}", value)
+        return out + key[m.end():]
+    return key
+
+
+def ldm_to_diffusers_key(key: str, levels: int) -> str:
+    """One original-LDM key -> its diffusers key (`levels` = number of resolution levels)."""
+    return _rename(key, _LDM_TO_DIFFUSERS, levels)
+
+
+def diffusers_to_ldm_key(key: str, levels: int) -> str:
+    """One diffusers key -> its original-LDM key."""
+    return _rename(key, _DIFFUSERS_TO_LDM, levels)
+
+
+def _ldm_levels(keys: Any) -> int:
+    found = [int(m.group(1)) for k in keys if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
+    if not found:
+        found = [int(m.group(1)) for k in keys if (m := re.match(r"encoder\.down\.(\d+)\.", k))]
+    return max(found) + 1 if found else 1
+
+
+def detect_layout(keys: Any) -> str:
+    """'ldm' or 'diffusers', from key names alone."""
+    keys = list(keys)
+    if any(k.startswith(("encoder.down.", "decoder.up.")) or ".mid.block_1." in k for k in keys):
+        return "ldm"
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")) for k in keys):
+        return "diffusers"
+    raise WeightsError(
+        "no VAE weights recognised in this file (expected keys like 'encoder.down_blocks.0...' or "
+        "'encoder.down.0...', optionally under 'first_stage_model.' or 'vae.')"
+    )
+
+
+def ldm_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a whole LDM state dict to diffusers keys, turning 1x1-conv attention weights into Linear ones."""
+    levels = _ldm_levels(state.keys())
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = ldm_to_diffusers_key(key, levels)
+        if _ATTN_PROJ.search(new) and value.ndim == 4:
+            value = value[:, :, 0, 0]  # (C, C, 1, 1) conv -> (C, C) linear
+        out[new] = value
+    return out
+
+
+def diffusers_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers state dict to original LDM keys (what single-file checkpoints hold)."""
+    levels = len({k.split(".")[2] for k in state if k.startswith("decoder.up_blocks.")}) or 1
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if _ATTN_PROJ.search(key) and value.ndim == 2:
+            value = value[:, :, None, None]  # (C, C) linear -> (C, C, 1, 1) conv
+        out[diffusers_to_ldm_key(key, levels)] = value
+    return out
+
+
+def _upgrade_legacy_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if ".mid_block.attentions.0." in key:
+            head, _, tail = key.partition(".mid_block.attentions.0.")
+            for old, new in LEGACY_ATTENTION:
+                if tail.startswith(old):
+                    tail = new + tail[len(old):]
+                    break
+            key = f"{head}.mid_block.attentions.0.{tail}"
+            if _ATTN_PROJ.search(key) and value.ndim == 4:
+                value = value[:, :, 0, 0]
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one file; safetensors directly, pickle formats only through weights_only loading."""
+    suffix = path.suffix.lower()
+    if suffix in SAFE_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types here; all mean "cannot load safely"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WeightsError(
+                f"{path}: cannot be loaded safely with torch.load(weights_only=True) ({first}); "
+                "convert it to .safetensors"
+            ) from None
+        if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+            data = data["state_dict"]  # Lightning checkpoints nest the weights
+        if not isinstance(data, dict):
+            raise WeightsError(f"{path}: holds a {type(data).__name__}, not a state dict")
+        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    raise WeightsError(f"{path}: unsupported weights format {suffix!r} (use .safetensors, .ckpt, .pt, .pth or .bin)")
+
+
+def extract_vae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The VAE tensors of a file: a full pipeline checkpoint keeps them under a prefix, which is stripped."""
+    for prefix in VAE_PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            return sub
+    # Files from some tools keep non-VAE extras (e.g. model_ema.*, loss.*): only the VAE's own parts count.
+    own = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+    return {k: v for k, v in state.items() if k.startswith(own)}
+
+
+def to_diffusers_layout(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Diffusers-keyed VAE tensors, and the layout they came in."""
+    vae = extract_vae(state)
+    layout = detect_layout(vae.keys())
+    vae = ldm_to_diffusers(vae) if layout == "ldm" else dict(vae)
+    return _upgrade_legacy_attention(vae), layout
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over (key, dtype, shape, bytes) of every tensor in key order: the identity of a set of weights."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ config inference
+
+
+def infer_config(state: Mapping[str, torch.Tensor], family: str | None = None) -> tuple[VAEConfig, list[str]]:
+    """Config from the shapes of diffusers-keyed tensors; the latent normalization from `family`.
+
+    Returns the config and notes on what was assumed rather than read.
+    """
+    notes: list[str] = []
+
+    def shape(key: str) -> torch.Size:
+        if key not in state:
+            raise WeightsError(f"cannot infer the model config: tensor {key!r} is missing")
+        return state[key].shape
+
+    levels = 0
+    while f"encoder.down_blocks.{levels}.resnets.0.conv1.weight" in state:
+        levels += 1
+    if levels == 0:
+        raise WeightsError("cannot infer the model config: no 'encoder.down_blocks.0.resnets.0.conv1.weight'")
+    block_out = tuple(int(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]) for i in range(levels))
+    layers = 0
+    while f"encoder.down_blocks.0.resnets.{layers}.conv1.weight" in state:
+        layers += 1
+    latent = int(shape("decoder.conv_in.weight")[1])
+    groups = 32  # every released LDM VAE; GroupNorm's group count leaves no trace in the weights
+    if any(c % groups for c in block_out):
+        import math
+
+        groups = math.gcd(*block_out, 32)
+        notes.append(f"norm_num_groups cannot be read from weights; 32 does not divide the channels, using {groups}")
+    cfg = VAEConfig(
+        in_channels=int(shape("encoder.conv_in.weight")[1]),
+        out_channels=int(shape("decoder.conv_out.weight")[0]),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=block_out,
+        layers_per_block=layers,
+        latent_channels=latent,
+        norm_num_groups=groups,
+        use_quant_conv="quant_conv.weight" in state,
+        use_post_quant_conv="post_quant_conv.weight" in state,
+        mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in state,
+    )
+    if family is None:
+        family = DEFAULT_FAMILY
+        notes.append(
+            f"no config and no family given: assuming the {family.upper()} latent normalization "
+            "(pass family='sdxl', 'sd3' or 'flux', or a config.json, if this is another VAE)"
+        )
+    return apply_family(cfg, family), notes
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one WeightsError naming missing and unexpected keys and shape mismatches."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k])}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != tuple(expected[k])
+    )
+    if not (missing or unexpected or wrong):
+        return
+
+    def listing(items: list[str]) -> str:
+        return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {listing(unexpected)}")
+    if wrong:
+        parts.append(f"shape mismatches ({len(wrong)}): {listing(wrong)}")
+    raise WeightsError(f"{source}: weights do not match the model config; " + "; ".join(parts))
+
+
+def _resolve_config(config: VAEConfig | Mapping[str, Any] | str | Path | None) -> VAEConfig | None:
+    if config is None or isinstance(config, VAEConfig):
+        return config
+    if isinstance(config, Mapping):
+        return VAEConfig.from_dict(config)
+    path = Path(config)
+    if path.is_dir():
+        for candidate in (path / "config.json", path / "vae" / "config.json"):
+            if candidate.is_file():
+                return VAEConfig.from_json(candidate)
+        raise ConfigError(f"{path}: no config.json in this folder (or its vae/ subfolder)")
+    if path.is_file():
+        return VAEConfig.from_json(path)
+    raise ConfigError(f"config {config}: no such file or folder")
+
+
+def _default_model_dir() -> Path:
+    return Path(str(resources.files("vaecli") / "default_model"))
+
+
+def locate(source: str | Path) -> tuple[Path, Path | None]:
+    """The weights file to read for `source`, and the config.json beside it when there is one."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        folder = path / "vae" if not (path / "config.json").is_file() and (path / "vae").is_dir() else path
+        for name in FOLDER_WEIGHTS:
+            if (folder / name).is_file():
+                cfg = folder / "config.json"
+                return folder / name, cfg if cfg.is_file() else None
+        raise WeightsError(
+            f"{path}: no diffusers weights found (expected {FOLDER_WEIGHTS[0]} or {FOLDER_WEIGHTS[2]}, "
+            "in the folder or its vae/ subfolder)"
+        )
+    if path.is_file():
+        return path, None
+    hub = _from_hub(str(source))
+    if hub is not None:
+        return locate(hub)
+    raise WeightsError(f"{source}: no such file or folder")
+
+
+def _from_hub(repo_id: str) -> Path | None:
+    """A local snapshot of a Hub repo's VAE, when huggingface_hub is installed and the id looks like one."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        return None
+    try:
+        from huggingface_hub import snapshot_download  # optional extra 'hub'
+    except ImportError:
+        return None
+    patterns = ["config.json", "*.safetensors", "vae/config.json", "vae/*.safetensors"]
+    for offline in (True, False):
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+        except Exception:  # noqa: BLE001 - not cached / no network: both mean "not available"
+            continue
+    return None
+
+
+def load_vae(
+    source: str | Path | None = None,
+    config: VAEConfig | Mapping[str, Any] | str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    family: str | None = None,
+) -> AutoencoderKL:
+    """Load an AutoencoderKL in eval mode.
+
+    source: None for vaecli's embedded default model; a diffusers model folder (config.json + weights), a
+        pipeline folder with a vae/ subfolder, a single .safetensors/.ckpt/.pt/.bin file in diffusers or
+        original LDM layout (a `first_stage_model.` or `vae.` prefix is stripped, so a whole SD checkpoint
+        works), or a Hub repo id when huggingface_hub is installed and the files are cached or reachable.
+    config: a VAEConfig, a config dict, a config.json path or a diffusers folder. Without one (and without a
+        config.json beside the weights) the architecture is inferred from tensor shapes and the latent
+        normalization taken from `family` ("sd", "sdxl", "sd3", "flux"; SD when not given, with a note).
+    The model's `.info` (ModelInfo) names the file, layout, weights sha256 and every assumption made.
+    """
+    name = str(source) if source is not None else DEFAULT_MODEL
+    weights_path, beside = locate(_default_model_dir() if source is None else source)
+    raw = read_state_dict(weights_path)
+    state, layout = to_diffusers_layout(raw)
+    del raw
+    notes: list[str] = []
+    cfg = _resolve_config(config)
+    if cfg is not None:
+        config_source = "given"
+        if family is not None:
+            cfg = apply_family(cfg, family)
+    elif beside is not None:
+        cfg = VAEConfig.from_json(beside)
+        config_source = "config.json"
+        if family is not None:
+            cfg = apply_family(cfg, family)
+    else:
+        cfg, notes = infer_config(state, family)
+        config_source = "inferred from shapes" + (f" + {family} preset" if family else "")
+    sha = weights_sha256(state)
+    with torch.device("meta"):
+        model = AutoencoderKL(cfg)
+    check_keys(model, state, str(weights_path))
+    state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.info = ModelInfo(name, str(weights_path), layout, sha, config_source, tuple(notes))
+    model = model.to(device=torch.device(device))
+    if torch.device(device).type == "cpu":
+        # NHWC convolutions are markedly faster with oneDNN on CPUs; values are unchanged.
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def save_vae(model: AutoencoderKL, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusers model folder (config.json + diffusion_pytorch_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = folder / FOLDER_WEIGHTS[0]
+    save_file(state, str(path))
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    return path
