@@ -6,7 +6,7 @@ Value conventions: images are (N, in_channels, H, W) in [-1, 1]; latents are raw
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,21 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics are always computed in fp32 (fp16 sums overflow on large activations)."""
+class NormStats(Protocol):
+    """Supplies GroupNorm statistics from outside a tensor (tiling: statistics of the whole image)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, norm: "GroupNorm", x: torch.Tensor) -> torch.Tensor: ...
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are always computed in fp32 (fp16 sums overflow on large activations).
+
+    With `stats`, the statistics come from that object instead of from `x` (see tiling.py).
+    """
+
+    def forward(self, x: torch.Tensor, stats: NormStats | None = None) -> torch.Tensor:
+        if stats is not None:
+            return stats.normalize(self, x)
         if x.dtype in _REDUCED:
             w = self.weight.float() if self.weight is not None else None
             b = self.bias.float() if self.bias is not None else None
@@ -48,9 +59,9 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
-        h = self.conv2(self.act(self.norm2(h)))
+    def forward(self, x: torch.Tensor, stats: NormStats | None = None) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x, stats)))
+        h = self.conv2(self.act(self.norm2(h, stats)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -112,9 +123,9 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: NormStats | None = None) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet(x, stats)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
         return x
@@ -128,9 +139,9 @@ class UpBlock(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: NormStats | None = None) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet(x, stats)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x)
         return x
@@ -151,11 +162,11 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-def _run(module: nn.Module, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+def _run(module: nn.Module, x: torch.Tensor, checkpointing: bool, *args: object) -> torch.Tensor:
     """Run one stage, recomputing its activations in backward when checkpointing (saves training memory)."""
     if checkpointing and torch.is_grad_enabled():
-        return _checkpoint(module, x, use_reentrant=False)
-    return module(x)
+        return _checkpoint(module, x, *args, use_reentrant=False)
+    return module(x, *args)
 
 
 class Encoder(nn.Module):
@@ -175,12 +186,22 @@ class Encoder(nn.Module):
         self.conv_norm_out = GroupNorm(g, chs[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    def features(
+        self, x: torch.Tensor, checkpointing: bool = False, stats: NormStats | None = None
+    ) -> torch.Tensor:
+        """The local part (convolutions only, tileable): image -> (N, C_last, H/f, W/f) features."""
         x = self.conv_in(x)
         for block in self.down_blocks:
-            x = _run(block, x, checkpointing)
+            x = _run(block, x, checkpointing, stats)
+        return x
+
+    def head(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+        """The global part (mid-block attention sees every position): features -> moments."""
         x = _run(self.mid_block, x, checkpointing)
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # SiLU whatever act_fn says, as diffusers
+
+    def forward(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+        return self.head(self.features(x, checkpointing), checkpointing)
 
 
 class Decoder(nn.Module):
@@ -200,12 +221,21 @@ class Decoder(nn.Module):
         self.conv_norm_out = GroupNorm(g, chs[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[-1], cfg.out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
-        x = self.conv_in(z)
-        x = _run(self.mid_block, x, checkpointing)
+    def trunk(self, z: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+        """The global part at latent resolution (mid-block attention sees every position)."""
+        return _run(self.mid_block, self.conv_in(z), checkpointing)
+
+    def upsample(
+        self, x: torch.Tensor, checkpointing: bool = False, stats: NormStats | None = None
+    ) -> torch.Tensor:
+        """The local part (convolutions only, tileable): trunk features -> image."""
         for block in self.up_blocks:
-            x = _run(block, x, checkpointing)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # SiLU whatever act_fn says, as diffusers
+            x = _run(block, x, checkpointing, stats)
+        x = self.conv_norm_out(x, stats)
+        return self.conv_out(F.silu(x))  # SiLU whatever act_fn says, as diffusers
+
+    def forward(self, z: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+        return self.upsample(self.trunk(z, checkpointing), checkpointing)
 
 
 class DiagonalGaussian:

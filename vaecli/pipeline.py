@@ -7,14 +7,14 @@ are normalized by the LatentSpec given (raw when none).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .config import LatentSpec
+from .config import LatentSpec, VAEConfig
 from .errors import VaecliError
 from .model import AutoencoderKL
+from .tiling import tiled_decode, tiled_encode_moments
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -40,6 +40,7 @@ class RunOptions:
     tile_size: int = 512  # tile side in image pixels, for encode and decode alike
     tile_overlap: int = 64  # overlap between neighbouring tiles in image pixels
     slicing: int | None = None  # run batches in slices of this many samples
+    tile_batch: int = 4  # tiles per model call when tiling
 
 
 @dataclass
@@ -59,6 +60,7 @@ class BatchResult:
     failed: dict[int, str] = field(default_factory=dict)  # sample index -> error message
     retries: list[Retry] = field(default_factory=list)
     events: list[str] = field(default_factory=list)  # e.g. OOM batch splits, tiling fallback
+    tiles: int = 0  # tiles run (0: untiled)
 
 
 def compute_dtype(requested: torch.dtype, force_upcast: bool, upcast: bool | None) -> torch.dtype:
@@ -120,10 +122,7 @@ class Runner:
         None takes the posterior mode. Drawing it outside keeps samples independent of batching.
         """
 
-        def op(model: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
-            return self._encode_once(model, x)
-
-        result = self._run(op, pixels * 2.0 - 1.0)
+        result = self._run("encode", pixels * 2.0 - 1.0)
         moments = result.tensor
         mean, logvar = moments.chunk(2, dim=1)
         z = mean if noise is None else mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean)
@@ -132,37 +131,55 @@ class Runner:
 
     def encode_moments(self, pixels: torch.Tensor) -> BatchResult:
         """Images in [0, 1] -> posterior moments (N, 2c, h, w): mean and clamped-later logvar, raw."""
-        return self._run(lambda m, x: self._encode_once(m, x), pixels * 2.0 - 1.0)
+        return self._run("encode", pixels * 2.0 - 1.0)
 
     def decode(self, latents: torch.Tensor, spec: LatentSpec | None = None) -> BatchResult:
         """Latents (N, c, h, w), normalized by `spec` when given -> images (N, C, h*f, w*f) in [0, 1]."""
         z = spec.denormalize(latents.float()) if spec is not None else latents.float()
-        result = self._run(lambda m, x: self._decode_once(m, x), z)
+        result = self._run("decode", z)
         result.tensor = ((result.tensor + 1.0) / 2.0).clamp_(0.0, 1.0)
         return result
 
-    # -- the single-model-call layer (tiling plugs in here) -----------------------------------------------
+    # -- one model call, tiled or not ---------------------------------------------------------------------
 
-    def _encode_once(self, model: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
-        return model.encode_moments(x)
+    def should_tile(self, op: str, x: torch.Tensor) -> bool:
+        """Tiling policy: on, off, or auto (on when the untiled call would not fit in free memory)."""
+        if self.options.tiling == "on":
+            return True
+        if self.options.tiling == "off":
+            return False
+        f = self.config.downsample_factor
+        scale = 1 if op == "encode" else f
+        need = estimate_peak_bytes(self.config, x.shape[0], x.shape[-2] * scale, x.shape[-1] * scale, x.element_size())
+        return need > 0.8 * free_memory(self.device)
 
-    def _decode_once(self, model: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
-        return model.decode(z)
+    def _call(self, op: str, model: AutoencoderKL, x: torch.Tensor, tiled: bool, result: BatchResult) -> torch.Tensor:
+        o = self.options
+        if op == "encode":
+            if not tiled:
+                return model.encode_moments(x)
+            y, report = tiled_encode_moments(model, x, o.tile_size, o.tile_overlap, o.tile_batch)
+        else:
+            if not tiled:
+                return model.decode(x)
+            y, report = tiled_decode(model, x, o.tile_size, o.tile_overlap, o.tile_batch)
+        result.tiles += report.tiles
+        return y
 
     # -- batching, precision fallback and OOM recovery -----------------------------------------------------
 
-    def _run(self, op: Callable[[AutoencoderKL, torch.Tensor], torch.Tensor], x: torch.Tensor) -> BatchResult:
+    def _run(self, op: str, x: torch.Tensor) -> BatchResult:
         n = x.shape[0]
-        events: list[str] = []
-        out = self._sliced(op, self.model(self.dtype), x.to(self.device, self.dtype), events)
-        result = BatchResult(out, events=events)
+        result = BatchResult(torch.empty(0))
+        out = self._sliced(op, self.model(self.dtype), x.to(self.device, self.dtype), result)
+        result.tensor = out
         bad = (~_finite_rows(out)).nonzero().flatten().tolist()
         for lower, higher in zip(self.ladder, self.ladder[1:]):
             if not bad:
                 break
             for i in bad:
                 result.retries.append(Retry(i, DTYPE_NAMES[lower], DTYPE_NAMES[higher]))
-            redo = self._sliced(op, self.model(higher), x[bad].to(self.device, higher), events)
+            redo = self._sliced(op, self.model(higher), x[bad].to(self.device, higher), result)
             result.tensor[bad] = redo
             bad = [i for i, ok in zip(bad, _finite_rows(redo).tolist()) if not ok]
         for i in bad:
@@ -170,31 +187,35 @@ class Runner:
         assert result.tensor.shape[0] == n
         return result
 
-    def _sliced(
-        self,
-        op: Callable[[AutoencoderKL, torch.Tensor], torch.Tensor],
-        model: AutoencoderKL,
-        x: torch.Tensor,
-        events: list[str],
-    ) -> torch.Tensor:
-        """Run `op` over x in slices (options.slicing), halving a slice on out-of-memory; float32 CPU result."""
+    def _sliced(self, op: str, model: AutoencoderKL, x: torch.Tensor, result: BatchResult) -> torch.Tensor:
+        """Run `op` over x in slices (options.slicing); float32 CPU result.
+
+        On out-of-memory: halve the slice; at one sample, switch to tiling; when tiled, halve the tile batch.
+        """
         size = self.options.slicing or x.shape[0]
+        tiled = self.should_tile(op, x[:size])
         outs: list[torch.Tensor] = []
         start = 0
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: retried rows are written back into the result
             while start < x.shape[0]:
                 part = x[start : start + size]
                 try:
-                    y = op(model, part)
+                    y = self._call(op, model, part, tiled, result)
                 except OOM_ERRORS:
-                    if size == 1:
-                        raise VaecliError(
-                            "out of memory even for one image: use --tiling on with a smaller --tile-size, "
-                            "or --device cpu"
-                        ) from None
                     _free_cache(self.device)
-                    size = max(1, size // 2)
-                    events.append(f"out of memory: batch halved to {size}")
+                    if size > 1:
+                        size = max(1, size // 2)
+                        result.events.append(f"out of memory: batch halved to {size}")
+                    elif not tiled:
+                        tiled = True
+                        result.events.append(f"out of memory at batch 1: switched to tiling ({self.options.tile_size} px tiles)")
+                    elif self.options.tile_batch > 1:
+                        self.options = replace(self.options, tile_batch=self.options.tile_batch // 2)
+                        result.events.append(f"out of memory while tiling: tile batch halved to {self.options.tile_batch}")
+                    else:
+                        raise VaecliError(
+                            "out of memory even for one tile: use a smaller --tile-size, or --device cpu"
+                        ) from None
                     continue
                 outs.append(y.float().cpu())
                 start += part.shape[0]
@@ -204,3 +225,26 @@ class Runner:
 def _free_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def estimate_peak_bytes(config: VAEConfig, n: int, height: int, width: int, element_size: int) -> int:
+    """Rough peak memory of an untiled call at image size height x width: a few full-resolution tensors
+    of the widest full-resolution stage (the decoder upsamples its second level's channels to full size)."""
+    chs = config.block_out_channels
+    widest = max(chs[0], chs[1] if len(chs) > 1 else chs[0])
+    return 4 * n * height * width * widest * element_size
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the next allocation can count on: free CUDA memory, or MemAvailable for the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) + int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # unknown platform: assume a modest machine

@@ -1,0 +1,195 @@
+"""Runner: latent normalization, slicing, tiling, NaN retries at higher precision and OOM recovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vaecli.config import LatentSpec, VAEConfig
+from vaecli.model import AutoencoderKL
+from vaecli.pipeline import Runner, RunOptions, compute_dtype, precision_ladder
+from vaecli.tiling import Grid, tiled_decode, tiled_encode_moments
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    cfg = VAEConfig(
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1,
+    )
+    return AutoencoderKL(cfg).eval()
+
+
+def image(n=2, h=48, w=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(n, 3, h // 8, w // 8, generator=g)
+    return torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def test_spec_normalize_roundtrip():
+    z = torch.randn(2, 4, 3, 5)
+    for spec in (
+        LatentSpec(0.18215),
+        LatentSpec(0.3611, 0.1159),
+        LatentSpec(0.5, None, (0.1, -0.2, 0.3, 0.0), (1.0, 2.0, 0.5, 1.5)),
+    ):
+        torch.testing.assert_close(spec.denormalize(spec.normalize(z)), z, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(LatentSpec(0.3611, 0.1159).normalize(z), (z - 0.1159) * 0.3611)
+    mean = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(4, 1, 1)
+    std = torch.tensor([1.0, 2.0, 0.5, 1.5]).view(4, 1, 1)
+    torch.testing.assert_close(
+        LatentSpec(0.5, None, (0.1, -0.2, 0.3, 0.0), (1.0, 2.0, 0.5, 1.5)).normalize(z), (z - mean) * 0.5 / std
+    )
+
+
+def test_runner_matches_model_and_spec(vae):
+    x = image()
+    runner = Runner(vae)
+    spec = vae.config.latent_spec
+    result = runner.encode(x, spec)
+    with torch.no_grad():
+        raw = vae.encode(x * 2 - 1).mode()
+    torch.testing.assert_close(result.tensor, spec.normalize(raw), atol=1e-6, rtol=1e-6)
+    decoded = runner.decode(result.tensor, spec).tensor
+    with torch.no_grad():
+        ref = ((vae.decode(raw) + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(decoded, ref, atol=1e-5, rtol=1e-5)
+    assert not result.failed and not result.retries and result.tiles == 0
+
+
+def test_sampling_with_noise(vae):
+    x = image(1)
+    noise = torch.randn(1, 4, 6, 8)
+    z = Runner(vae).encode(x, None, noise).tensor
+    with torch.no_grad():
+        post = vae.encode(x * 2 - 1)
+    torch.testing.assert_close(z, post.mean + post.std * noise, atol=1e-6, rtol=1e-6)
+
+
+def test_slicing_same_outputs(vae):
+    """Slices give the unsliced numbers; only convolution kernels chosen per batch size may reorder sums."""
+    x = image(5)
+    full = Runner(vae).encode(x).tensor
+    sliced = Runner(vae, RunOptions(slicing=2)).encode(x).tensor
+    torch.testing.assert_close(sliced, full, atol=1e-5, rtol=0)
+    one_by_one = torch.cat([Runner(vae).encode(x[i : i + 1]).tensor for i in range(5)])
+    assert torch.equal(Runner(vae, RunOptions(slicing=1)).encode(x).tensor, one_by_one)
+    z = torch.randn(3, 4, 5, 7)
+    torch.testing.assert_close(
+        Runner(vae, RunOptions(slicing=1)).decode(z).tensor, Runner(vae).decode(z).tensor, atol=1e-5, rtol=0
+    )
+
+
+def test_grid_covers_with_equal_tiles():
+    for length, tile, overlap in [(100, 64, 8), (64, 64, 8), (65, 64, 8), (257, 64, 16), (30, 64, 8), (129, 16, 4)]:
+        g = Grid.fit(length, tile, overlap)
+        assert g.size <= tile and g.starts[0] == 0 and g.starts[-1] + g.size == length
+        for a, b in zip(g.starts, g.starts[1:]):
+            assert a + g.size - b >= min(overlap, g.size - 1)  # neighbours share at least `overlap`
+        ramps = g.ramps(8)
+        total = torch.zeros(length * 8)
+        for start, w in zip(g.starts, ramps):
+            total[start * 8 : (start + g.size) * 8] += w
+        assert (total > 0).all()
+
+
+def test_single_tile_equals_untiled(vae):
+    """A tile covering the whole image uses its exact statistics: same numbers as the untiled model."""
+    x = image(2) * 2 - 1
+    with torch.no_grad():
+        moments, report = tiled_encode_moments(vae, x, 512, 64)
+        assert report.tiles == 2  # one per image
+        torch.testing.assert_close(moments, vae.encode_moments(x), atol=1e-5, rtol=1e-5)
+        z = torch.randn(2, 4, 6, 8)
+        y, _ = tiled_decode(vae, z, 512, 64)
+        torch.testing.assert_close(y, vae.decode(z), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(96, 136), (72, 200)])
+def test_tiling_runs_many_tiles_on_odd_sizes(vae, size):
+    x = image(2, *size)
+    runner = Runner(vae, RunOptions(tiling="on", tile_size=32, tile_overlap=16))
+    enc = runner.encode(x)
+    assert enc.tiles > 2 * 2  # more than one tile per image actually ran
+    assert enc.tensor.shape == (2, 4, size[0] // 8, size[1] // 8) and torch.isfinite(enc.tensor).all()
+    dec = runner.decode(enc.tensor)
+    assert dec.tiles > 2 * 2 and dec.tensor.shape == (2, 3, *size)
+
+
+def test_compute_dtype_policy():
+    assert compute_dtype(torch.float16, force_upcast=True, upcast=None) == torch.float32
+    assert compute_dtype(torch.float16, force_upcast=True, upcast=False) == torch.float16
+    assert compute_dtype(torch.float16, force_upcast=False, upcast=True) == torch.float32
+    assert compute_dtype(torch.bfloat16, force_upcast=True, upcast=None) == torch.bfloat16
+    cpu = torch.device("cpu")
+    assert precision_ladder(torch.float16, cpu) == [torch.float16, torch.bfloat16, torch.float32]
+    assert precision_ladder(torch.float32, cpu) == [torch.float32]
+
+
+def test_nan_retried_at_higher_precision(vae):
+    """An overflow injected in bf16 for sample 1 only: that sample alone is re-run in fp32."""
+    def poison(module, args, out):
+        if out.dtype == torch.bfloat16:
+            out = out.clone()
+            out[1] = float("inf")
+        return out
+
+    handle = vae.decoder.conv_out.register_forward_hook(poison)
+    try:
+        z = torch.randn(3, 4, 4, 4)
+        runner = Runner(vae, RunOptions(dtype=torch.bfloat16))
+        result = runner.decode(z)
+    finally:
+        handle.remove()
+    assert [(r.index, r.from_dtype, r.to_dtype) for r in result.retries] == [(1, "bf16", "fp32")]
+    assert not result.failed and torch.isfinite(result.tensor).all()
+    with torch.no_grad():
+        ref = ((vae.decode(z[1:2]) + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(result.tensor[1:2], ref, atol=1e-6, rtol=1e-6)
+
+
+def test_nan_at_every_precision_reported_as_failed(vae):
+    def poison(module, args, out):
+        out = out.clone()
+        out[0] = float("nan")
+        return out
+
+    handle = vae.decoder.conv_out.register_forward_hook(poison)
+    try:
+        result = Runner(vae, RunOptions(dtype=torch.bfloat16)).decode(torch.randn(2, 4, 4, 4))
+    finally:
+        handle.remove()
+    assert list(result.failed) == [0] and "NaN" in result.failed[0]
+    assert torch.isfinite(result.tensor[1]).all()
+
+
+def test_oom_halves_batch_then_tiles(vae, monkeypatch):
+    calls = []
+    original = AutoencoderKL.decode
+
+    def fake_decode(self, z, checkpointing=False):
+        calls.append(z.shape[0])
+        raise torch.OutOfMemoryError("simulated")  # untiled decoding never fits
+
+    monkeypatch.setattr(AutoencoderKL, "decode", fake_decode)
+    z = torch.randn(4, 4, 6, 6)
+    result = Runner(vae, RunOptions(tile_size=24, tile_overlap=8)).decode(z)
+    monkeypatch.setattr(AutoencoderKL, "decode", original)
+    assert calls == [4, 2, 1]
+    assert result.events[:3] == [
+        "out of memory: batch halved to 2",
+        "out of memory: batch halved to 1",
+        "out of memory at batch 1: switched to tiling (24 px tiles)",
+    ]
+    assert result.tiles > 4 and result.tensor.shape == (4, 3, 48, 48) and torch.isfinite(result.tensor).all()
+
+
+def test_auto_tiling_follows_free_memory(vae, monkeypatch):
+    import vaecli.pipeline as pipeline
+
+    runner = Runner(vae, RunOptions(tiling="auto", tile_size=24, tile_overlap=8))
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: 1 << 40)
+    assert runner.decode(torch.randn(1, 4, 6, 6)).tiles == 0
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: 1024)
+    assert runner.decode(torch.randn(1, 4, 6, 6)).tiles > 1
