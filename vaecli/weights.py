@@ -397,9 +397,9 @@ def load_vae(
     model.load_state_dict(state, strict=True, assign=True)
     model.info = ModelInfo(name, str(weights_path), layout, sha, config_source, tuple(notes))
     model = model.to(device=torch.device(device))
-    if torch.device(device).type == "cpu":
-        # NHWC convolutions are markedly faster with oneDNN on CPUs; values are unchanged.
-        model = model.to(memory_format=torch.channels_last)
+    # NHWC convolutions are markedly faster with oneDNN on CPUs and with cuDNN's tensor-core kernels;
+    # the values computed are the same.
+    model = model.to(memory_format=torch.channels_last)
     return model.eval()
 
 

@@ -1,0 +1,579 @@
+"""The `vaecli` command: parse flags, build options, call one core function, render with Rich, exit code.
+
+Exit codes: 0 every item ok (or skipped), 1 some item failed, 2 usage error (bad option, no inputs,
+a model that cannot be loaded). `--json` prints exactly one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import __version__
+from .errors import VaecliError
+
+app = typer.Typer(
+    name="vaecli",
+    help="Image <-> latent conversion with the KL autoencoder of latent diffusion (SD, SDXL, SD3, Flux VAEs).",
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+out_console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+USAGE = 2
+ITEMS_FAILED = 1
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Family(str, Enum):
+    sd = "sd"
+    sdxl = "sdxl"
+    sd3 = "sd3"
+    flux = "flux"
+
+
+class Tiling(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class SizePolicy(str, Enum):
+    pad = "pad"
+    crop = "crop"
+    resize = "resize"
+
+
+class Alpha(str, Enum):
+    white = "white"
+    black = "black"
+    drop = "drop"
+
+
+class ImageFormat(str, Enum):
+    png = "png"
+    jpg = "jpg"
+    webp = "webp"
+
+
+MODEL = "Model"
+RUN = "Precision and memory"
+OUTPUT = "Output"
+
+# -- options shared by several commands (Annotated aliases keep each signature readable) ------------------
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Diffusers folder, single weights file or Hub id; default: the embedded model.", rich_help_panel=MODEL),
+]
+FamilyOpt = Annotated[
+    Optional[Family],
+    typer.Option("--family", help="Latent normalization for a single weights file without config.", rich_help_panel=MODEL),
+]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the model.", rich_help_panel=MODEL)]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Compute precision.", rich_help_panel=RUN)]
+UpcastOpt = Annotated[
+    Optional[bool],
+    typer.Option("--upcast/--no-upcast", help="Run fp16 requests in fp32 (default: as the model's force_upcast says).", rich_help_panel=RUN),
+]
+TilingOpt = Annotated[Tiling, typer.Option("--tiling", help="Tiled encode/decode: auto (when memory requires), on, off.", rich_help_panel=RUN)]
+TileSizeOpt = Annotated[int, typer.Option("--tile-size", min=8, help="Tile side in image pixels.", rich_help_panel=RUN)]
+TileOverlapOpt = Annotated[int, typer.Option("--tile-overlap", min=0, help="Tile overlap in image pixels.", rich_help_panel=RUN)]
+SlicingOpt = Annotated[
+    Optional[int], typer.Option("--slicing", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images of one size per model call.", rich_help_panel=RUN)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else there.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that already exist.", rich_help_panel=OUTPUT)]
+MaxPixelsOpt = Annotated[
+    int, typer.Option("--max-pixels", min=0, help="Refuse larger images (0: no limit).", rich_help_panel=OUTPUT)
+]
+AlphaOpt = Annotated[
+    Alpha, typer.Option("--alpha", help="Transparent pixels: composite over white or black, or drop alpha.", rich_help_panel=OUTPUT)
+]
+SizePolicyOpt = Annotated[
+    SizePolicy,
+    typer.Option("--size-policy", help="Sides not divisible by 8: pad (undone exactly), crop (centre) or resize.", rich_help_panel=OUTPUT),
+]
+SampleOpt = Annotated[bool, typer.Option("--sample", help="Sample the posterior instead of taking its mode.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (implies it); noise depends on (seed, path).")]
+InputsArg = Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively).", show_default=False)]
+
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+def main() -> None:
+    """Entry point of the console script and `python -m vaecli`."""
+    app()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vaecli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Encode images to latents, decode latents to images, measure reconstruction quality."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _usage(message: str, as_json: bool) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {escape(_one_line(message))}", soft_wrap=True)
+    if as_json:
+        _print_json({"ok": 0, "failed": 0, "skipped": 0, "items": [], "error": message})
+    return typer.Exit(USAGE)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")).strip()
+
+
+def _print_json(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def _guard(as_json: bool, debug: bool) -> Iterator[None]:
+    """Turn our errors into one line and exit 2; unexpected ones into one line (traceback with --debug)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except VaecliError as exc:
+        if debug:
+            traceback.print_exc()
+        raise _usage(str(exc), as_json) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: completed outputs are kept; run again to finish the rest")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - a bug or an environment problem: still one line
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (--debug shows the traceback)"
+        raise _usage(f"{type(exc).__name__}: {exc}{hint}", as_json) from None
+
+
+@contextmanager
+def _progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A Rich progress bar on stderr (count, images/s, ETA), or nothing when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+    task = bar.add_task(label, total=None, rate="")
+    start = time.perf_counter()
+
+    def update(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - start
+        rate = f"{done / elapsed:.2f} img/s" if elapsed > 0 and done else ""
+        bar.update(task, completed=done, total=total, rate=rate)
+
+    with bar:
+        yield update
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and err_console.is_terminal
+
+
+def _load(model: str | None, family: Family | None, device: Device, as_json: bool, debug: bool) -> Any:
+    from .batch import open_model, resolve_device
+
+    resolve_device(device.value)  # an unavailable device is its own usage error, not a load failure
+    try:
+        return open_model(model, family.value if family else None, device.value)
+    except Exception as exc:  # noqa: BLE001 - any load failure is a usage error with one line
+        if debug:
+            traceback.print_exc()
+        name = model or "the embedded default model"
+        msg = str(exc) if isinstance(exc, VaecliError) else f"{type(exc).__name__}: {exc}"
+        if model is None and not isinstance(exc, VaecliError):
+            msg += " (is the default model installed? pass --model)"
+        raise _usage(f"cannot load the model: {msg if name in msg else f'{name}: {msg}'}", as_json) from None
+
+
+def _run_options(dtype: DType, upcast: bool | None, tiling: Tiling, tile_size: int, tile_overlap: int, slicing: int | None) -> Any:
+    from .pipeline import DTYPES, RunOptions
+
+    if tile_overlap >= tile_size:
+        raise VaecliError(f"--tile-overlap {tile_overlap} must be smaller than --tile-size {tile_size}")
+    return RunOptions(DTYPES[dtype.value], upcast, tiling.value, tile_size, tile_overlap, slicing)
+
+
+def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None) -> None:
+    """Print failures (stderr), then the JSON document or a summary; exit 1 when some item failed."""
+    for r in report.items:
+        if r.status == "failed":
+            err_console.print(f"[red]error:[/] {escape(r.input)}: {escape(_one_line(r.error or ''))}", soft_wrap=True)
+            if debug and r.detail:
+                sys.stderr.write(r.detail)
+    doc = report.to_dict()
+    if not report.items:
+        raise _usage("no inputs found (expected files with a supported suffix, or folders holding them)", as_json)
+    if as_json:
+        _print_json(doc)
+    else:
+        if table is not None:
+            out_console.print(table)
+        _summary(report, doc)
+    if doc["failed"]:
+        raise typer.Exit(ITEMS_FAILED)
+
+
+def _summary(report: Any, doc: dict[str, Any]) -> None:
+    rate = f", {doc['images_per_s']:.2f} img/s" if doc.get("images_per_s") else ""
+    line = (
+        f"{report.command}: [green]{doc['ok']} ok[/], {doc['skipped']} skipped, "
+        f"[{'red' if doc['failed'] else 'green'}]{doc['failed']} failed[/] in {doc['elapsed_s']:.2f} s{rate}"
+    )
+    if doc.get("mean_psnr") is not None:
+        line += f"; mean PSNR {doc['mean_psnr']:.2f} dB, mean SSIM {doc['mean_ssim']:.4f}"
+    out_console.print(line)
+    retries = [(r.input, x) for r in report.items for x in r.retries]
+    if retries:
+        kinds = sorted({f"{x['stage']} {x['from_dtype']}->{x['to_dtype']}" for _, x in retries})
+        out_console.print(f"precision retries (non-finite output): {len(retries)} ({', '.join(kinds)})")
+    for event in sorted(set(report.events)):
+        out_console.print(f"event: {escape(event)} (x{report.events.count(event)})")
+    if doc.get("tiles"):
+        out_console.print(f"tiled: {doc['tiles']} tile calls")
+    if doc.get("temp_files_removed"):
+        out_console.print(f"removed {doc['temp_files_removed']} temporary file(s) left by an interrupted run")
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+@app.command()
+def encode(
+    inputs: InputsArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <rel>.safetensors latents.", show_default=False)],
+    model: ModelOpt = None,
+    family: FamilyOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    upcast: UpcastOpt = None,
+    tiling: TilingOpt = Tiling.auto,
+    tile_size: TileSizeOpt = 512,
+    tile_overlap: TileOverlapOpt = 64,
+    slicing: SlicingOpt = None,
+    batch_size: BatchOpt = 4,
+    sample: SampleOpt = False,
+    seed: SeedOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Store raw VAE latents, not the model's normalized ones.", rich_help_panel=OUTPUT)] = False,
+    size_policy: SizePolicyOpt = SizePolicy.pad,
+    latent_dtype: Annotated[DType, typer.Option("--latent-dtype", help="Precision of the stored latents.", rich_help_panel=OUTPUT)] = DType.fp32,
+    alpha: AlphaOpt = Alpha.white,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Encode images (files or folders) to latent files OUT/<rel>.safetensors with metadata."""
+    from .batch import EncodeOptions, encode_paths
+
+    with _guard(as_json, debug):
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing)
+        options = EncodeOptions(
+            batch_size=batch_size,
+            raw=raw,
+            sample=sample or seed is not None,
+            seed=seed or 0,
+            size_policy=size_policy.value,
+            latent_dtype=latent_dtype.value,
+            alpha=alpha.value,
+            max_pixels=max_pixels,
+            overwrite=overwrite,
+        )
+        vae = _load(model, family, device, as_json, debug)
+        with _progress("encode", _show_progress(quiet)) as progress:
+            report = encode_paths(vae, inputs, out, options, run, progress)
+        _finish(report, as_json, debug)
+
+
+@app.command()
+def decode(
+    inputs: InputsArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <rel>.<format> images.", show_default=False)],
+    model: ModelOpt = None,
+    family: FamilyOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    upcast: UpcastOpt = None,
+    tiling: TilingOpt = Tiling.auto,
+    tile_size: TileSizeOpt = 512,
+    tile_overlap: TileOverlapOpt = 64,
+    slicing: SlicingOpt = None,
+    batch_size: BatchOpt = 4,
+    image_format: Annotated[ImageFormat, typer.Option("--format", help="Image format written.", rich_help_panel=OUTPUT)] = ImageFormat.png,
+    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality (WebP 100: lossless).", rich_help_panel=OUTPUT)] = 95,
+    force: Annotated[bool, typer.Option("--force", help="Decode latents made by another model.")] = False,
+    scaling_factor: Annotated[
+        Optional[float], typer.Option("--scaling-factor", help="Normalization of latents without vaecli metadata (overrides metadata).")
+    ] = None,
+    shift_factor: Annotated[Optional[float], typer.Option("--shift-factor", help="Shift of such latents (SD3/Flux).")] = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Decode latent files (ours, bare .safetensors or .npy) to images at their original size."""
+    from .batch import DecodeOptions, decode_paths
+
+    with _guard(as_json, debug):
+        if scaling_factor is not None and scaling_factor == 0:
+            raise VaecliError("--scaling-factor must not be 0")
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing)
+        options = DecodeOptions(
+            batch_size=batch_size,
+            format=image_format.value,
+            quality=quality,
+            force=force,
+            scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
+            max_pixels=max_pixels,
+            overwrite=overwrite,
+        )
+        vae = _load(model, family, device, as_json, debug)
+        with _progress("decode", _show_progress(quiet)) as progress:
+            report = decode_paths(vae, inputs, out, options, run, progress)
+        _finish(report, as_json, debug)
+
+
+@app.command()
+def roundtrip(
+    inputs: InputsArg,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Write reconstructions to OUT/<rel>.png.", show_default=False)
+    ] = None,
+    model: ModelOpt = None,
+    family: FamilyOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.fp32,
+    upcast: UpcastOpt = None,
+    tiling: TilingOpt = Tiling.auto,
+    tile_size: TileSizeOpt = 512,
+    tile_overlap: TileOverlapOpt = 64,
+    slicing: SlicingOpt = None,
+    batch_size: BatchOpt = 4,
+    sample: SampleOpt = False,
+    seed: SeedOpt = None,
+    size_policy: SizePolicyOpt = SizePolicy.pad,
+    alpha: AlphaOpt = Alpha.white,
+    diff: Annotated[bool, typer.Option("--diff", help="Also write OUT/<rel>.diff.png, |error| x --diff-gain.", rich_help_panel=OUTPUT)] = False,
+    diff_gain: Annotated[float, typer.Option("--diff-gain", min=0.0, help="Amplification of the error map.", rich_help_panel=OUTPUT)] = 8.0,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Encode and decode in memory; per-image PSNR, SSIM and max abs error (8-bit RGB, original size)."""
+    from .batch import RoundtripOptions, roundtrip_paths
+
+    with _guard(as_json, debug):
+        if diff and out is None:
+            raise VaecliError("--diff needs -o/--out: the error maps are written beside the reconstructions")
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing)
+        options = RoundtripOptions(
+            batch_size=batch_size,
+            sample=sample or seed is not None,
+            seed=seed or 0,
+            size_policy=size_policy.value,
+            alpha=alpha.value,
+            max_pixels=max_pixels,
+            diff=diff,
+            diff_gain=diff_gain,
+            overwrite=overwrite,
+        )
+        vae = _load(model, family, device, as_json, debug)
+        with _progress("roundtrip", _show_progress(quiet)) as progress:
+            report = roundtrip_paths(vae, inputs, out, options, run, progress)
+        table = Table(title="roundtrip", show_lines=False)
+        for name, justify in (("input", "left"), ("status", "left"), ("PSNR dB", "right"), ("SSIM", "right"), ("max err", "right")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for r in report.items:
+            m = r.metrics
+            table.add_row(
+                escape(r.input),
+                r.status,
+                f"{m['psnr']:.2f}" if "psnr" in m else "-",
+                f"{m['ssim']:.4f}" if "ssim" in m else "-",
+                str(m["max_abs_error"]) if "max_abs_error" in m else "-",
+            )
+        _finish(report, as_json, debug, table if report.items else None)
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    family: FamilyOpt = None,
+    resolution: Annotated[list[int], typer.Option("--resolution", "-r", min=8, help="Square side; repeat for several.")] = [512],  # noqa: B006
+    batch_size: BatchOpt = 1,
+    dtype: DTypeOpt = DType.fp32,
+    tiling: TilingOpt = Tiling.off,
+    tile_size: TileSizeOpt = 512,
+    tile_overlap: TileOverlapOpt = 64,
+    device: DeviceOpt = Device.auto,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 1,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed runs.")] = 3,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Time encode and decode per resolution: ms/image, images/s, peak memory."""
+    with _guard(as_json, debug):
+        try:
+            from .bench import run_bench
+        except ImportError as exc:
+            raise _usage(f"bench is not available in this installation ({exc})", as_json) from None
+        from .batch import resolve_device
+
+        rows = run_bench(
+            model=model,
+            resolutions=list(resolution),
+            batch_size=batch_size,
+            dtype=dtype.value,
+            tiling=tiling.value,
+            device=resolve_device(device.value),
+            warmup=warmup,
+            iters=iters,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            family=family.value if family else None,
+        )
+        failed = [r for r in rows if r.get("error")]
+        items = []
+        for r in rows:
+            item = {"input": f"{r.get('op')} {r.get('resolution')}", "output": None, "status": "ok"}
+            if r.get("error"):
+                item.update(status="failed", error=str(r["error"]))
+            items.append(item)
+        for r in failed:
+            err_console.print(f"[red]error:[/] {r.get('op')} {r.get('resolution')}: {escape(str(r['error']))}", soft_wrap=True)
+        if as_json:
+            _print_json(
+                {"results": rows, "ok": len(rows) - len(failed), "failed": len(failed), "skipped": 0, "items": items}
+            )
+        else:
+            table = Table(title="bench")
+            for name in ("op", "resolution", "batch", "dtype", "tiling", "ms/img", "img/s", "peak MiB"):
+                table.add_column(name, justify="left" if name in ("op", "dtype", "tiling") else "right")
+            for r in rows:
+                peak = r.get("peak_memory_bytes")
+                table.add_row(
+                    str(r.get("op")),
+                    str(r.get("resolution")),
+                    str(r.get("batch_size")),
+                    str(r.get("dtype")),
+                    str(r.get("tiling")),
+                    _fmt(r.get("ms_per_img"), ".1f"),
+                    _fmt(r.get("img_per_s"), ".2f"),
+                    _fmt(peak / 2**20 if isinstance(peak, (int, float)) else None, ".0f"),
+                )
+            out_console.print(table)
+        if failed:
+            raise typer.Exit(ITEMS_FAILED)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+@app.command()
+def info(
+    model: Annotated[Optional[str], typer.Argument(help="Model folder, weights file or Hub id; default: the embedded model.")] = None,
+    family: FamilyOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show a model's layout, config, parameter count, latent normalization, weights sha256 and notes."""
+    with _guard(as_json, debug):
+        vae = _load(model, family, Device.cpu, as_json, debug)
+        cfg = vae.config
+        minfo = vae.info
+        doc: dict[str, Any] = {
+            "model": minfo.name,
+            "path": minfo.path,
+            "layout": minfo.layout,
+            "config_source": minfo.config_source,
+            "parameters": sum(p.numel() for p in vae.parameters()),
+            "downsample_factor": cfg.downsample_factor,
+            "latent_channels": cfg.latent_channels,
+            "latent_spec": cfg.latent_spec.to_dict(),
+            "force_upcast": cfg.force_upcast,
+            "weights_sha256": minfo.weights_sha256,
+            "notes": list(minfo.notes),
+            "config": cfg.to_dict(),
+        }
+        if as_json:
+            item = {"input": minfo.name, "output": None, "status": "ok"}
+            _print_json({**doc, "ok": 1, "failed": 0, "skipped": 0, "items": [item]})
+            return
+        table = Table(show_header=False, box=None)
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(overflow="fold")
+        for key in ("model", "path", "layout", "config_source", "weights_sha256"):
+            table.add_row(key, escape(str(doc[key])))
+        table.add_row("parameters", f"{doc['parameters']:,}")
+        table.add_row("architecture", f"block_out_channels {list(cfg.block_out_channels)}, layers_per_block "
+                      f"{cfg.layers_per_block}, groups {cfg.norm_num_groups}, latent channels {cfg.latent_channels}, f={cfg.downsample_factor}")
+        spec = cfg.latent_spec
+        norm = f"scaling_factor {spec.scaling_factor:g}"
+        if spec.shift_factor:
+            norm += f", shift_factor {spec.shift_factor:g}"
+        if spec.latents_mean is not None:
+            norm += f", latents_mean {list(spec.latents_mean)}, latents_std {list(spec.latents_std or ())}"
+        table.add_row("latent normalization", norm)
+        table.add_row("force_upcast", str(cfg.force_upcast))
+        for note in minfo.notes:
+            table.add_row("note", escape(note))
+        out_console.print(table)
+        out_console.print_json(json.dumps(doc["config"]))
