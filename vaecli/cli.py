@@ -75,6 +75,12 @@ class Alpha(str, Enum):
     drop = "drop"
 
 
+class CacheFormat(str, Enum):
+    vaecli = "vaecli"
+    kohya = "kohya"
+    comfyui = "comfyui"
+
+
 class ImageFormat(str, Enum):
     png = "png"
     jpg = "jpg"
@@ -84,6 +90,7 @@ class ImageFormat(str, Enum):
 MODEL = "Model"
 RUN = "Precision and memory"
 OUTPUT = "Output"
+DATASET = "Dataset preparation (--dataset)"
 
 # -- options shared by several commands (Annotated aliases keep each signature readable) ------------------
 ModelOpt = Annotated[
@@ -311,15 +318,61 @@ def encode(
     alpha: AlphaOpt = Alpha.white,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     overwrite: OverwriteOpt = False,
+    dataset: Annotated[bool, typer.Option("--dataset", help="Prepare a training cache: aspect buckets, crops, manifest.jsonl, invalidation.", rich_help_panel=DATASET)] = False,
+    bucket_resolution: Annotated[int, typer.Option("--bucket-resolution", min=8, help="Side of the square bucket whose area all buckets share (SD 1.x: 512, SDXL: 1024).", rich_help_panel=DATASET)] = 512,
+    bucket_step: Annotated[int, typer.Option("--bucket-step", min=8, help="Bucket sides are multiples of this.", rich_help_panel=DATASET)] = 64,
+    min_bucket_size: Annotated[Optional[int], typer.Option("--min-bucket-size", help="Shortest bucket side [default: resolution/2].", rich_help_panel=DATASET)] = None,
+    max_bucket_size: Annotated[Optional[int], typer.Option("--max-bucket-size", help="Longest bucket side [default: resolution*2].", rich_help_panel=DATASET)] = None,
+    no_upscale: Annotated[bool, typer.Option("--no-upscale", help="Never enlarge: small images get a bucket that fits inside them.", rich_help_panel=DATASET)] = False,
+    random_crop: Annotated[bool, typer.Option("--random-crop", help="Crop at a random offset (from --crop-seed and the path) instead of the centre.", rich_help_panel=DATASET)] = False,
+    crop_seed: Annotated[int, typer.Option("--crop-seed", help="Seed of --random-crop.", rich_help_panel=DATASET)] = 0,
+    flip: Annotated[bool, typer.Option("--flip", help="Also store the latent of the horizontally flipped image (latent_flipped).", rich_help_panel=DATASET)] = False,
+    moments: Annotated[bool, typer.Option("--moments", help="Also store the posterior mean and logvar, to sample at training time.", rich_help_panel=DATASET)] = False,
+    cache_format: Annotated[CacheFormat, typer.Option("--format", help="Cache files: vaecli (safetensors + metadata), kohya (.npz for sd-scripts), comfyui (.latent).", rich_help_panel=DATASET)] = CacheFormat.vaecli,
+    kohya_next_to_images: Annotated[bool, typer.Option("--kohya-next-to-images", help="kohya format: write <stem>.npz beside each image instead of under OUT.", rich_help_panel=DATASET)] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Take shard i of n (i/n, 0-based), e.g. for Slurm arrays; under torchrun RANK/WORLD_SIZE are used.", rich_help_panel=DATASET)] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Encode images (files or folders) to latent files OUT/<rel>.safetensors with metadata."""
+    """Encode images (files or folders) to latent files OUT/<rel>.safetensors with metadata.
+
+    With --dataset: prepare a latent cache for training (buckets, crops, flips, OUT/manifest.jsonl), reusing
+    latents whose source, model and settings are unchanged; runs sharded under torchrun or with --shard.
+    """
     from .batch import EncodeOptions, encode_paths
 
     with _guard(as_json, debug):
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing)
+        if dataset:
+            from .dataset import DatasetOptions, bind_local_device, parse_shard, prepare_dataset
+
+            ds = DatasetOptions(
+                bucket_resolution=bucket_resolution, bucket_step=bucket_step, min_bucket_size=min_bucket_size,
+                max_bucket_size=max_bucket_size, no_upscale=no_upscale, random_crop=random_crop,
+                crop_seed=crop_seed, flip=flip, moments=moments, format=cache_format.value,
+                kohya_next_to_images=kohya_next_to_images, raw=raw, sample=sample or seed is not None,
+                seed=seed or 0, latent_dtype=latent_dtype.value, alpha=alpha.value, max_pixels=max_pixels,
+                batch_size=batch_size, overwrite=overwrite,
+            )
+            part = parse_shard(shard) if shard else None
+            bind_local_device()  # under torchrun with CUDA: this rank's GPU
+            vae = _load(model, family, device, as_json, debug)
+            with _progress("dataset", _show_progress(quiet)) as progress:
+                report = prepare_dataset(vae, inputs, out, ds, run, shard=part, progress=progress)
+            if not as_json:
+                for miss in getattr(report, "missing", []):
+                    out_console.print(f"missing source (latent kept, dropped from manifest): {escape(str(miss.get('source', miss)))}")
+                for note in getattr(report, "notes", []):
+                    out_console.print(f"note: {escape(str(note))}")
+            _finish(report, as_json, debug)
+            return
+        dataset_only = {"--shard": shard is not None, "--flip": flip, "--moments": moments, "--no-upscale": no_upscale,
+                        "--random-crop": random_crop, "--format": cache_format != CacheFormat.vaecli,
+                        "--kohya-next-to-images": kohya_next_to_images}
+        given = [name for name, on in dataset_only.items() if on]
+        if given:
+            raise VaecliError(f"{', '.join(given)} only apply with --dataset")
         options = EncodeOptions(
             batch_size=batch_size,
             raw=raw,
