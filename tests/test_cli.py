@@ -291,3 +291,21 @@ def test_tiling_flags_reach_the_runner(model, tmp_path):
     assert Image.open(tmp_path / "dec" / "x.png").size == (150, 130)
     result = run_cli("encode", src, "-o", tmp_path / "o", *flags[:2], "--tile-size", "64", "--tile-overlap", "64")
     assert result.exit_code == 2 and "tile-overlap" in result.stderr
+
+
+def test_batch_size_auto_same_latents(model, images, tmp_path):
+    code, doc, _ = run_json("encode", images, "-o", tmp_path / "auto", "--model", model, "--batch-size", "auto")
+    assert code == 0 and doc["ok"] == 3
+    code, _, _ = run_json("encode", images, "-o", tmp_path / "one", "--model", model, "--batch-size", "1")
+    assert code == 0
+    for name in ("a", "sub/b", "sub/deep/c"):
+        _, za = meta_of(tmp_path / "auto" / f"{name}.safetensors")
+        _, z1 = meta_of(tmp_path / "one" / f"{name}.safetensors")
+        torch.testing.assert_close(za, z1, atol=1e-5, rtol=0)
+    bad = run_cli("encode", images, "-o", tmp_path / "x", "--model", model, "--batch-size", "many")
+    assert bad.exit_code == 2
+
+
+def test_dataset_only_flags_refused_without_dataset(model, images, tmp_path):
+    result = run_cli("encode", images, "-o", tmp_path / "x", "--model", model, "--flip", "--format", "kohya")
+    assert result.exit_code == 2 and "--flip, --format only apply with --dataset" in result.stderr

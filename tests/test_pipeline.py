@@ -193,3 +193,16 @@ def test_auto_tiling_follows_free_memory(vae, monkeypatch):
     assert runner.decode(torch.randn(1, 4, 6, 6)).tiles == 0
     monkeypatch.setattr(pipeline, "free_memory", lambda device: 1024)
     assert runner.decode(torch.randn(1, 4, 6, 6)).tiles > 1
+
+
+def test_auto_batch_size_from_free_memory(vae, monkeypatch):
+    import vaecli.pipeline as pipeline
+
+    cpu = torch.device("cpu")
+    per_image = pipeline.estimate_peak_bytes(vae.config, 1, 512, 512, 4)
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: int(per_image * 3 / 0.6))
+    assert pipeline.auto_batch_size(vae.config, 512, 512, torch.float32, cpu) == 3
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: 10)
+    assert pipeline.auto_batch_size(vae.config, 512, 512, torch.float32, cpu) == 1  # never below one
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: 1 << 50)
+    assert pipeline.auto_batch_size(vae.config, 512, 512, torch.float32, cpu) == pipeline.AUTO_BATCH_MAX["cpu"]

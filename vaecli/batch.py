@@ -43,7 +43,7 @@ from .io import (
 )
 from .metrics import diff_map, max_abs_error, psnr, ssim
 from .model import AutoencoderKL
-from .pipeline import DTYPE_NAMES, DTYPES, BatchResult, RunOptions, Runner
+from .pipeline import AUTO_BATCH_MAX, DTYPE_NAMES, DTYPES, BatchResult, RunOptions, Runner, auto_batch_size, compute_dtype
 
 SIZE_POLICIES = ("pad", "crop", "resize")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -309,6 +309,30 @@ class Loaded:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def batch_sizer(
+    batch_size: int, vae: AutoencoderKL, run: RunOptions, latent_keys: bool
+) -> tuple[int, Callable[[Hashable], int] | None]:
+    """(engine batch size, per-key sizer): batch_size 0 means auto, sized from free memory per image size.
+
+    Keys are item shapes: (H, W, C) pixels, or (C, h, w) latents when latent_keys.
+    """
+    if batch_size > 0:
+        return batch_size, None
+    device = next(vae.parameters()).device
+    dtype = compute_dtype(run.dtype, vae.config.force_upcast, run.upcast)
+    f = vae.config.downsample_factor
+    cache: dict[Hashable, int] = {}
+
+    def size(key: Hashable) -> int:
+        if key not in cache:
+            shape = tuple(key)  # type: ignore[arg-type]
+            h, w = (shape[-2] * f, shape[-1] * f) if latent_keys else (shape[0], shape[1])
+            cache[key] = auto_batch_size(vae.config, h, w, dtype, device)
+        return cache[key]
+
+    return AUTO_BATCH_MAX.get(device.type, 8), size
+
+
 def _message(exc: BaseException) -> str:
     if isinstance(exc, VaecliError):
         return str(exc)
@@ -322,9 +346,19 @@ def _message(exc: BaseException) -> str:
 class _Engine:
     """Prefetch in reader threads, batch equal keys, run the model here, save in writer threads."""
 
-    def __init__(self, items: list[Item], batch_size: int, workers: int, progress: Progress | None) -> None:
+    def __init__(
+        self,
+        items: list[Item],
+        batch_size: int,
+        workers: int,
+        progress: Progress | None,
+        batch_for: Callable[[Hashable], int] | None = None,
+    ) -> None:
+        """batch_for: the batch size for one key (image size), for --batch-size auto; batch_size is then
+        the largest it may return, which bounds read-ahead and queued writes."""
         if batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
+        self.batch_for = batch_for
         self.items = items
         self.results = [ItemResult(str(it.input), str(it.output) if it.output else None) for it in items]
         self.batch_size = batch_size
@@ -389,7 +423,7 @@ class _Engine:
                 else:
                     k = key(got)
                     pending.setdefault(k, []).append(got)
-                    if len(pending[k]) >= self.batch_size:
+                    if len(pending[k]) >= (self.batch_for(k) if self.batch_for else self.batch_size):
                         run_batch(pending.pop(k))
                     elif sum(len(b) for b in pending.values()) > 4 * self.batch_size:
                         run_batch(pending.pop(max(pending, key=lambda b: len(pending[b]))))
@@ -580,7 +614,8 @@ def encode_paths(
         "latent_dtype": options.latent_dtype,
         "alpha": options.alpha,
     }
-    engine = _Engine(items, options.batch_size, options.workers, progress)
+    size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
+    engine = _Engine(items, size, options.workers, progress, batch_for)
 
     def load(index: int, item: Item) -> Loaded | Skip:
         source_sha = _sha256_file(item.input) if item.input.is_file() else ""
@@ -686,7 +721,8 @@ def decode_paths(
     flag_spec = LatentSpec(
         options.scaling_factor if options.scaling_factor is not None else 1.0, options.shift_factor
     )
-    engine = _Engine(items, options.batch_size, options.workers, progress)
+    size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=True)
+    engine = _Engine(items, size, options.workers, progress, batch_for)
 
     def load(index: int, item: Item) -> Loaded | Skip:
         if item.output is not None and not options.overwrite and item.output.exists():
@@ -776,7 +812,8 @@ def roundtrip_paths(
     removed = len(clean_temp_files(out)) if out is not None else 0
     runner = Runner(vae, run)
     factor = vae.config.downsample_factor
-    engine = _Engine(items, options.batch_size, options.workers, progress)
+    size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
+    engine = _Engine(items, size, options.workers, progress, batch_for)
 
     def reference(pixels: np.ndarray, undo: dict[str, Any]) -> np.ndarray:
         if "crop_ltrb" in undo:

@@ -113,7 +113,29 @@ TileOverlapOpt = Annotated[int, typer.Option("--tile-overlap", min=0, help="Tile
 SlicingOpt = Annotated[
     Optional[int], typer.Option("--slicing", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images of one size per model call.", rich_help_panel=RUN)]
+def _batch_size(value: str | int) -> int:
+    """--batch-size: a positive number, or auto (0 inside: sized from free memory per image size)."""
+    if isinstance(value, int):  # the default
+        return value
+    if value.strip().lower() == "auto":
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither a positive integer nor 'auto'") from None
+    if n < 1:
+        raise typer.BadParameter("must be at least 1, or 'auto'")
+    return n
+
+
+BatchOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", "-b", parser=_batch_size, metavar="N|auto",
+        help="Images of one size per model call; auto: as many as fit in free memory (CUDA OOM still halves it).",
+        rich_help_panel=RUN,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else there.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]

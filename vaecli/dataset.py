@@ -41,6 +41,7 @@ from .batch import (
     _Engine,
     _noise,
     _sha256_file,
+    batch_sizer,
     check_output_root,
     discover,
     model_summary,
@@ -84,7 +85,7 @@ class DatasetOptions:
     latent_dtype: str = "fp32"  # vaecli format only; kohya and comfyui files are float32
     alpha: str = "white"  # transparent pixels: composite over white or black, or drop alpha
     max_pixels: int = DEFAULT_MAX_PIXELS
-    batch_size: int = 4  # images of one bucket per model call
+    batch_size: int = 4  # images of one bucket per model call; 0: sized from free memory
     workers: int = 0  # reader threads; 0 = min(4, CPUs)
     overwrite: bool = False  # re-encode even when an up-to-date latent exists
 
@@ -124,8 +125,8 @@ def check_options(options: DatasetOptions, factor: int) -> None:
         problems.append("--moments needs --format vaecli or kohya (a ComfyUI .latent holds one tensor)")
     if o.kohya_next_to_images and o.format != "kohya":
         problems.append("--kohya-next-to-images needs --format kohya")
-    if o.batch_size < 1:
-        problems.append("--batch-size must be at least 1")
+    if o.batch_size < 0:
+        problems.append("--batch-size must be at least 1 (or 0 / auto: sized from free memory)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -570,7 +571,8 @@ def prepare_dataset(
     }
     settings_sha = settings_sha256(settings)
     model_sha = info["weights_sha256"]
-    engine = _Engine(items, options.batch_size, options.workers, progress)
+    size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
+    engine = _Engine(items, size, options.workers, progress, batch_for)
     records: dict[int, dict[str, Any]] = {}
 
     def load(i: int, item: Item) -> Loaded | Skip:

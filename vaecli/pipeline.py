@@ -235,6 +235,16 @@ def estimate_peak_bytes(config: VAEConfig, n: int, height: int, width: int, elem
     return 4 * n * height * width * widest * element_size
 
 
+AUTO_BATCH_MAX = {"cuda": 32, "mps": 8, "cpu": 8}  # past these, throughput stops growing
+
+
+def auto_batch_size(config: VAEConfig, height: int, width: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The batch for images of height x width that fits in about 60% of free memory (at least 1)."""
+    per_image = estimate_peak_bytes(config, 1, height, width, torch.tensor([], dtype=dtype).element_size())
+    fits = int(0.6 * free_memory(device) // max(per_image, 1))
+    return max(1, min(fits, AUTO_BATCH_MAX.get(device.type, 8)))
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes the next allocation can count on: free CUDA memory, or MemAvailable for the CPU."""
     if device.type == "cuda":
