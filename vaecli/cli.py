@@ -110,6 +110,15 @@ UpcastOpt = Annotated[
 TilingOpt = Annotated[Tiling, typer.Option("--tiling", help="Tiled encode/decode: auto (when memory requires), on, off.", rich_help_panel=RUN)]
 TileSizeOpt = Annotated[int, typer.Option("--tile-size", min=8, help="Tile side in image pixels.", rich_help_panel=RUN)]
 TileOverlapOpt = Annotated[int, typer.Option("--tile-overlap", min=0, help="Tile overlap in image pixels.", rich_help_panel=RUN)]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile encoder and decoder: faster steady state, a one-time compile (cached on disk "
+        "under ~/.cache/vaecli/inductor, so later runs start fast). Off by default.",
+        rich_help_panel=RUN,
+    ),
+]
 SlicingOpt = Annotated[
     Optional[int], typer.Option("--slicing", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
 ]
@@ -266,12 +275,15 @@ def _load(model: str | None, family: Family | None, device: Device, as_json: boo
         raise _usage(f"cannot load the model: {msg if name in msg else f'{name}: {msg}'}", as_json) from None
 
 
-def _run_options(dtype: DType, upcast: bool | None, tiling: Tiling, tile_size: int, tile_overlap: int, slicing: int | None) -> Any:
+def _run_options(
+    dtype: DType, upcast: bool | None, tiling: Tiling, tile_size: int, tile_overlap: int, slicing: int | None,
+    compile: bool = False,
+) -> Any:
     from .pipeline import DTYPES, RunOptions
 
     if tile_overlap >= tile_size:
         raise VaecliError(f"--tile-overlap {tile_overlap} must be smaller than --tile-size {tile_size}")
-    return RunOptions(DTYPES[dtype.value], upcast, tiling.value, tile_size, tile_overlap, slicing)
+    return RunOptions(DTYPES[dtype.value], upcast, tiling.value, tile_size, tile_overlap, slicing, compile=compile)
 
 
 def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None) -> None:
@@ -331,6 +343,7 @@ def encode(
     tile_size: TileSizeOpt = 512,
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
+    compile_model: CompileOpt = False,
     batch_size: BatchOpt = 4,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
@@ -365,7 +378,7 @@ def encode(
     from .batch import EncodeOptions, encode_paths
 
     with _guard(as_json, debug):
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
         if dataset:
             from .dataset import DatasetOptions, bind_local_device, parse_shard, prepare_dataset
 
@@ -425,6 +438,7 @@ def decode(
     tile_size: TileSizeOpt = 512,
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
+    compile_model: CompileOpt = False,
     batch_size: BatchOpt = 4,
     image_format: Annotated[ImageFormat, typer.Option("--format", help="Image format written.", rich_help_panel=OUTPUT)] = ImageFormat.png,
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality (WebP 100: lossless).", rich_help_panel=OUTPUT)] = 95,
@@ -445,7 +459,7 @@ def decode(
     with _guard(as_json, debug):
         if scaling_factor is not None and scaling_factor == 0:
             raise VaecliError("--scaling-factor must not be 0")
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
         options = DecodeOptions(
             batch_size=batch_size,
             format=image_format.value,
@@ -477,6 +491,7 @@ def roundtrip(
     tile_size: TileSizeOpt = 512,
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
+    compile_model: CompileOpt = False,
     batch_size: BatchOpt = 4,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
@@ -496,7 +511,7 @@ def roundtrip(
     with _guard(as_json, debug):
         if diff and out is None:
             raise VaecliError("--diff needs -o/--out: the error maps are written beside the reconstructions")
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
         options = RoundtripOptions(
             batch_size=batch_size,
             sample=sample or seed is not None,

@@ -41,6 +41,7 @@ class RunOptions:
     tile_overlap: int = 64  # overlap between neighbouring tiles in image pixels
     slicing: int | None = None  # run batches in slices of this many samples
     tile_batch: int = 4  # tiles per model call when tiling
+    compile: bool = False  # torch.compile the encoder and decoder (kernels cached on disk across runs)
 
 
 @dataclass
@@ -103,13 +104,21 @@ class Runner:
         self.config = vae.config
         self._models: dict[torch.dtype, AutoencoderKL] = {next(vae.parameters()).dtype: vae}
         self.ladder = precision_ladder(self.dtype, self.device)
+        self._compiled: set[torch.dtype] = set()
 
     def model(self, dtype: torch.dtype) -> AutoencoderKL:
-        """The model in `dtype`, converted from the loaded one on first use."""
+        """The model in `dtype`, converted from the loaded one on first use; the compute precision's copy is
+        compiled when options.compile (retries at higher precision are rare and stay eager)."""
         if dtype not in self._models:
             base = next(iter(self._models.values()))
             self._models[dtype] = copy.deepcopy(base).to(dtype)
-        return self._models[dtype]
+        model = self._models[dtype]
+        if self.options.compile and dtype == self.dtype and dtype not in self._compiled:
+            from .accel import prepare
+
+            prepare(model, compile=True)
+            self._compiled.add(dtype)
+        return model
 
     # -- public operations --------------------------------------------------------------------------------
 
