@@ -7,9 +7,9 @@ Here every tile is normalized with the statistics of the whole image instead:
 1. The global parts of the network run untiled at latent resolution, where they are small: the decoder's
    conv_in and mid block (self-attention over all positions), the encoder's mid block and output head.
 2. The local, convolution-only part (encoder down blocks; decoder up blocks and output) runs per tile.
-   A first pass runs a stratified sample of tiles as one batch and pools, at every GroupNorm, the
-   statistics of their interior regions per image; these are the image's statistics. The second pass
-   runs every tile normalized with exactly those statistics.
+   A first pass runs small windows spread evenly over the image as one batch and pools, at every
+   GroupNorm, the statistics of their interiors per image: estimates of the whole image's statistics.
+   The second pass runs every tile normalized with exactly those statistics, so all tiles agree.
 3. Tiles overlap and are blended with precomputed linear ramps (`out += y * w`, `norm += w`, divide once).
 
 Grids are laid out in latent cells, so encoder tiles start on multiples of the downsample factor and see
@@ -25,8 +25,11 @@ import torch
 
 from .model import AutoencoderKL, GroupNorm
 
-# Fraction of tiles that the statistics pass runs; more costs time, fewer makes estimates noisier.
-STATS_FRACTION = 0.2
+# The statistics pass runs windows covering about this fraction of the image (more: better estimates,
+# more time and memory), and each blending batch holds at most about this fraction of the image's pixels
+# (memory of a tiled call stays a small fraction of an untiled one).
+STATS_AREA = 0.10
+BATCH_AREA = 0.12
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,6 @@ class Grid:
                 shared = (start + self.size - self.starts[i + 1]) * scale
                 w[i] = torch.minimum(w[i], ((size - pos) / shared).clamp(max=1.0))
         return w
-
-    def interior(self, i: int) -> tuple[int, int]:
-        """The part of tile i nearer to it than to any neighbour's edge (for statistics), tile-relative."""
-        lo = 0 if i == 0 else (self.starts[i - 1] + self.size - self.starts[i] + 1) // 2
-        hi = self.size if i == len(self.starts) - 1 else self.size - (self.starts[i] + self.size - self.starts[i + 1] + 1) // 2
-        return lo, max(hi, lo + 1)
 
 
 @dataclass(frozen=True)
@@ -136,19 +133,34 @@ class TileReport:
     """What a tiled call did, for summaries and tests."""
 
     tiles: int = 0  # tiles run in the blending pass
-    stats_tiles: int = 0  # tiles run in the statistics pass
+    stats_tiles: int = 0  # windows run in the statistics pass
     grid: tuple[int, int] = (1, 1)
     notes: list[str] = field(default_factory=list)
 
 
-def _sample(tiles: list[Tile], grid_y: Grid, grid_x: Grid, images: int) -> list[Tile]:
-    """A stratified subset of each image's tiles: spread evenly over the grid, at least one per image."""
-    per_image = len(grid_y.starts) * len(grid_x.starts)
-    k = max(1, round(STATS_FRACTION * per_image))
-    step = per_image / k
-    chosen = {int((j + 0.5) * step) for j in range(k)}
-    # Row-major indices spread along rows too when the grid is wider than it is tall, and vice versa.
-    return [t for t in tiles if (t.iy * len(grid_x.starts) + t.ix) in chosen]
+def stats_windows(h: int, w: int, tile: int, overlap: int) -> tuple[int, list[tuple[int, int]], int]:
+    """Windows for the statistics pass: (side, origins, halo), in latent cells.
+
+    Half-tile windows on a stratified grid covering about STATS_AREA of the image; statistics come from each
+    window's interior (a `halo` of cells at inner edges is left out: its values feel the window's border).
+    """
+    side = min(max(tile // 2, 2 * overlap + 4), h, w)
+    k = max(1, round(STATS_AREA * h * w / (side * side)))
+    ky = max(1, min(h // side or 1, round(math.sqrt(k * h / w))))
+    kx = max(1, min(w // side or 1, math.ceil(k / ky)))
+    origins = [
+        (min(h - side, int((iy + 0.5) * h / ky - side / 2)) if h > side else 0,
+         min(w - side, int((ix + 0.5) * w / kx - side / 2)) if w > side else 0)
+        for iy in range(ky)
+        for ix in range(kx)
+    ]
+    return side, [(max(0, y), max(0, x)) for y, x in origins], max(1, overlap // 2)
+
+
+def _window_box(origin: int, side: int, length: int, halo: int) -> tuple[int, int]:
+    lo = 0 if origin == 0 else halo
+    hi = side if origin + side >= length else side - halo
+    return lo, max(hi, lo + 1)
 
 
 def _tiles(n: int, grid_y: Grid, grid_x: Grid) -> list[Tile]:
@@ -189,16 +201,22 @@ def _run_tiled(
     stats.images = n
     size_in = (gy.size * in_scale, gx.size * in_scale)
 
-    def box(t: Tile) -> tuple[int, int, int, int]:
-        (y0, y1), (x0, x1) = gy.interior(t.iy), gx.interior(t.ix)
-        return (y0 * in_scale, y1 * in_scale, x0 * in_scale, x1 * in_scale)
-
-    # Pass 1: whole-image statistics from a stratified sample of tiles, run as one batch.
-    sample = _sample(tiles, gy, gx, n)
+    # Pass 1: whole-image statistics from windows spread over each image, run as one batch.
+    if len(tiles) == n:  # one tile per image: it is the image, so its statistics are exact
+        windows, wy, wx, boxes = tiles, gy.size, gx.size, [(0, h * in_scale, 0, w * in_scale)] * n
+    else:
+        side, origins, halo = stats_windows(h, w, tile, overlap)
+        windows, wy, wx, boxes = [Tile(img, y, x, 0, 0) for img in range(n) for y, x in origins], side, side, []
+        for t in windows:
+            y0, y1 = _window_box(t.y, side, h, halo)
+            x0, x1 = _window_box(t.x, side, w, halo)
+            boxes.append((y0 * in_scale, y1 * in_scale, x0 * in_scale, x1 * in_scale))
     stats.recording = True
-    stats.bind([t.image for t in sample], [box(t) for t in sample], size_in)
-    local(_crop(src, sample, gy.size, gx.size, in_scale), stats)
+    stats.bind([t.image for t in windows], boxes, (wy * in_scale, wx * in_scale))
+    local(_crop(src, windows, wy, wx, in_scale), stats)
     stats.recording = False
+    # Tiles of equal size from every image share batches, as many as BATCH_AREA of one image allows.
+    batch = max(1, min(batch, int(BATCH_AREA * h * w / (gy.size * gx.size))))
 
     # Pass 2: every tile with those statistics, blended into the output.
     out = None
@@ -218,7 +236,7 @@ def _run_tiled(
             if t.image == 0:
                 norm[0, 0, region[0], region[1]] += wt
     assert out is not None
-    report = TileReport(len(tiles), len(sample), (len(gy.starts), len(gx.starts)))
+    report = TileReport(len(tiles), len(windows), (len(gy.starts), len(gx.starts)))
     return out / norm, report
 
 
