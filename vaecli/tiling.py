@@ -28,7 +28,7 @@ from .model import AutoencoderKL, GroupNorm
 # The statistics pass runs windows covering about this fraction of the image (more: better estimates,
 # more time and memory), and each blending batch holds at most about this fraction of the image's pixels
 # (memory of a tiled call stays a small fraction of an untiled one).
-STATS_AREA = 0.10
+STATS_AREA = 0.25
 BATCH_AREA = 0.12
 
 
@@ -88,13 +88,15 @@ class WholeImageStats:
         self.boxes: list[tuple[int, int, int, int]] = []  # per tile: interior (y0, y1, x0, x1), input units
         self.input_size = (1, 1)  # spatial size of the tile input the boxes refer to
         self.images = 0
+        self.sums: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # running sums per norm
+        self.fixed: set[int] = set()  # norms whose statistics are exact: never re-recorded
 
     def bind(self, owners: list[int], boxes: list[tuple[int, int, int, int]], input_size: tuple[int, int]) -> None:
         self.owners = torch.tensor(owners, dtype=torch.long)
         self.boxes, self.input_size = boxes, input_size
 
     def normalize(self, norm: GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        if self.recording:
+        if self.recording and id(norm) not in self.fixed:
             self.table[id(norm)] = self._measure(norm, x)
         mean, rstd = self.table[id(norm)]
         b, c = x.shape[:2]
@@ -109,13 +111,15 @@ class WholeImageStats:
         return y.to(x.dtype)
 
     def _measure(self, norm: GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image, per-group mean and 1/std over the tiles' interiors, accumulated in float64."""
+        """Per-image, per-group mean and 1/std over the interiors of every window seen so far (this batch
+        and earlier ones), accumulated in float64: windows can run in several batches."""
         g = norm.num_groups
         fy = x.shape[-2] / self.input_size[0]  # this layer's resolution relative to the tile input
         fx = x.shape[-1] / self.input_size[1]
-        total = torch.zeros(self.images, g, dtype=torch.float64, device=x.device)
-        total_sq = torch.zeros_like(total)
-        count = torch.zeros(self.images, 1, dtype=torch.float64, device=x.device)
+        if id(norm) not in self.sums:
+            zeros = torch.zeros(self.images, g, dtype=torch.float64, device=x.device)
+            self.sums[id(norm)] = (zeros, zeros.clone(), torch.zeros(self.images, 1, dtype=torch.float64, device=x.device))
+        total, total_sq, count = self.sums[id(norm)]
         for b, (y0, y1, x0, x1) in enumerate(self.boxes):
             part = x[b, :, int(y0 * fy) : int(y1 * fy), int(x0 * fx) : int(x1 * fx)]
             part = part.reshape(g, -1).double()  # (G, C/G * h * w)
@@ -123,8 +127,9 @@ class WholeImageStats:
             total[owner] += part.sum(dim=1)
             total_sq[owner] += part.square().sum(dim=1)
             count[owner] += part.shape[1]
-        mean = total / count
-        var = (total_sq / count - mean.square()).clamp(min=0.0)
+        seen = count.clamp(min=1.0)
+        mean = total / seen
+        var = (total_sq / seen - mean.square()).clamp(min=0.0)
         return mean.float(), torch.rsqrt(var + norm.eps).float()
 
 
@@ -179,99 +184,190 @@ def _crop(src: torch.Tensor, tiles: list[Tile], size_y: int, size_x: int, scale:
     )
 
 
-def _run_tiled(
-    local,
-    src: torch.Tensor,
-    in_scale: int,
-    out_scale: int,
-    out_channels: int,
-    tile: int,
-    overlap: int,
-    batch: int,
-) -> tuple[torch.Tensor, TileReport]:
-    """Run `local(x, stats)` over tiles of src (N, C, h*in_scale, w*in_scale) into (N, out_channels, h*out_scale, ...).
+def _owned(grid: Grid, i: int) -> tuple[int, int]:
+    """The cells of tile i nearer to its centre than to a neighbour's: tiles' owned ranges partition the axis."""
+    lo = 0 if i == 0 else (grid.starts[i - 1] + grid.size - grid.starts[i]) // 2
+    hi = grid.size if i == len(grid.starts) - 1 else grid.size - (grid.starts[i] + grid.size - grid.starts[i + 1] + 1) // 2
+    return lo, hi
 
-    tile and overlap are in latent cells; in_scale/out_scale are pixels per latent cell on either side.
-    """
+
+@dataclass
+class _Plan:
+    """Tiles of a batch of images, with what the passes need to know about them."""
+
+    src: torch.Tensor
+    in_scale: int
+    gy: Grid
+    gx: Grid
+    tiles: list[Tile]
+    batch: int
+
+    @property
+    def size_in(self) -> tuple[int, int]:
+        return (self.gy.size * self.in_scale, self.gx.size * self.in_scale)
+
+    def batches(self) -> list[list[Tile]]:
+        return [self.tiles[i : i + self.batch] for i in range(0, len(self.tiles), self.batch)]
+
+    def crop(self, part: list[Tile]) -> torch.Tensor:
+        return _crop(self.src, part, self.gy.size, self.gx.size, self.in_scale)
+
+    def owned_boxes(self, part: list[Tile]) -> list[tuple[int, int, int, int]]:
+        s = self.in_scale
+        return [(*(v * s for v in _owned(self.gy, t.iy)), *(v * s for v in _owned(self.gx, t.ix))) for t in part]
+
+
+def _plan(src: torch.Tensor, in_scale: int, tile: int, overlap: int, batch: int) -> _Plan:
     n = src.shape[0]
     h, w = src.shape[-2] // in_scale, src.shape[-1] // in_scale
     gy, gx = Grid.fit(h, tile, overlap), Grid.fit(w, tile, overlap)
-    tiles = _tiles(n, gy, gx)
-    stats = WholeImageStats()
-    stats.images = n
-    size_in = (gy.size * in_scale, gx.size * in_scale)
+    # Tiles of equal size from every image share batches, as many as BATCH_AREA of one image allows.
+    batch = max(1, min(batch, int(BATCH_AREA * h * w / (gy.size * gx.size))))
+    return _Plan(src, in_scale, gy, gx, _tiles(n, gy, gx), batch)
 
-    # Pass 1: whole-image statistics from windows spread over each image, run as one batch.
-    if len(tiles) == n:  # one tile per image: it is the image, so its statistics are exact
-        windows, wy, wx, boxes = tiles, gy.size, gx.size, [(0, h * in_scale, 0, w * in_scale)] * n
+
+def _exact_stats(stats: "WholeImageStats", norm: GroupNorm, plan: _Plan, activation) -> None:
+    """Fix `norm`'s statistics to the exact whole-image ones: `activation(tile_batch)` gives its input,
+    which must not depend on other norms' statistics; sums run over the tiles' owned cells."""
+    exact = WholeImageStats()
+    exact.images = stats.images
+    for part in plan.batches():
+        exact.bind([t.image for t in part], plan.owned_boxes(part), plan.size_in)
+        stats.table[id(norm)] = exact._measure(norm, activation(plan.crop(part)))
+    stats.fixed.add(id(norm))
+
+
+def _estimate_stats(stats: "WholeImageStats", plan: _Plan, local, tile: int, overlap: int) -> int:
+    """Record every norm's statistics (except fixed ones) from windows spread evenly over each image,
+    run jointly as one batch; returns the number of windows."""
+    n, s = plan.src.shape[0], plan.in_scale
+    h, w = plan.src.shape[-2] // s, plan.src.shape[-1] // s
+    if len(plan.tiles) == n:  # one tile per image: it is the image, so its statistics are exact
+        windows, wy, wx, boxes = plan.tiles, plan.gy.size, plan.gx.size, [(0, h * s, 0, w * s)] * n
     else:
         side, origins, halo = stats_windows(h, w, tile, overlap)
         windows, wy, wx, boxes = [Tile(img, y, x, 0, 0) for img in range(n) for y, x in origins], side, side, []
         for t in windows:
             y0, y1 = _window_box(t.y, side, h, halo)
             x0, x1 = _window_box(t.x, side, w, halo)
-            boxes.append((y0 * in_scale, y1 * in_scale, x0 * in_scale, x1 * in_scale))
+            boxes.append((y0 * s, y1 * s, x0 * s, x1 * s))
     stats.recording = True
-    stats.bind([t.image for t in windows], boxes, (wy * in_scale, wx * in_scale))
-    local(_crop(src, windows, wy, wx, in_scale), stats)
+    stats.sums.clear()
+    stats.bind([t.image for t in windows], boxes, (wy * s, wx * s))
+    local(_crop(plan.src, windows, wy, wx, s), stats)
     stats.recording = False
-    # Tiles of equal size from every image share batches, as many as BATCH_AREA of one image allows.
-    batch = max(1, min(batch, int(BATCH_AREA * h * w / (gy.size * gx.size))))
+    return len(windows)
 
-    # Pass 2: every tile with those statistics, blended into the output.
-    out = None
-    norm = torch.zeros(1, 1, h * out_scale, w * out_scale, device=src.device)
-    ramp_y, ramp_x = gy.ramps(out_scale).to(src.device), gx.ramps(out_scale).to(src.device)
-    for i in range(0, len(tiles), batch):
-        part = tiles[i : i + batch]
-        stats.bind([t.image for t in part], [], size_in)
-        y = local(_crop(src, part, gy.size, gx.size, in_scale), stats).float()
-        if out is None:
-            out = torch.zeros(n, out_channels, h * out_scale, w * out_scale, device=src.device)
-        for t, yt in zip(part, y):
-            wt = ramp_y[t.iy].view(-1, 1) * ramp_x[t.ix].view(1, -1)  # (ty, tx)
-            ys, xs = t.y * out_scale, t.x * out_scale
-            region = (slice(ys, ys + yt.shape[-2]), slice(xs, xs + yt.shape[-1]))
-            out[t.image, :, region[0], region[1]] += yt * wt
-            if t.image == 0:
-                norm[0, 0, region[0], region[1]] += wt
-    assert out is not None
-    report = TileReport(len(tiles), len(windows), (len(gy.starts), len(gx.starts)))
-    return out / norm, report
+
+class _Blender:
+    """Accumulates tile outputs with linear ramps: out += y * w, norm += w, one division at the end."""
+
+    def __init__(self, plan: _Plan, out_scale: int, channels: int) -> None:
+        n = plan.src.shape[0]
+        h, w = plan.src.shape[-2] // plan.in_scale, plan.src.shape[-1] // plan.in_scale
+        dev = plan.src.device
+        self.plan, self.scale = plan, out_scale
+        self.out = torch.zeros(n, channels, h * out_scale, w * out_scale, device=dev)
+        self.norm = torch.zeros(1, 1, h * out_scale, w * out_scale, device=dev)
+        self.ramp_y, self.ramp_x = plan.gy.ramps(out_scale).to(dev), plan.gx.ramps(out_scale).to(dev)
+
+    def add(self, part: list[Tile], y: torch.Tensor) -> None:
+        for t, yt in zip(part, y.float()):
+            wt = self.ramp_y[t.iy].view(-1, 1) * self.ramp_x[t.ix].view(1, -1)  # (ty, tx)
+            ys, xs = t.y * self.scale, t.x * self.scale
+            rows, cols = slice(ys, ys + yt.shape[-2]), slice(xs, xs + yt.shape[-1])
+            self.out[t.image, :, rows, cols] += yt * wt
+            if t.image == 0:  # every image has the same grid
+                self.norm[0, 0, rows, cols] += wt
+
+    def result(self) -> torch.Tensor:
+        return self.out / self.norm
 
 
 def tiled_encode_moments(
     model: AutoencoderKL, x: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4
 ) -> tuple[torch.Tensor, TileReport]:
-    """Image (N, C, H, W) in [-1, 1], H and W multiples of the downsample factor -> moments, tile by tile."""
+    """Image (N, C, H, W) in [-1, 1], H and W multiples of the downsample factor -> moments, tile by tile.
+
+    The first norm (on conv_in's output, which needs no other statistics) gets exact whole-image
+    statistics from a cheap streaming pass; it is the one whose estimate errors matter most.
+    """
     f = model.config.downsample_factor
     tile, overlap = max(1, tile_px // f), max(0, overlap_px // f)
     enc = model.encoder
-    channels = model.config.block_out_channels[-1]
-    feats, report = _run_tiled(
-        lambda t, s: enc.features(t, stats=s), x, f, 1, channels, tile, overlap, batch
-    )
-    moments = enc.head(feats.to(x.dtype).contiguous(memory_format=_layout(x)))
+    plan = _plan(x, f, tile, overlap, batch)
+    stats = WholeImageStats()
+    stats.images = x.shape[0]
+    _exact_stats(stats, enc.down_blocks[0].resnets[0].norm1, plan, enc.conv_in)
+    windows = _estimate_stats(stats, plan, lambda t, s: enc.features(t, stats=s), tile, overlap)
+    blend = _Blender(plan, 1, model.config.block_out_channels[-1])
+    for part in plan.batches():
+        stats.bind([t.image for t in part], [], plan.size_in)
+        blend.add(part, enc.features(plan.crop(part), stats=stats))
+    moments = enc.head(blend.result().to(x.dtype).contiguous(memory_format=_layout(x)))
     if model.quant_conv is not None:
         moments = model.quant_conv(moments)
-    return moments, report
+    return moments, TileReport(len(plan.tiles), windows, (len(plan.gy.starts), len(plan.gx.starts)))
 
 
 def tiled_decode(
     model: AutoencoderKL, z: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4
 ) -> tuple[torch.Tensor, TileReport]:
-    """Raw latents (N, c, h, w) -> image (N, C, h*f, w*f), the upsampling part tile by tile."""
+    """Raw latents (N, c, h, w) -> image (N, C, h*f, w*f), the upsampling part tile by tile.
+
+    The output norm scales the image directly, so its statistics must be exact: tiles run up to it, its
+    whole-image statistics are summed over the tiles' owned cells, and the kept pre-norm tiles are then
+    finished (norm, SiLU, conv_out) with them.
+    """
     f = model.config.downsample_factor
     tile, overlap = max(1, tile_px // f), max(0, overlap_px // f)
     if model.post_quant_conv is not None:
         z = model.post_quant_conv(z)
     dec = model.decoder
     trunk = dec.trunk(z)
-    image, report = _run_tiled(
-        lambda t, s: dec.upsample(t, stats=s), trunk, 1, f, model.config.out_channels, tile, overlap, batch
-    )
-    return image.to(z.dtype), report
+    plan = _plan(trunk, 1, tile, overlap, batch)
+    stats = WholeImageStats()
+    stats.images = z.shape[0]
+    windows = _estimate_stats(stats, plan, lambda t, s: dec.upsample(t, stats=s), tile, overlap)
+    report = TileReport(len(plan.tiles), windows, (len(plan.gy.starts), len(plan.gx.starts)))
+    if len(plan.tiles) == z.shape[0]:  # one tile per image: its statistics are already exact
+        stats.bind(list(range(z.shape[0])), [], plan.size_in)
+        return dec.upsample(plan.crop(plan.tiles), stats=stats).to(z.dtype), report
 
+    def body(t: torch.Tensor) -> torch.Tensor:  # up blocks only: the input of the output norm
+        for block in dec.up_blocks:
+            t = block(t, stats)
+        return t
+
+    kept: list[tuple[list[Tile], torch.Tensor]] = []
+    exact = WholeImageStats()
+    exact.images = z.shape[0]
+    last = dec.conv_norm_out
+    for part in plan.batches():
+        stats.bind([t.image for t in part], [], plan.size_in)
+        hidden = body(plan.crop(part))
+        exact.bind([t.image for t in part], plan.owned_boxes(part), plan.size_in)
+        stats.table[id(last)] = exact._measure(last, hidden)
+        kept.append((part, _compact(hidden)))
+    blend = _Blender(plan, f, model.config.out_channels)
+    for part, hidden in kept:
+        stats.bind([t.image for t in part], [], plan.size_in)
+        blend.add(part, dec.conv_out(_silu(last(hidden.to(trunk.dtype), stats))))
+    return blend.result().to(z.dtype), report
+
+
+def _compact(x: torch.Tensor) -> torch.Tensor:
+    """Half-size storage for kept tiles: fp16 (11-bit mantissa, ~5e-4 relative) where values fit in its
+    range, else bf16; the statistics were already summed at full precision."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x
+    if x.abs().amax() < 6e4:
+        return x.to(torch.float16)
+    return x.to(torch.bfloat16)
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(x, inplace=not torch.is_grad_enabled())
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
