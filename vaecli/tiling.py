@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import AutoencoderKL, GroupNorm
+from .model import AutoencoderKL, GroupNorm, ResnetBlock, _activate
 
 # The statistics pass runs windows covering about this fraction of the image (more: better estimates,
 # more time and memory), and each blending batch holds at most about this fraction of the image's pixels
 # (memory of a tiled call stays a small fraction of an untiled one).
-STATS_AREA = 0.25
+STATS_AREA = 0.3
 BATCH_AREA = 0.12
 
 
@@ -237,26 +237,69 @@ def _exact_stats(stats: "WholeImageStats", norm: GroupNorm, plan: _Plan, activat
     stats.fixed.add(id(norm))
 
 
-def _estimate_stats(stats: "WholeImageStats", plan: _Plan, local, tile: int, overlap: int) -> int:
-    """Record every norm's statistics (except fixed ones) from windows spread evenly over each image,
-    run jointly as one batch; returns the number of windows."""
+def _estimate_stats(stats: "WholeImageStats", plan: _Plan, steps: list, tile: int, overlap: int) -> int:
+    """Record the statistics of every norm in `steps` (except fixed ones) from windows spread evenly over
+    each image; returns the number of windows.
+
+    Windows run in lockstep, one step at a time over all of them (in memory-bounded chunks), so each norm's
+    statistics pool every window before any window is normalized with them.
+    """
     n, s = plan.src.shape[0], plan.in_scale
     h, w = plan.src.shape[-2] // s, plan.src.shape[-1] // s
-    if len(plan.tiles) == n:  # one tile per image: it is the image, so its statistics are exact
-        windows, wy, wx, boxes = plan.tiles, plan.gy.size, plan.gx.size, [(0, h * s, 0, w * s)] * n
-    else:
-        side, origins, halo = stats_windows(h, w, tile, overlap)
-        windows, wy, wx, boxes = [Tile(img, y, x, 0, 0) for img in range(n) for y, x in origins], side, side, []
-        for t in windows:
-            y0, y1 = _window_box(t.y, side, h, halo)
-            x0, x1 = _window_box(t.x, side, w, halo)
-            boxes.append((y0 * s, y1 * s, x0 * s, x1 * s))
-    stats.recording = True
-    stats.sums.clear()
-    stats.bind([t.image for t in windows], boxes, (wy * s, wx * s))
-    local(_crop(plan.src, windows, wy, wx, s), stats)
-    stats.recording = False
+    side, origins, halo = stats_windows(h, w, tile, overlap)
+    windows = [Tile(img, y, x, 0, 0) for img in range(n) for y, x in origins]
+    boxes = []
+    for t in windows:
+        y0, y1 = _window_box(t.y, side, h, halo)
+        x0, x1 = _window_box(t.x, side, w, halo)
+        boxes.append((y0 * s, y1 * s, x0 * s, x1 * s))
+    wy = wx = side
+    per = max(1, int(BATCH_AREA * h * w / (wy * wx)))
+    chunks = [
+        _Chunk([t.image for t in windows[i : i + per]], boxes[i : i + per], _crop(plan.src, windows[i : i + per], wy, wx, s))
+        for i in range(0, len(windows), per)
+    ]
+    _lockstep(steps, chunks, stats, (wy * s, wx * s))
     return len(windows)
+
+
+@dataclass
+class _Chunk:
+    owners: list[int]
+    boxes: list[tuple[int, int, int, int]]
+    x: torch.Tensor
+
+
+def _lockstep(steps: list, chunks: list[_Chunk], stats: "WholeImageStats", size_in: tuple[int, int]) -> None:
+    """Run `steps` over every chunk, layer by layer; each norm's statistics are pooled over all chunks'
+    interiors first (float64 sums), then applied to all of them."""
+
+    def pool(norm: GroupNorm, tensors: list[torch.Tensor]) -> None:
+        if id(norm) in stats.fixed:
+            return
+        acc = WholeImageStats()
+        acc.images = stats.images
+        for c, t in zip(chunks, tensors):
+            acc.bind(c.owners, c.boxes, size_in)
+            stats.table[id(norm)] = acc._measure(norm, t)
+
+    def norm_act(norm: GroupNorm, act: str, c: _Chunk, t: torch.Tensor) -> torch.Tensor:
+        stats.bind(c.owners, [], size_in)
+        return _activate(act, norm(t, stats))
+
+    stats.recording = False
+    for step in steps:
+        if not isinstance(step, ResnetBlock):
+            for c in chunks:
+                c.x = step(c.x)
+            continue
+        pool(step.norm1, [c.x for c in chunks])
+        hidden = [step.conv1(norm_act(step.norm1, step.act, c, c.x)) for c in chunks]
+        pool(step.norm2, hidden)
+        for i, c in enumerate(chunks):
+            out = step.conv2(norm_act(step.norm2, step.act, c, hidden[i]))
+            hidden[i] = None  # free as we go
+            c.x = out.add_(step.conv_shortcut(c.x) if step.conv_shortcut is not None else c.x)
 
 
 class _Blender:
@@ -296,10 +339,13 @@ def tiled_encode_moments(
     tile, overlap = max(1, tile_px // f), max(0, overlap_px // f)
     enc = model.encoder
     plan = _plan(x, f, tile, overlap, batch)
+    if len(plan.tiles) == x.shape[0]:  # one tile per image covers it: that is the untiled computation
+        return model.encode_moments(x), TileReport(x.shape[0], 0)
     stats = WholeImageStats()
     stats.images = x.shape[0]
     _exact_stats(stats, enc.down_blocks[0].resnets[0].norm1, plan, enc.conv_in)
-    windows = _estimate_stats(stats, plan, lambda t, s: enc.features(t, stats=s), tile, overlap)
+    steps = [enc.conv_in, *(m for b in enc.down_blocks for m in (*b.resnets, *(b.downsamplers or [])))]
+    windows = _estimate_stats(stats, plan, steps, tile, overlap)
     blend = _Blender(plan, 1, model.config.block_out_channels[-1])
     for part in plan.batches():
         stats.bind([t.image for t in part], [], plan.size_in)
@@ -326,13 +372,14 @@ def tiled_decode(
     dec = model.decoder
     trunk = dec.trunk(z)
     plan = _plan(trunk, 1, tile, overlap, batch)
+    if len(plan.tiles) == z.shape[0]:  # one tile per image covers it: that is the untiled computation
+        return dec.upsample(trunk), TileReport(z.shape[0], 0)
     stats = WholeImageStats()
     stats.images = z.shape[0]
-    windows = _estimate_stats(stats, plan, lambda t, s: dec.upsample(t, stats=s), tile, overlap)
+    # The output norm is left out: its statistics are summed exactly over all tiles below.
+    steps = [m for b in dec.up_blocks for m in (*b.resnets, *(b.upsamplers or []))]
+    windows = _estimate_stats(stats, plan, steps, tile, overlap)
     report = TileReport(len(plan.tiles), windows, (len(plan.gy.starts), len(plan.gx.starts)))
-    if len(plan.tiles) == z.shape[0]:  # one tile per image: its statistics are already exact
-        stats.bind(list(range(z.shape[0])), [], plan.size_in)
-        return dec.upsample(plan.crop(plan.tiles), stats=stats).to(z.dtype), report
 
     def body(t: torch.Tensor) -> torch.Tensor:  # up blocks only: the input of the output norm
         for block in dec.up_blocks:
