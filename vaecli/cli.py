@@ -552,7 +552,8 @@ def bench(
     tile_size: TileSizeOpt = 512,
     tile_overlap: TileOverlapOpt = 64,
     device: DeviceOpt = Device.auto,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 1,
+    compile_model: CompileOpt = False,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first (the first one's time is reported).")] = 1,
     iters: Annotated[int, typer.Option("--iters", min=1, help="Timed runs.")] = 3,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -566,6 +567,8 @@ def bench(
             raise _usage(f"bench is not available in this installation ({exc})", as_json) from None
         from .batch import resolve_device
 
+        if batch_size == 0:
+            raise VaecliError("bench needs a numeric --batch-size (auto sizes batches per image during conversion)")
         rows = run_bench(
             model=model,
             resolutions=list(resolution),
@@ -578,6 +581,7 @@ def bench(
             tile_size=tile_size,
             tile_overlap=tile_overlap,
             family=family.value if family else None,
+            compile=compile_model,
         )
         failed = [r for r in rows if r.get("error")]
         items = []
@@ -594,7 +598,7 @@ def bench(
             )
         else:
             table = Table(title="bench")
-            for name in ("op", "resolution", "batch", "dtype", "tiling", "ms/img", "img/s", "peak MiB"):
+            for name in ("op", "resolution", "batch", "dtype", "tiling", "ms/img", "img/s", "peak MiB", "warm-up s"):
                 table.add_column(name, justify="left" if name in ("op", "dtype", "tiling") else "right")
             for r in rows:
                 peak = r.get("peak_memory_bytes")
@@ -607,6 +611,7 @@ def bench(
                     _fmt(r.get("ms_per_img"), ".1f"),
                     _fmt(r.get("img_per_s"), ".2f"),
                     _fmt(peak / 2**20 if isinstance(peak, (int, float)) else None, ".0f"),
+                    _fmt(r.get("warmup_s"), ".2f"),
                 )
             out_console.print(table)
         if failed:

@@ -206,7 +206,7 @@ def write_image(path: Path, pixels: np.ndarray, fmt: str = "png", quality: int =
     elif kind == "WEBP":
         params = dict(quality=quality, lossless=quality >= 100)
     elif kind == "PNG":
-        params = dict(compress_level=3)  # a fast level: PNG writing is otherwise slower than the model on CPU
+        params = dict(compress_level=1)  # lossless either way; level 1 writes 3-4x faster than 6 for ~10% more bytes
 
     atomic_write(path, lambda tmp: img.save(tmp, format=kind, **params))
 

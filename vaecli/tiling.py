@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 
@@ -29,7 +30,7 @@ from .model import AutoencoderKL, GroupNorm, ResnetBlock, _activate
 # more time and memory), and each blending batch holds at most about this fraction of the image's pixels
 # (memory of a tiled call stays a small fraction of an untiled one).
 STATS_AREA = 0.3
-BATCH_AREA = 0.12
+BATCH_AREA = 0.08
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ def _lockstep(steps: list, chunks: list[_Chunk], stats: "WholeImageStats", size_
     """Run `steps` over every chunk, layer by layer; each norm's statistics are pooled over all chunks'
     interiors first (float64 sums), then applied to all of them."""
 
-    def pool(norm: GroupNorm, tensors: list[torch.Tensor]) -> None:
+    def pool(norm: GroupNorm, tensors: Iterable[torch.Tensor]) -> None:
         if id(norm) in stats.fixed:
             return
         acc = WholeImageStats()
@@ -288,18 +289,22 @@ def _lockstep(steps: list, chunks: list[_Chunk], stats: "WholeImageStats", size_
         return _activate(act, norm(t, stats))
 
     stats.recording = False
+    dtype = chunks[0].x.dtype
+    for c in chunks:
+        c.x = _compact(c.x)  # between steps, windows wait in half precision: half the memory
     for step in steps:
         if not isinstance(step, ResnetBlock):
             for c in chunks:
-                c.x = step(c.x)
+                c.x = _compact(step(c.x.to(dtype)))
             continue
-        pool(step.norm1, [c.x for c in chunks])
-        hidden = [step.conv1(norm_act(step.norm1, step.act, c, c.x)) for c in chunks]
-        pool(step.norm2, hidden)
+        pool(step.norm1, (c.x.to(dtype) for c in chunks))  # a generator: one chunk in full precision at a time
+        hidden = [_compact(step.conv1(norm_act(step.norm1, step.act, c, c.x.to(dtype)))) for c in chunks]
+        pool(step.norm2, (t.to(dtype) for t in hidden))
         for i, c in enumerate(chunks):
-            out = step.conv2(norm_act(step.norm2, step.act, c, hidden[i]))
+            out = step.conv2(norm_act(step.norm2, step.act, c, hidden[i].to(dtype)))
             hidden[i] = None  # free as we go
-            c.x = out.add_(step.conv_shortcut(c.x) if step.conv_shortcut is not None else c.x)
+            x = c.x.to(dtype)
+            c.x = _compact(out.add_(step.conv_shortcut(x) if step.conv_shortcut is not None else x))
 
 
 class _Blender:
