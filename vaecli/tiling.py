@@ -7,9 +7,11 @@ Here every tile is normalized with the statistics of the whole image instead:
 1. The global parts of the network run untiled at latent resolution, where they are small: the decoder's
    conv_in and mid block (self-attention over all positions), the encoder's mid block and output head.
 2. The local, convolution-only part (encoder down blocks; decoder up blocks and output) runs per tile.
-   A first pass runs small windows spread evenly over the image as one batch and pools, at every
-   GroupNorm, the statistics of their interiors per image: estimates of the whole image's statistics.
-   The second pass runs every tile normalized with exactly those statistics, so all tiles agree.
+   Statistics: the encoder's first norm (on conv_in's output) and the decoder's output norm get exact
+   whole-image statistics, summed over the cells each tile owns (the decoder keeps its tiles' pre-norm
+   activations in half precision until those sums are complete). The other norms use statistics pooled
+   over windows covering STATS_AREA of the image, run in lockstep (every window reaches a norm before
+   any is normalized), in memory-bounded chunks. Every tile then uses the same statistics.
 3. Tiles overlap and are blended with precomputed linear ramps (`out += y * w`, `norm += w`, divide once).
 
 Grids are laid out in latent cells, so encoder tiles start on multiples of the downsample factor and see
@@ -77,14 +79,11 @@ class Tile:
 
 
 class WholeImageStats:
-    """GroupNorm statistics pooled over tile interiors per image (record), then reused for every tile (replay).
-
-    Keyed by norm module; each GroupNorm runs once per forward of the local part, so keys are unambiguous.
-    """
+    """Per-image GroupNorm statistics shared by every tile: `_measure` pools sums over bound interiors,
+    `normalize` applies the table. Keyed by norm module (each runs once per forward of the local part)."""
 
     def __init__(self) -> None:
         self.table: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(norm) -> (mean, rstd) (n_img, G)
-        self.recording = False
         self.owners: torch.Tensor = torch.zeros(0, dtype=torch.long)  # (B,) image index of each tile
         self.boxes: list[tuple[int, int, int, int]] = []  # per tile: interior (y0, y1, x0, x1), input units
         self.input_size = (1, 1)  # spatial size of the tile input the boxes refer to
@@ -97,8 +96,6 @@ class WholeImageStats:
         self.boxes, self.input_size = boxes, input_size
 
     def normalize(self, norm: GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        if self.recording and id(norm) not in self.fixed:
-            self.table[id(norm)] = self._measure(norm, x)
         mean, rstd = self.table[id(norm)]
         b, c = x.shape[:2]
         per = c // norm.num_groups
@@ -288,7 +285,6 @@ def _lockstep(steps: list, chunks: list[_Chunk], stats: "WholeImageStats", size_
         stats.bind(c.owners, [], size_in)
         return _activate(act, norm(t, stats))
 
-    stats.recording = False
     dtype = chunks[0].x.dtype
     for c in chunks:
         c.x = _compact(c.x)  # between steps, windows wait in half precision: half the memory
