@@ -31,8 +31,8 @@ from .model import AutoencoderKL, GroupNorm, ResnetBlock, _activate
 # The statistics pass runs windows covering about this fraction of the image (more: better estimates,
 # more time and memory), and each blending batch holds at most about this fraction of the image's pixels
 # (memory of a tiled call stays a small fraction of an untiled one).
-STATS_AREA = 0.3
-BATCH_AREA = 0.08
+STATS_AREA = 0.5
+BATCH_AREA = 0.05
 
 
 @dataclass(frozen=True)
