@@ -8,7 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the test models are tiny, and on a shared 2-core machine two OpenMP threads spin against
+# each other (measured ~50x slower for tiny convolutions). Subprocesses get OMP_NUM_THREADS=1 too.
+torch.set_num_threads(1)
 
 
 def make_reference(seed: int = 0, jitter: float = 0.02, **config):

@@ -15,14 +15,6 @@ from cli_support import make_model, noise_image, run_cli, run_json, run_module
 from vaecli.io import LATENT_FORMAT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine spin against each other: 1 thread is ~50x faster here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:

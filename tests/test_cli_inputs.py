@@ -16,13 +16,6 @@ from vaecli.errors import InputError
 from vaecli.io import read_image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:

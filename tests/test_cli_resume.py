@@ -15,13 +15,6 @@ from cli_support import ROOT, make_model, noise_image, run_cli, run_json, subpro
 from vaecli.io import clean_temp_files, is_temp_name, latent_is_complete, temp_path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:

@@ -123,14 +123,6 @@ def _tiny_model(folder: Path, seed: int) -> AutoencoderKL:
     return load_vae(folder)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions on a shared, loaded machine: thread hand-offs cost far more than the arithmetic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

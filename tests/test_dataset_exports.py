@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 from torch.utils.data import DataLoader
 
-from test_dataset import SIZES, _prepare, images, models, one_thread  # noqa: F401 - fixtures
+from test_dataset import SIZES, _prepare, images, models  # noqa: F401 - fixtures
 from vaecli.data import BucketBatchSampler, LatentDataset
 from vaecli.dataset import kohya_crop_ltrb, read_manifest
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from test_dataset import SMALL, _prepare, _strip, images, models, one_thread  # noqa: F401 - fixtures
+from test_dataset import SMALL, _prepare, _strip, images, models  # noqa: F401 - fixtures
 from vaecli.dataset import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
