@@ -43,10 +43,19 @@ from .io import (
 )
 from .metrics import diff_map, max_abs_error, psnr, ssim
 from .model import AutoencoderKL
-from .pipeline import AUTO_BATCH_MAX, DTYPE_NAMES, DTYPES, BatchResult, RunOptions, Runner, auto_batch_size, compute_dtype
+from .pipeline import (
+    AUTO_BATCH_MAX,
+    DTYPE_NAMES,
+    DTYPES,
+    BatchResult,
+    RunOptions,
+    Runner,
+    auto_batch_size,
+    compute_dtype,
+    resolve_device,
+)
 
 SIZE_POLICIES = ("pad", "crop", "resize")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 Progress = Callable[[int, int], None]  # (items finished, items in total)
 
 
@@ -177,23 +186,6 @@ class Report:
 
 
 # ------------------------------------------------------------------------------------------------- model
-
-
-def resolve_device(name: str) -> str:
-    """'auto' -> cuda, mps or cpu; an explicit device that is not available is a ConfigError."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps: no MPS device is available (use --device cpu or auto)")
-    if name not in DEVICES:
-        raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
-    return name
 
 
 def open_model(source: str | None, family: str | None, device: str) -> AutoencoderKL:

@@ -24,8 +24,8 @@ import torch
 from . import errors
 from .errors import ConfigError, InputError, VaecliError
 from .model import AutoencoderKL
-from .pipeline import DTYPE_NAMES, DTYPES, OOM_ERRORS, RunOptions, Runner, compute_dtype
-from .weights import DEFAULT_MODEL, _default_model_dir, load_vae, locate
+from .pipeline import DTYPE_NAMES, DTYPES, OOM_ERRORS, RunOptions, Runner, compute_dtype, resolve_device
+from .weights import DEFAULT_MODEL, default_model_dir, load_vae, locate
 
 OPS = ("encode", "decode")
 TILING_MODES = ("on", "off", "auto")
@@ -105,7 +105,7 @@ def run_bench(
     if isolate is None:
         isolate = dev.type == "cpu"
     # Fail on a missing model before starting any worker; load_vae says the same in-process.
-    locate(_default_model_dir() if model is None else model)
+    locate(default_model_dir() if model is None else model)
     jobs = [
         Job(
             model=None if model is None else str(model), op=op, resolution=res, batch_size=batch_size, dtype=dtype,
@@ -123,29 +123,6 @@ def run_bench(
             progress(row)
         rows.append(row)
     return rows
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; an explicit device must be available."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise VaecliError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VaecliError("CUDA is not available on this machine; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise VaecliError(f"no CUDA device {dev.index} (this machine has {torch.cuda.device_count()})")
-    if dev.type == "mps" and not _mps_available():
-        raise VaecliError("MPS is not available on this machine; use --device cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise VaecliError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
-    return dev
 
 
 def device_name(device: str | torch.device) -> str:
@@ -289,8 +266,6 @@ def _sync(dev: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _mps_available() -> bool:
-    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
 
 
 # -- isolated measurement in a worker process -------------------------------------------------------------

@@ -260,7 +260,8 @@ def _show_progress(quiet: bool) -> bool:
 
 
 def _load(model: str | None, family: Family | None, device: Device, as_json: bool, debug: bool) -> Any:
-    from .batch import open_model, resolve_device
+    from .batch import open_model
+    from .pipeline import resolve_device
 
     resolve_device(device.value)  # an unavailable device is its own usage error, not a load failure
     try:
@@ -565,7 +566,7 @@ def bench(
             from .bench import run_bench
         except ImportError as exc:
             raise _usage(f"bench is not available in this installation ({exc})", as_json) from None
-        from .batch import resolve_device
+        from .pipeline import resolve_device
 
         if batch_size == 0:
             raise VaecliError("bench needs a numeric --batch-size (auto sizes batches per image during conversion)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .config import LatentSpec, VAEConfig
-from .errors import VaecliError
+from .errors import ConfigError, VaecliError
 from .model import AutoencoderKL
 from .tiling import tiled_decode, tiled_encode_moments
 
@@ -79,6 +79,31 @@ def precision_ladder(start: torch.dtype, device: torch.device) -> list[torch.dty
     if start != torch.float32:
         ladder.append(torch.float32)
     return ladder
+
+
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; an explicit device (cpu, cuda, cuda:N, mps) must be available."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available (use --device cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"no CUDA device {dev.index} (this machine has {torch.cuda.device_count()})")
+    if dev.type == "mps" and not mps_available():
+        raise ConfigError("--device mps: no MPS device is available (use --device cpu or auto)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -310,7 +310,7 @@ def _resolve_config(config: VAEConfig | Mapping[str, Any] | str | Path | None) -
     raise ConfigError(f"config {config}: no such file or folder")
 
 
-def _default_model_dir() -> Path:
+def default_model_dir() -> Path:
     return Path(str(resources.files("vaecli") / "default_model"))
 
 
@@ -371,7 +371,7 @@ def load_vae(
     The model's `.info` (ModelInfo) names the file, layout, weights sha256 and every assumption made.
     """
     name = str(source) if source is not None else DEFAULT_MODEL
-    weights_path, beside = locate(_default_model_dir() if source is None else source)
+    weights_path, beside = locate(default_model_dir() if source is None else source)
     raw = read_state_dict(weights_path)
     state, layout = to_diffusers_layout(raw)
     del raw
