@@ -138,7 +138,6 @@ class TileReport:
     tiles: int = 0  # tiles run in the blending pass
     stats_tiles: int = 0  # windows run in the statistics pass
     grid: tuple[int, int] = (1, 1)
-    notes: list[str] = field(default_factory=list)
 
 
 def stats_windows(h: int, w: int, tile: int, overlap: int) -> tuple[int, list[tuple[int, int]], int]:
