@@ -21,7 +21,7 @@ the same stride-2 sampling grid as the untiled run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
