@@ -95,13 +95,11 @@ def test_grid_covers_with_equal_tiles():
 
 
 def test_owned_ranges_partition_the_axis():
-    from vaecli.tiling import _owned
-
     for length, tile, overlap in [(100, 64, 8), (257, 64, 16), (129, 16, 4), (40, 16, 15)]:
         g = Grid.fit(length, tile, overlap)
         covered = []
         for i, start in enumerate(g.starts):
-            lo, hi = _owned(g, i)
+            lo, hi = g.owned(i)
             covered.extend(range(start + lo, start + hi))
         assert covered == list(range(length))  # every cell owned by exactly one tile, in order
 

@@ -6,13 +6,21 @@ Here every tile is normalized with the statistics of the whole image instead:
 
 1. The global parts of the network run untiled at latent resolution, where they are small: the decoder's
    conv_in and mid block (self-attention over all positions), the encoder's mid block and output head.
-2. The local, convolution-only part (encoder down blocks; decoder up blocks and output) runs per tile.
-   Statistics: the encoder's first norm (on conv_in's output) and the decoder's output norm get exact
-   whole-image statistics, summed over the cells each tile owns (the decoder keeps its tiles' pre-norm
-   activations in half precision until those sums are complete). The other norms use statistics pooled
-   over windows covering STATS_AREA of the image, run in lockstep (every window reaches a norm before
-   any is normalized), in memory-bounded chunks. Every tile then uses the same statistics.
+2. The local, convolution-only part (encoder conv_in and down blocks; decoder up blocks and output) runs
+   over all tiles in lockstep, one layer at a time. Before a GroupNorm normalizes any tile, its statistics
+   are summed (float64) over the cells each tile owns; owned cells partition the image, so these are the
+   statistics of the whole image (the untiled ones, up to the tiles' border effects, which the overlap keeps
+   away from owned cells). Every tile then uses the same statistics.
 3. Tiles overlap and are blended with precomputed linear ramps (`out += y * w`, `norm += w`, divide once).
+
+Memory: between layers the tiles wait in half precision (fp16, or bf16 where values exceed fp16's range),
+so the peak is about one half-precision copy of the widest local activation of the whole image (times the
+overlap), plus one batch of tiles in compute precision: a fraction of an untiled call, which holds several
+full-precision copies. Inside a resnet the first convolution's output is recomputed rather than kept for
+all tiles (one extra convolution per resnet, a third less peak memory); norm-free layers run inside the
+neighbouring resnet's sweeps, so the full-resolution tensors they make or take (encoder conv_in and first
+downsampler, decoder last upsampler) need not be stored for all tiles (`_Lockstep.run`). Tiles are
+channels-last: faster convolutions on CPUs and GPUs. Measured figures: README.md.
 
 Grids are laid out in latent cells, so encoder tiles start on multiples of the downsample factor and see
 the same stride-2 sampling grid as the untiled run.
@@ -22,16 +30,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
 from .model import AutoencoderKL, GroupNorm, ResnetBlock, _activate
 
-# The statistics pass runs windows covering about this fraction of the image (more: better estimates,
-# more time and memory), and each blending batch holds at most about this fraction of the image's pixels
-# (memory of a tiled call stays a small fraction of an untiled one).
-STATS_AREA = 0.5
+# A batch of tiles (one model call) holds at most about this fraction of the image's pixels, so the
+# compute-precision temporaries of a batch stay small next to the stored half-precision tiles.
 BATCH_AREA = 0.05
 
 
@@ -68,6 +74,13 @@ class Grid:
                 w[i] = torch.minimum(w[i], ((size - pos) / shared).clamp(max=1.0))
         return w
 
+    def owned(self, i: int) -> tuple[int, int]:
+        """The cells of tile i nearer to its centre than to a neighbour's: tiles' owned ranges partition the axis."""
+        lo = 0 if i == 0 else (self.starts[i - 1] + self.size - self.starts[i]) // 2
+        last = i == len(self.starts) - 1
+        hi = self.size if last else self.size - (self.starts[i] + self.size - self.starts[i + 1] + 1) // 2
+        return lo, hi
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -78,22 +91,24 @@ class Tile:
     ix: int
 
 
+@dataclass
+class TileReport:
+    """What a tiled call did, for summaries and tests."""
+
+    tiles: int = 0  # tiles run (all images)
+    grid: tuple[int, int] = (1, 1)  # tiles per image along y and x
+
+
 class WholeImageStats:
-    """Per-image GroupNorm statistics shared by every tile: `_measure` pools sums over bound interiors,
-    `normalize` applies the table. Keyed by norm module (each runs once per forward of the local part)."""
+    """GroupNorm statistics shared by every tile (the `stats` argument of GroupNorm.forward): a table of
+    per-image, per-group (mean, 1/std) per norm, applied to a batch of tiles whose owners are bound."""
 
     def __init__(self) -> None:
-        self.table: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(norm) -> (mean, rstd) (n_img, G)
-        self.owners: torch.Tensor = torch.zeros(0, dtype=torch.long)  # (B,) image index of each tile
-        self.boxes: list[tuple[int, int, int, int]] = []  # per tile: interior (y0, y1, x0, x1), input units
-        self.input_size = (1, 1)  # spatial size of the tile input the boxes refer to
-        self.images = 0
-        self.sums: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # running sums per norm
-        self.fixed: set[int] = set()  # norms whose statistics are exact: never re-recorded
+        self.table: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(norm) -> (mean, rstd), (images, G)
+        self.owners = torch.zeros(0, dtype=torch.long)  # (B,) image index of each tile of the bound batch
 
-    def bind(self, owners: list[int], boxes: list[tuple[int, int, int, int]], input_size: tuple[int, int]) -> None:
+    def bind(self, owners: list[int]) -> None:
         self.owners = torch.tensor(owners, dtype=torch.long)
-        self.boxes, self.input_size = boxes, input_size
 
     def normalize(self, norm: GroupNorm, x: torch.Tensor) -> torch.Tensor:
         mean, rstd = self.table[id(norm)]
@@ -108,214 +123,164 @@ class WholeImageStats:
         y = x.float() * scale.view(b, c, 1, 1) + bias.view(b, c, 1, 1)
         return y.to(x.dtype)
 
-    def _measure(self, norm: GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image, per-group mean and 1/std over the interiors of every window seen so far (this batch
-        and earlier ones), accumulated in float64: windows can run in several batches."""
-        g = norm.num_groups
-        fy = x.shape[-2] / self.input_size[0]  # this layer's resolution relative to the tile input
-        fx = x.shape[-1] / self.input_size[1]
-        if id(norm) not in self.sums:
-            zeros = torch.zeros(self.images, g, dtype=torch.float64, device=x.device)
-            self.sums[id(norm)] = (zeros, zeros.clone(), torch.zeros(self.images, 1, dtype=torch.float64, device=x.device))
-        total, total_sq, count = self.sums[id(norm)]
-        for b, (y0, y1, x0, x1) in enumerate(self.boxes):
+
+class _Sums:
+    """Running float64 sums of one norm's input over the tiles' owned cells, per image and group."""
+
+    def __init__(self, images: int, groups: int, device: torch.device) -> None:
+        self.total = torch.zeros(images, groups, dtype=torch.float64, device=device)
+        self.total_sq = torch.zeros_like(self.total)
+        self.count = torch.zeros(images, 1, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor, chunk: "_Chunk", size_in: tuple[int, int]) -> None:
+        g = self.total.shape[1]
+        fy = x.shape[-2] / size_in[0]  # this layer's resolution relative to the tile input
+        fx = x.shape[-1] / size_in[1]
+        for b, (y0, y1, x0, x1) in enumerate(chunk.owned):
             part = x[b, :, int(y0 * fy) : int(y1 * fy), int(x0 * fx) : int(x1 * fx)]
-            part = part.reshape(g, -1).double()  # (G, C/G * h * w)
-            owner = int(self.owners[b])
-            total[owner] += part.sum(dim=1)
-            total_sq[owner] += part.square().sum(dim=1)
-            count[owner] += part.shape[1]
-        seen = count.clamp(min=1.0)
-        mean = total / seen
-        var = (total_sq / seen - mean.square()).clamp(min=0.0)
-        return mean.float(), torch.rsqrt(var + norm.eps).float()
+            if part.dtype in (torch.float16, torch.bfloat16):
+                part = part.float()
+            # Per-channel mean and centred sum of squares of the tile (fp32, two passes: no cancellation),
+            # reduced row by row over the (h, w, C) view, which is fast for both memory layouts; then
+            # combined into the image's float64 sums (sum, sum of squares) per group.
+            rows = part.permute(1, 2, 0)
+            n = rows.shape[0] * rows.shape[1]
+            mean = rows.sum(1).sum(0) / n
+            m2 = (rows - mean).square_().sum(1).sum(0)
+            mean, m2 = mean.double().view(g, -1), m2.double().view(g, -1)
+            img = chunk.tiles[b].image
+            self.total[img] += mean.sum(dim=1) * n
+            self.total_sq[img] += (m2 + n * mean.square()).sum(dim=1)
+            self.count[img] += n * mean.shape[1]
 
-
-@dataclass
-class TileReport:
-    """What a tiled call did, for summaries and tests."""
-
-    tiles: int = 0  # tiles run in the blending pass
-    stats_tiles: int = 0  # windows run in the statistics pass
-    grid: tuple[int, int] = (1, 1)
-
-
-def stats_windows(h: int, w: int, tile: int, overlap: int) -> tuple[int, list[tuple[int, int]], int]:
-    """Windows for the statistics pass: (side, origins, halo), in latent cells.
-
-    Half-tile windows on a stratified grid covering about STATS_AREA of the image; statistics come from each
-    window's interior (a `halo` of cells at inner edges is left out: its values feel the window's border).
-    """
-    side = min(max(tile // 2, 2 * overlap + 4), h, w)
-    k = max(1, round(STATS_AREA * h * w / (side * side)))
-    ky = max(1, min(h // side or 1, round(math.sqrt(k * h / w))))
-    kx = max(1, min(w // side or 1, math.ceil(k / ky)))
-    origins = [
-        (min(h - side, int((iy + 0.5) * h / ky - side / 2)) if h > side else 0,
-         min(w - side, int((ix + 0.5) * w / kx - side / 2)) if w > side else 0)
-        for iy in range(ky)
-        for ix in range(kx)
-    ]
-    return side, [(max(0, y), max(0, x)) for y, x in origins], max(1, overlap // 2)
-
-
-def _window_box(origin: int, side: int, length: int, halo: int) -> tuple[int, int]:
-    lo = 0 if origin == 0 else halo
-    hi = side if origin + side >= length else side - halo
-    return lo, max(hi, lo + 1)
-
-
-def _tiles(n: int, grid_y: Grid, grid_x: Grid) -> list[Tile]:
-    return [
-        Tile(img, y, x, iy, ix)
-        for img in range(n)
-        for iy, y in enumerate(grid_y.starts)
-        for ix, x in enumerate(grid_x.starts)
-    ]
-
-
-def _crop(src: torch.Tensor, tiles: list[Tile], size_y: int, size_x: int, scale: int) -> torch.Tensor:
-    """(len(tiles), C, size_y*scale, size_x*scale) crops of src (N, C, H, W) at the tiles' origins."""
-    return torch.stack(
-        [src[t.image, :, t.y * scale : (t.y + size_y) * scale, t.x * scale : (t.x + size_x) * scale] for t in tiles]
-    )
-
-
-def _owned(grid: Grid, i: int) -> tuple[int, int]:
-    """The cells of tile i nearer to its centre than to a neighbour's: tiles' owned ranges partition the axis."""
-    lo = 0 if i == 0 else (grid.starts[i - 1] + grid.size - grid.starts[i]) // 2
-    hi = grid.size if i == len(grid.starts) - 1 else grid.size - (grid.starts[i] + grid.size - grid.starts[i + 1] + 1) // 2
-    return lo, hi
-
-
-@dataclass
-class _Plan:
-    """Tiles of a batch of images, with what the passes need to know about them."""
-
-    src: torch.Tensor
-    in_scale: int
-    gy: Grid
-    gx: Grid
-    tiles: list[Tile]
-    batch: int
-
-    @property
-    def size_in(self) -> tuple[int, int]:
-        return (self.gy.size * self.in_scale, self.gx.size * self.in_scale)
-
-    def batches(self) -> list[list[Tile]]:
-        return [self.tiles[i : i + self.batch] for i in range(0, len(self.tiles), self.batch)]
-
-    def crop(self, part: list[Tile]) -> torch.Tensor:
-        return _crop(self.src, part, self.gy.size, self.gx.size, self.in_scale)
-
-    def owned_boxes(self, part: list[Tile]) -> list[tuple[int, int, int, int]]:
-        s = self.in_scale
-        return [(*(v * s for v in _owned(self.gy, t.iy)), *(v * s for v in _owned(self.gx, t.ix))) for t in part]
-
-
-def _plan(src: torch.Tensor, in_scale: int, tile: int, overlap: int, batch: int) -> _Plan:
-    n = src.shape[0]
-    h, w = src.shape[-2] // in_scale, src.shape[-1] // in_scale
-    gy, gx = Grid.fit(h, tile, overlap), Grid.fit(w, tile, overlap)
-    # Tiles of equal size from every image share batches, as many as BATCH_AREA of one image allows.
-    batch = max(1, min(batch, int(BATCH_AREA * h * w / (gy.size * gx.size))))
-    return _Plan(src, in_scale, gy, gx, _tiles(n, gy, gx), batch)
-
-
-def _exact_stats(stats: "WholeImageStats", norm: GroupNorm, plan: _Plan, activation) -> None:
-    """Fix `norm`'s statistics to the exact whole-image ones: `activation(tile_batch)` gives its input,
-    which must not depend on other norms' statistics; sums run over the tiles' owned cells."""
-    exact = WholeImageStats()
-    exact.images = stats.images
-    for part in plan.batches():
-        exact.bind([t.image for t in part], plan.owned_boxes(part), plan.size_in)
-        stats.table[id(norm)] = exact._measure(norm, activation(plan.crop(part)))
-    stats.fixed.add(id(norm))
-
-
-def _estimate_stats(stats: "WholeImageStats", plan: _Plan, steps: list, tile: int, overlap: int) -> int:
-    """Record the statistics of every norm in `steps` (except fixed ones) from windows spread evenly over
-    each image; returns the number of windows.
-
-    Windows run in lockstep, one step at a time over all of them (in memory-bounded chunks), so each norm's
-    statistics pool every window before any window is normalized with them.
-    """
-    n, s = plan.src.shape[0], plan.in_scale
-    h, w = plan.src.shape[-2] // s, plan.src.shape[-1] // s
-    side, origins, halo = stats_windows(h, w, tile, overlap)
-    windows = [Tile(img, y, x, 0, 0) for img in range(n) for y, x in origins]
-    boxes = []
-    for t in windows:
-        y0, y1 = _window_box(t.y, side, h, halo)
-        x0, x1 = _window_box(t.x, side, w, halo)
-        boxes.append((y0 * s, y1 * s, x0 * s, x1 * s))
-    wy = wx = side
-    per = max(1, int(BATCH_AREA * h * w / (wy * wx)))
-    chunks = [
-        _Chunk([t.image for t in windows[i : i + per]], boxes[i : i + per], _crop(plan.src, windows[i : i + per], wy, wx, s))
-        for i in range(0, len(windows), per)
-    ]
-    _lockstep(steps, chunks, stats, (wy * s, wx * s))
-    return len(windows)
+    def mean_rstd(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / self.count
+        var = (self.total_sq / self.count - mean.square()).clamp(min=0.0)
+        return mean.float(), torch.rsqrt(var + eps).float()
 
 
 @dataclass
 class _Chunk:
-    owners: list[int]
-    boxes: list[tuple[int, int, int, int]]
-    x: torch.Tensor
+    """One batch of tiles (one model call at each layer) and its activation between layers."""
+
+    tiles: list[Tile]
+    owned: list[tuple[int, int, int, int]]  # per tile: owned (y0, y1, x0, x1) in tile-input units
+    x: torch.Tensor | None
 
 
-def _lockstep(steps: list, chunks: list[_Chunk], stats: "WholeImageStats", size_in: tuple[int, int]) -> None:
-    """Run `steps` over every chunk, layer by layer; each norm's statistics are pooled over all chunks'
-    interiors first (float64 sums), then applied to all of them."""
+class _Lockstep:
+    """All tiles of a batch of images, advanced layer by layer; see the module docstring."""
 
-    def pool(norm: GroupNorm, tensors: Iterable[torch.Tensor]) -> None:
-        if id(norm) in stats.fixed:
+    def __init__(self, src: torch.Tensor, in_scale: int, tile: int, overlap: int, batch: int) -> None:
+        n = src.shape[0]
+        h, w = src.shape[-2] // in_scale, src.shape[-1] // in_scale
+        self.src, self.scale, self.images, self.dtype = src, in_scale, n, src.dtype
+        self.gy, self.gx = Grid.fit(h, tile, overlap), Grid.fit(w, tile, overlap)
+        self.tiles = [
+            Tile(img, y, x, iy, ix)
+            for img in range(n)
+            for iy, y in enumerate(self.gy.starts)
+            for ix, x in enumerate(self.gx.starts)
+        ]
+        # Tiles of every image share batches, as many as BATCH_AREA of one image allows.
+        per = max(1, min(batch, int(BATCH_AREA * h * w / (self.gy.size * self.gx.size))))
+        self.size_in = (self.gy.size * in_scale, self.gx.size * in_scale)
+        self.stats = WholeImageStats()
+        # (one tile per image is the untiled computation: callers take that path, no crops are made)
+        crops = len(self.tiles) > n
+        self.chunks = [self._chunk(self.tiles[i : i + per]) for i in range(0, len(self.tiles), per)] if crops else []
+
+    def _chunk(self, tiles: list[Tile]) -> _Chunk:
+        s, sy, sx = self.scale, self.gy.size, self.gx.size
+        x = torch.stack([self.src[t.image, :, t.y * s : (t.y + sy) * s, t.x * s : (t.x + sx) * s] for t in tiles])
+        x = x.contiguous(memory_format=torch.channels_last)
+        owned = [(*(v * s for v in self.gy.owned(t.iy)), *(v * s for v in self.gx.owned(t.ix))) for t in tiles]
+        return _Chunk(tiles, owned, x)
+
+    @property
+    def report(self) -> TileReport:
+        return TileReport(len(self.tiles), (len(self.gy.starts), len(self.gx.starts)))
+
+    # -- one layer over every chunk ---------------------------------------------------------------------
+
+    def inputs(self, pre: torch.nn.Module | None = None) -> Iterator[tuple[_Chunk, torch.Tensor]]:
+        """Each chunk's activation in compute precision (through `pre` first, if given), one chunk at a time."""
+        for c in self.chunks:
+            x = c.x.to(self.dtype)
+            yield c, (x if pre is None else pre(x))
+
+    def pool(self, norm: GroupNorm, pairs: Iterable[tuple[_Chunk, torch.Tensor]]) -> None:
+        """Sum `norm`'s input over every chunk's owned cells, then make the result its statistics."""
+        sums: _Sums | None = None
+        for c, t in pairs:
+            sums = sums or _Sums(self.images, norm.num_groups, t.device)
+            sums.add(t, c, self.size_in)
+        assert sums is not None
+        self.stats.table[id(norm)] = sums.mean_rstd(norm.eps)
+
+    def norm_act(self, norm: GroupNorm, act: str, c: _Chunk, t: torch.Tensor) -> torch.Tensor:
+        self.stats.bind([t_.image for t_ in c.tiles])
+        return _activate(act, norm(t, self.stats))
+
+    def run(self, modules: list[torch.nn.Module], recompute: tuple[torch.nn.Module, ...] = ()) -> None:
+        """Advance every chunk through `modules` (ResnetBlocks and norm-free layers, in order).
+
+        A norm-free layer after a resnet runs inside that resnet's last sweep (`post`: never stored at its
+        input size, no extra work). One listed in `recompute` runs inside the next resnet's sweeps instead
+        (`pre`: recomputed in each of its three sweeps, so only its input is ever stored): for a layer that
+        enlarges the tensor (conv_in, the last upsampler), that keeps the largest tensor out of storage.
+        """
+        pre: torch.nn.Module | None = None
+        i = 0
+        while i < len(modules):
+            m = modules[i]
+            nxt = modules[i + 1] if i + 1 < len(modules) else None
+            if isinstance(m, ResnetBlock):
+                post = nxt if nxt is not None and not isinstance(nxt, ResnetBlock) and nxt not in recompute else None
+                self.step(m, pre, post)
+                pre, i = None, i + (2 if post is not None else 1)
+            elif pre is None and m in recompute and isinstance(nxt, ResnetBlock):
+                pre, i = m, i + 1
+            else:
+                self.step(m, pre)
+                pre, i = None, i + 1
+        if pre is not None:
+            self.step(pre)
+
+    def step(
+        self, module: torch.nn.Module, pre: torch.nn.Module | None = None, post: torch.nn.Module | None = None
+    ) -> None:
+        """Advance every chunk through `pre`, `module` (a ResnetBlock or a norm-free layer) and `post`."""
+        if not isinstance(module, ResnetBlock):
+            for c, x in self.inputs(pre):
+                c.x = _compact(module(x) if post is None else post(module(x)))
             return
-        acc = WholeImageStats()
-        acc.images = stats.images
-        for c, t in zip(chunks, tensors):
-            acc.bind(c.owners, c.boxes, size_in)
-            stats.table[id(norm)] = acc._measure(norm, t)
+        r = module
 
-    def norm_act(norm: GroupNorm, act: str, c: _Chunk, t: torch.Tensor) -> torch.Tensor:
-        stats.bind(c.owners, [], size_in)
-        return _activate(act, norm(t, stats))
+        def inner(c: _Chunk, x: torch.Tensor) -> torch.Tensor:
+            return r.conv1(self.norm_act(r.norm1, r.act, c, x))
 
-    dtype = chunks[0].x.dtype
-    for c in chunks:
-        c.x = _compact(c.x)  # between steps, windows wait in half precision: half the memory
-    for step in steps:
-        if not isinstance(step, ResnetBlock):
-            for c in chunks:
-                c.x = _compact(step(c.x.to(dtype)))
-            continue
-        pool(step.norm1, (c.x.to(dtype) for c in chunks))  # a generator: one chunk in full precision at a time
-        hidden = [_compact(step.conv1(norm_act(step.norm1, step.act, c, c.x.to(dtype)))) for c in chunks]
-        pool(step.norm2, (t.to(dtype) for t in hidden))
-        for i, c in enumerate(chunks):
-            out = step.conv2(norm_act(step.norm2, step.act, c, hidden[i].to(dtype)))
-            hidden[i] = None  # free as we go
-            x = c.x.to(dtype)
-            c.x = _compact(out.add_(step.conv_shortcut(x) if step.conv_shortcut is not None else x))
+        self.pool(r.norm1, self.inputs(pre))
+        self.pool(r.norm2, ((c, inner(c, x)) for c, x in self.inputs(pre)))
+        for c, x in self.inputs(pre):  # recompute conv1: keeping its output for every tile would raise the peak
+            out = r.conv2(self.norm_act(r.norm2, r.act, c, inner(c, x)))
+            out = out.add_(r.conv_shortcut(x) if r.conv_shortcut is not None else x)
+            c.x = _compact(out if post is None else post(out))
 
 
 class _Blender:
     """Accumulates tile outputs with linear ramps: out += y * w, norm += w, one division at the end."""
 
-    def __init__(self, plan: _Plan, out_scale: int, channels: int) -> None:
-        n = plan.src.shape[0]
-        h, w = plan.src.shape[-2] // plan.in_scale, plan.src.shape[-1] // plan.in_scale
-        dev = plan.src.device
-        self.plan, self.scale = plan, out_scale
-        self.out = torch.zeros(n, channels, h * out_scale, w * out_scale, device=dev)
-        self.norm = torch.zeros(1, 1, h * out_scale, w * out_scale, device=dev)
-        self.ramp_y, self.ramp_x = plan.gy.ramps(out_scale).to(dev), plan.gx.ramps(out_scale).to(dev)
+    def __init__(self, run: _Lockstep, out_scale: int, channels: int) -> None:
+        h, w = run.gy.length * out_scale, run.gx.length * out_scale
+        dev = run.src.device
+        self.scale = out_scale
+        self.out = torch.zeros(run.images, channels, h, w, device=dev)
+        self.norm = torch.zeros(1, 1, h, w, device=dev)
+        self.ramp_y, self.ramp_x = run.gy.ramps(out_scale).to(dev), run.gx.ramps(out_scale).to(dev)
 
-    def add(self, part: list[Tile], y: torch.Tensor) -> None:
-        for t, yt in zip(part, y.float()):
+    def add(self, tiles: list[Tile], y: torch.Tensor) -> None:
+        for t, yt in zip(tiles, y.float()):
             wt = self.ramp_y[t.iy].view(-1, 1) * self.ramp_x[t.ix].view(1, -1)  # (ty, tx)
             ys, xs = t.y * self.scale, t.x * self.scale
             rows, cols = slice(ys, ys + yt.shape[-2]), slice(xs, xs + yt.shape[-1])
@@ -330,91 +295,60 @@ class _Blender:
 def tiled_encode_moments(
     model: AutoencoderKL, x: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4
 ) -> tuple[torch.Tensor, TileReport]:
-    """Image (N, C, H, W) in [-1, 1], H and W multiples of the downsample factor -> moments, tile by tile.
-
-    The first norm (on conv_in's output, which needs no other statistics) gets exact whole-image
-    statistics from a cheap streaming pass; it is the one whose estimate errors matter most.
-    """
+    """Image (N, C, H, W) in [-1, 1], H and W multiples of the downsample factor -> moments, tile by tile."""
     f = model.config.downsample_factor
-    tile, overlap = max(1, tile_px // f), max(0, overlap_px // f)
+    run = _Lockstep(x, f, max(1, tile_px // f), max(0, overlap_px // f), batch)
+    if len(run.tiles) == x.shape[0]:  # one tile per image covers it: that is the untiled computation
+        return model.encode_moments(x), run.report
     enc = model.encoder
-    plan = _plan(x, f, tile, overlap, batch)
-    if len(plan.tiles) == x.shape[0]:  # one tile per image covers it: that is the untiled computation
-        return model.encode_moments(x), TileReport(x.shape[0], 0)
-    stats = WholeImageStats()
-    stats.images = x.shape[0]
-    _exact_stats(stats, enc.down_blocks[0].resnets[0].norm1, plan, enc.conv_in)
-    steps = [enc.conv_in, *(m for b in enc.down_blocks for m in (*b.resnets, *(b.downsamplers or [])))]
-    windows = _estimate_stats(stats, plan, steps, tile, overlap)
-    blend = _Blender(plan, 1, model.config.block_out_channels[-1])
-    for part in plan.batches():
-        stats.bind([t.image for t in part], [], plan.size_in)
-        blend.add(part, enc.features(plan.crop(part), stats=stats))
+    modules = [enc.conv_in, *(m for b in enc.down_blocks for m in (*b.resnets, *(b.downsamplers or [])))]
+    run.run(modules, (enc.conv_in,))  # conv_in is cheap to recompute; its output would be the largest stored
+    blend = _Blender(run, 1, model.config.block_out_channels[-1])
+    for c in run.chunks:
+        blend.add(c.tiles, c.x)
+        c.x = None
     moments = enc.head(blend.result().to(x.dtype).contiguous(memory_format=_layout(x)))
     if model.quant_conv is not None:
         moments = model.quant_conv(moments)
-    return moments, TileReport(len(plan.tiles), windows, (len(plan.gy.starts), len(plan.gx.starts)))
+    return moments, run.report
 
 
 def tiled_decode(
     model: AutoencoderKL, z: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4
 ) -> tuple[torch.Tensor, TileReport]:
-    """Raw latents (N, c, h, w) -> image (N, C, h*f, w*f), the upsampling part tile by tile.
-
-    The output norm scales the image directly, so its statistics must be exact: tiles run up to it, its
-    whole-image statistics are summed over the tiles' owned cells, and the kept pre-norm tiles are then
-    finished (norm, SiLU, conv_out) with them.
-    """
+    """Raw latents (N, c, h, w) -> image (N, C, h*f, w*f), the upsampling part tile by tile."""
     f = model.config.downsample_factor
-    tile, overlap = max(1, tile_px // f), max(0, overlap_px // f)
     if model.post_quant_conv is not None:
         z = model.post_quant_conv(z)
     dec = model.decoder
     trunk = dec.trunk(z)
-    plan = _plan(trunk, 1, tile, overlap, batch)
-    if len(plan.tiles) == z.shape[0]:  # one tile per image covers it: that is the untiled computation
-        return dec.upsample(trunk), TileReport(z.shape[0], 0)
-    stats = WholeImageStats()
-    stats.images = z.shape[0]
-    # The output norm is left out: its statistics are summed exactly over all tiles below.
-    steps = [m for b in dec.up_blocks for m in (*b.resnets, *(b.upsamplers or []))]
-    windows = _estimate_stats(stats, plan, steps, tile, overlap)
-    report = TileReport(len(plan.tiles), windows, (len(plan.gy.starts), len(plan.gx.starts)))
-
-    def body(t: torch.Tensor) -> torch.Tensor:  # up blocks only: the input of the output norm
-        for block in dec.up_blocks:
-            t = block(t, stats)
-        return t
-
-    kept: list[tuple[list[Tile], torch.Tensor]] = []
-    exact = WholeImageStats()
-    exact.images = z.shape[0]
+    run = _Lockstep(trunk, 1, max(1, tile_px // f), max(0, overlap_px // f), batch)
+    if len(run.tiles) == z.shape[0]:  # one tile per image covers it: that is the untiled computation
+        return dec.upsample(trunk), run.report
+    modules = [m for b in dec.up_blocks for m in (*b.resnets, *(b.upsamplers or []))]
+    # The last upsampler's output (full resolution, before the channel count drops) would be the largest
+    # stored tensor: recompute it inside the next resnet instead (two extra convolutions).
+    ups = [m for b in dec.up_blocks for m in (b.upsamplers or [])]
+    run.run(modules, tuple(ups[-1:]))
     last = dec.conv_norm_out
-    for part in plan.batches():
-        stats.bind([t.image for t in part], [], plan.size_in)
-        hidden = body(plan.crop(part))
-        exact.bind([t.image for t in part], plan.owned_boxes(part), plan.size_in)
-        stats.table[id(last)] = exact._measure(last, hidden)
-        kept.append((part, _compact(hidden)))
-    blend = _Blender(plan, f, model.config.out_channels)
-    for part, hidden in kept:
-        stats.bind([t.image for t in part], [], plan.size_in)
-        blend.add(part, dec.conv_out(_silu(last(hidden.to(trunk.dtype), stats))))
-    return blend.result().to(z.dtype), report
+    run.pool(last, run.inputs())
+    blend = _Blender(run, f, model.config.out_channels)
+    for c, x in run.inputs():
+        blend.add(c.tiles, dec.conv_out(run.norm_act(last, "silu", c, x)))  # SiLU whatever act_fn says
+        c.x = None
+    return blend.result().to(z.dtype), run.report
 
 
 def _compact(x: torch.Tensor) -> torch.Tensor:
-    """Half-size storage for kept tiles: fp16 (11-bit mantissa, ~5e-4 relative) where values fit in its
-    range, else bf16; the statistics were already summed at full precision."""
+    """Half-size storage between layers: fp16 (11-bit mantissa, ~5e-4 relative) where values fit in its
+    range, else bf16. Statistics are pooled from the stored values, so a tile is normalized with the
+    statistics of exactly the values it normalizes."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return x
     if x.abs().amax() < 6e4:
         return x.to(torch.float16)
     return x.to(torch.bfloat16)
 
-
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(x, inplace=not torch.is_grad_enabled())
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
