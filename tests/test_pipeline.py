@@ -240,3 +240,15 @@ def test_accel_cache_dir_and_layout(monkeypatch, tmp_path):
     cfg = VAEConfig(block_out_channels=(8,), norm_num_groups=4)
     model = accel.prepare(AutoencoderKL(cfg), compile=False)
     assert model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_tiled_cpu_calls_trim_the_heap(vae, monkeypatch):
+    """Tiled CPU calls hand freed heap memory back before and after (batch runs must not creep up in RSS)."""
+    import vaecli.pipeline as pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "trim_heap", lambda: calls.append(1))
+    Runner(vae, RunOptions(tiling="off")).decode(torch.randn(1, 4, 6, 6))
+    assert calls == []
+    Runner(vae, RunOptions(tiling="on", tile_size=24, tile_overlap=8)).decode(torch.randn(1, 4, 6, 6))
+    assert calls == [1, 1]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .accel import trim_heap
 from .config import LatentSpec, VAEConfig
 from .errors import ConfigError, VaecliError
 from .model import AutoencoderKL
@@ -189,14 +190,17 @@ class Runner:
 
     def _call(self, op: str, model: AutoencoderKL, x: torch.Tensor, tiled: bool, result: BatchResult) -> torch.Tensor:
         o = self.options
+        if not tiled:
+            return model.encode_moments(x) if op == "encode" else model.decode(x)
+        cpu = x.device.type == "cpu"
+        if cpu:
+            trim_heap()
         if op == "encode":
-            if not tiled:
-                return model.encode_moments(x)
             y, report = tiled_encode_moments(model, x, o.tile_size, o.tile_overlap, o.tile_batch)
         else:
-            if not tiled:
-                return model.decode(x)
             y, report = tiled_decode(model, x, o.tile_size, o.tile_overlap, o.tile_batch)
+        if cpu:
+            trim_heap()
         result.tiles += report.tiles
         return y
 
