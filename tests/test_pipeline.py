@@ -252,3 +252,26 @@ def test_tiled_cpu_calls_trim_the_heap(vae, monkeypatch):
     assert calls == []
     Runner(vae, RunOptions(tiling="on", tile_size=24, tile_overlap=8)).decode(torch.randn(1, 4, 6, 6))
     assert calls == [1, 1]
+
+
+def test_oom_in_the_tile_lockstep_falls_back_to_per_tile_statistics(vae, monkeypatch):
+    """When even one tile per call does not fit with whole-image statistics, tiles are normalized by
+    themselves (memory of one tile) and the run reports it instead of failing."""
+    import vaecli.tiling as tiling
+
+    def no_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(tiling._Lockstep, "run", no_memory)
+    z = torch.randn(2, 4, 6, 8)
+    result = Runner(vae, RunOptions(tiling="on", tile_size=24, tile_overlap=8, tile_batch=2)).decode(z)
+    assert result.events == [
+        "out of memory: batch halved to 1",
+        "out of memory while tiling: tile batch halved to 1",
+        "out of memory while tiling with whole-image statistics: each tile now normalized by itself "
+        "(memory of one tile; tone shifts between tiles possible)",
+    ]
+    assert result.tiles > 2 and result.tensor.shape == (2, 3, 48, 64) and torch.isfinite(result.tensor).all()
+    with torch.no_grad():
+        own, _ = tiling.tiled_decode(vae, z, 24, 8, whole_image_stats=False)
+    torch.testing.assert_close(result.tensor, ((own + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)

@@ -131,6 +131,9 @@ class Runner:
         self._models: dict[torch.dtype, AutoencoderKL] = {next(vae.parameters()).dtype: vae}
         self.ladder = precision_ladder(self.dtype, self.device)
         self._compiled: set[torch.dtype] = set()
+        # Tiles share whole-image statistics unless even one tile per call ran out of memory: then each tile
+        # is normalized by itself (memory of one tile, possible tone shifts), and the run says so.
+        self.whole_image_stats = True
 
     def model(self, dtype: torch.dtype) -> AutoencoderKL:
         """The model in `dtype`, converted from the loaded one on first use; the compute precision's copy is
@@ -195,10 +198,8 @@ class Runner:
         cpu = x.device.type == "cpu"
         if cpu:
             trim_heap()
-        if op == "encode":
-            y, report = tiled_encode_moments(model, x, o.tile_size, o.tile_overlap, o.tile_batch)
-        else:
-            y, report = tiled_decode(model, x, o.tile_size, o.tile_overlap, o.tile_batch)
+        tiled_fn = tiled_encode_moments if op == "encode" else tiled_decode
+        y, report = tiled_fn(model, x, o.tile_size, o.tile_overlap, o.tile_batch, self.whole_image_stats)
         if cpu:
             trim_heap()
         result.tiles += report.tiles
@@ -228,7 +229,8 @@ class Runner:
     def _sliced(self, op: str, model: AutoencoderKL, x: torch.Tensor, result: BatchResult) -> torch.Tensor:
         """Run `op` over x in slices (options.slicing); float32 CPU result.
 
-        On out-of-memory: halve the slice; at one sample, switch to tiling; when tiled, halve the tile batch.
+        On out-of-memory: halve the slice; at one sample, switch to tiling; when tiled, halve the tile batch;
+        at one tile per call, give up whole-image statistics (each tile normalized by itself).
         """
         size = self.options.slicing or x.shape[0]
         tiled = self.should_tile(op, x[:size])
@@ -250,6 +252,12 @@ class Runner:
                     elif self.options.tile_batch > 1:
                         self.options = replace(self.options, tile_batch=self.options.tile_batch // 2)
                         result.events.append(f"out of memory while tiling: tile batch halved to {self.options.tile_batch}")
+                    elif self.whole_image_stats:
+                        self.whole_image_stats = False
+                        result.events.append(
+                            "out of memory while tiling with whole-image statistics: each tile now normalized "
+                            "by itself (memory of one tile; tone shifts between tiles possible)"
+                        )
                     else:
                         raise VaecliError(
                             "out of memory even for one tile: use a smaller --tile-size, or --device cpu"

@@ -186,9 +186,12 @@ class _Lockstep:
         per = max(1, min(batch, int(BATCH_AREA * h * w / (self.gy.size * self.gx.size))))
         self.size_in = (self.gy.size * in_scale, self.gx.size * in_scale)
         self.stats = WholeImageStats()
-        # (one tile per image is the untiled computation: callers take that path, no crops are made)
-        crops = len(self.tiles) > n
-        self.chunks = [self._chunk(self.tiles[i : i + per]) for i in range(0, len(self.tiles), per)] if crops else []
+        self.batches = [self.tiles[i : i + per] for i in range(0, len(self.tiles), per)]
+        self.chunks: list[_Chunk] = []  # made by start(): callers first check for the one-tile case
+
+    def start(self) -> None:
+        """Crop every tile (the lockstep keeps them all)."""
+        self.chunks = [self._chunk(tiles) for tiles in self.batches]
 
     def _chunk(self, tiles: list[Tile]) -> _Chunk:
         s, sy, sx = self.scale, self.gy.size, self.gx.size
@@ -292,21 +295,38 @@ class _Blender:
         return self.out / self.norm
 
 
+def _per_tile(run: _Lockstep, local, blend: "_Blender") -> None:
+    """Each batch of tiles through `local` with its own statistics, cropped one batch at a time: memory
+    stays that of one batch whatever the image size, at the price of per-tile tone differences."""
+    for tiles in run.batches:
+        chunk = run._chunk(tiles)
+        blend.add(tiles, local(chunk.x))
+
+
 def tiled_encode_moments(
-    model: AutoencoderKL, x: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4
+    model: AutoencoderKL, x: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4,
+    whole_image_stats: bool = True,
 ) -> tuple[torch.Tensor, TileReport]:
-    """Image (N, C, H, W) in [-1, 1], H and W multiples of the downsample factor -> moments, tile by tile."""
+    """Image (N, C, H, W) in [-1, 1], H and W multiples of the downsample factor -> moments, tile by tile.
+
+    whole_image_stats=False normalizes each tile by itself (the usual method: bounded memory, visible tone
+    shifts); the pipeline falls back to it only when the lockstep runs out of memory.
+    """
     f = model.config.downsample_factor
     run = _Lockstep(x, f, max(1, tile_px // f), max(0, overlap_px // f), batch)
     if len(run.tiles) == x.shape[0]:  # one tile per image covers it: that is the untiled computation
         return model.encode_moments(x), run.report
     enc = model.encoder
-    modules = [enc.conv_in, *(m for b in enc.down_blocks for m in (*b.resnets, *(b.downsamplers or [])))]
-    run.run(modules, (enc.conv_in,))  # conv_in is cheap to recompute; its output would be the largest stored
     blend = _Blender(run, 1, model.config.block_out_channels[-1])
-    for c in run.chunks:
-        blend.add(c.tiles, c.x)
-        c.x = None
+    if whole_image_stats:
+        modules = [enc.conv_in, *(m for b in enc.down_blocks for m in (*b.resnets, *(b.downsamplers or [])))]
+        run.start()
+        run.run(modules, (enc.conv_in,))  # conv_in is cheap to recompute; its output would be the largest stored
+        for c in run.chunks:
+            blend.add(c.tiles, c.x)
+            c.x = None
+    else:
+        _per_tile(run, enc.features, blend)
     moments = enc.head(blend.result().to(x.dtype).contiguous(memory_format=_layout(x)))
     if model.quant_conv is not None:
         moments = model.quant_conv(moments)
@@ -314,9 +334,11 @@ def tiled_encode_moments(
 
 
 def tiled_decode(
-    model: AutoencoderKL, z: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4
+    model: AutoencoderKL, z: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4,
+    whole_image_stats: bool = True,
 ) -> tuple[torch.Tensor, TileReport]:
-    """Raw latents (N, c, h, w) -> image (N, C, h*f, w*f), the upsampling part tile by tile."""
+    """Raw latents (N, c, h, w) -> image (N, C, h*f, w*f), the upsampling part tile by tile
+    (whole_image_stats: as in tiled_encode_moments)."""
     f = model.config.downsample_factor
     if model.post_quant_conv is not None:
         z = model.post_quant_conv(z)
@@ -325,6 +347,11 @@ def tiled_decode(
     run = _Lockstep(trunk, 1, max(1, tile_px // f), max(0, overlap_px // f), batch)
     if len(run.tiles) == z.shape[0]:  # one tile per image covers it: that is the untiled computation
         return dec.upsample(trunk), run.report
+    blend = _Blender(run, f, model.config.out_channels)
+    if not whole_image_stats:
+        _per_tile(run, dec.upsample, blend)
+        return blend.result().to(z.dtype), run.report
+    run.start()
     modules = [m for b in dec.up_blocks for m in (*b.resnets, *(b.upsamplers or []))]
     # The last upsampler's output (full resolution, before the channel count drops) would be the largest
     # stored tensor: recompute it inside the next resnet instead (two extra convolutions).
@@ -332,7 +359,6 @@ def tiled_decode(
     run.run(modules, tuple(ups[-1:]))
     last = dec.conv_norm_out
     run.pool(last, run.inputs())
-    blend = _Blender(run, f, model.config.out_channels)
     for c, x in run.inputs():
         blend.add(c.tiles, dec.conv_out(run.norm_act(last, "silu", c, x)))  # SiLU whatever act_fn says
         c.x = None
