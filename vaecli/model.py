@@ -143,7 +143,7 @@ class Upsample(nn.Module):
         cout = self.conv.out_channels
         y = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias.repeat(4) if bias is not None else None)  # (N, 4*Co, h+1, w+1)
         y = y.view(n, 2, 2, cout, h + 1, w + 1)  # (N, a, b, Co, h+1, w+1)
-        out = torch.empty((n, cout, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=_layout_of(x))
+        out = torch.empty((n, cout, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=layout_of(x))
         grid = out.view(n, cout, h, 2, w, 2)  # (N, Co, i, a, j, b): out[.., 2i+a, 2j+b]
         for a in (0, 1):
             for b in (0, 1):
@@ -161,10 +161,11 @@ def _phase_weights(w: torch.Tensor) -> torch.Tensor:
                         torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)])  # (a, Co, Ci, 2, 3)
     k = torch.stack([torch.stack([rows[..., 0], rows[..., 1] + rows[..., 2]], -1),
                      torch.stack([rows[..., 0] + rows[..., 1], rows[..., 2]], -1)], 1)  # (a, b, Co, Ci, 2, 2)
-    return k.reshape(4 * w.shape[0], w.shape[1], 2, 2).contiguous(memory_format=_layout_of(w))
+    return k.reshape(4 * w.shape[0], w.shape[1], 2, 2).contiguous(memory_format=layout_of(w))
 
 
-def _layout_of(t: torch.Tensor) -> torch.memory_format:
+def layout_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last when t is stored NHWC (and not also NCHW-contiguous), else contiguous_format."""
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .accel import trim_heap
+from .accel import configure_backends, trim_heap
 from .config import LatentSpec, VAEConfig
 from .errors import ConfigError, VaecliError
 from .model import AutoencoderKL
@@ -131,6 +131,7 @@ class Runner:
         self._models: dict[torch.dtype, AutoencoderKL] = {next(vae.parameters()).dtype: vae}
         self.ladder = precision_ladder(self.dtype, self.device)
         self._compiled: set[torch.dtype] = set()
+        configure_backends(self.device)  # cuDNN autotuning for every CUDA run, compiled or not
         # Tiles share whole-image statistics unless even one tile per call ran out of memory: then each tile
         # is normalized by itself (memory of one tile, possible tone shifts), and the run says so.
         self.whole_image_stats = True
@@ -143,9 +144,9 @@ class Runner:
             self._models[dtype] = copy.deepcopy(base).to(dtype)
         model = self._models[dtype]
         if self.options.compile and dtype == self.dtype and dtype not in self._compiled:
-            from .accel import prepare
+            from . import accel  # looked up at call time (tests substitute accel.prepare)
 
-            prepare(model, compile=True)
+            accel.prepare(model, compile=True)
             self._compiled.add(dtype)
         return model
 

@@ -34,7 +34,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .model import AutoencoderKL, GroupNorm, ResnetBlock, _activate
+from .model import AutoencoderKL, GroupNorm, ResnetBlock, _activate, layout_of
 
 # A batch of tiles (one model call) holds at most about this fraction of the image's pixels, so the
 # compute-precision temporaries of a batch stay small next to the stored half-precision tiles.
@@ -191,9 +191,10 @@ class _Lockstep:
 
     def start(self) -> None:
         """Crop every tile (the lockstep keeps them all)."""
-        self.chunks = [self._chunk(tiles) for tiles in self.batches]
+        self.chunks = [self.crop(tiles) for tiles in self.batches]
 
-    def _chunk(self, tiles: list[Tile]) -> _Chunk:
+    def crop(self, tiles: list[Tile]) -> _Chunk:
+        """A chunk holding the crops of `tiles` (channels-last) and their owned boxes."""
         s, sy, sx = self.scale, self.gy.size, self.gx.size
         x = torch.stack([self.src[t.image, :, t.y * s : (t.y + sy) * s, t.x * s : (t.x + sx) * s] for t in tiles])
         x = x.contiguous(memory_format=torch.channels_last)
@@ -299,7 +300,7 @@ def _per_tile(run: _Lockstep, local, blend: "_Blender") -> None:
     """Each batch of tiles through `local` with its own statistics, cropped one batch at a time: memory
     stays that of one batch whatever the image size, at the price of per-tile tone differences."""
     for tiles in run.batches:
-        chunk = run._chunk(tiles)
+        chunk = run.crop(tiles)
         blend.add(tiles, local(chunk.x))
 
 
@@ -327,7 +328,7 @@ def tiled_encode_moments(
             c.x = None
     else:
         _per_tile(run, enc.features, blend)
-    moments = enc.head(blend.result().to(x.dtype).contiguous(memory_format=_layout(x)))
+    moments = enc.head(blend.result().to(x.dtype).contiguous(memory_format=layout_of(x)))
     if model.quant_conv is not None:
         moments = model.quant_conv(moments)
     return moments, run.report
@@ -375,8 +376,3 @@ def _compact(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.float16)
     return x.to(torch.bfloat16)
 
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
