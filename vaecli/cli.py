@@ -7,9 +7,12 @@ a model that cannot be loaded). `--json` prints exactly one JSON document on std
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -35,6 +38,7 @@ err_console = Console(stderr=True, highlight=False)
 
 USAGE = 2
 ITEMS_FAILED = 1
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
 
 
 class Device(str, Enum):
@@ -166,9 +170,45 @@ InputsArg = Annotated[list[Path], typer.Argument(help="Files or folders (searche
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
-def main() -> None:
-    """Entry point of the console script and `python -m vaecli`."""
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script and `python -m vaecli`.
+
+    Option-parsing errors and Ctrl-C outside a command body are handled here, so that they too print one
+    line on stderr, exit with their code, and under --json still print the one JSON document.
+    """
+    import click
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in (args[: args.index("--")] if "--" in args else args)
+    _route_warnings()
+    try:
+        code = app(args=args, prog_name="vaecli", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.ClickException as exc:
+        where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "vaecli"
+        message = exc.format_message()
+        err_console.print(f"[bold red]error:[/] {escape(printable(message))} (see: {escape(where)} --help)", soft_wrap=True)
+        if as_json:
+            _print_json({"ok": 0, "failed": 0, "skipped": 0, "items": [], "error": message})
+        code = exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _interrupted(as_json, None)
+        code = INTERRUPTED
+    sys.stdout.flush()
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _route_warnings() -> None:
+    """Warnings as one escaped line each (`warning: ...`), never Python's two-line source format; Pillow's
+    are dropped: what they warn about (corrupt metadata, truncation) is checked and reported per item."""
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        err_console.print(f"warning: {escape(printable(_one_line(str(message))))}", soft_wrap=True)
+
+    warnings.showwarning = show  # type: ignore[assignment]
 
 
 def _version(value: bool) -> None:
@@ -188,7 +228,7 @@ def _root(
 
 
 def _usage(message: str, as_json: bool) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {escape(_one_line(message))}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(printable(_one_line(message)))}", soft_wrap=True)
     if as_json:
         _print_json({"ok": 0, "failed": 0, "skipped": 0, "items": [], "error": message})
     return typer.Exit(USAGE)
@@ -198,13 +238,54 @@ def _one_line(text: str) -> str:
     return " ".join(text.split("\n")).strip()
 
 
+def printable(text: str) -> str:
+    """`text` safe to print on one terminal line: control and format characters (newline, carriage return,
+    escape sequences, bidirectional overrides) and undecodable bytes of file names become escapes, so a
+    file name can never forge a line or recolour the terminal."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}" if ch not in "\n\r\t" else repr(ch)[1:-1])
+        else:
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _interrupted(as_json: bool, results: list[Any] | None, command: str | None = None) -> None:
+    """The Ctrl-C report: one line on stderr, and under --json the document with the items finished so far."""
+    done = [r for r in results or [] if r.status in ("ok", "failed", "skipped")]
+    pending = len(results or []) - len(done)
+    err_console.print(
+        f"interrupted: {len(done)} item(s) finished and kept, {pending} not done; run the same command again to finish"
+    )
+    if as_json:
+        doc: dict[str, Any] = {"command": command} if command else {}
+        doc.update(
+            ok=sum(r.status == "ok" for r in done),
+            failed=sum(r.status == "failed" for r in done),
+            skipped=sum(r.status == "skipped" for r in done),
+            items=[r.to_dict() for r in done],
+            pending=pending,
+            interrupted=True,
+            error="interrupted (Ctrl-C)",
+        )
+        _print_json(doc)
+
+
 def _print_json(doc: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 
 @contextmanager
-def _guard(as_json: bool, debug: bool) -> Iterator[None]:
+def _guard(as_json: bool, debug: bool, command: str | None = None) -> Iterator[None]:
     """Turn our errors into one line and exit 2; unexpected ones into one line (traceback with --debug)."""
     try:
         yield
@@ -214,14 +295,14 @@ def _guard(as_json: bool, debug: bool) -> Iterator[None]:
         if debug:
             traceback.print_exc()
         raise _usage(str(exc), as_json) from None
-    except KeyboardInterrupt:
-        err_console.print("interrupted: completed outputs are kept; run again to finish the rest")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        _interrupted(as_json, getattr(exc, "results", None), command)
+        raise typer.Exit(INTERRUPTED) from None
     except Exception as exc:  # noqa: BLE001 - a bug or an environment problem: still one line
         if debug:
             traceback.print_exc()
-        hint = "" if debug else " (--debug shows the traceback)"
-        raise _usage(f"{type(exc).__name__}: {exc}{hint}", as_json) from None
+        hint = "" if debug else "; --debug shows the traceback"
+        raise _usage(f"unexpected error ({type(exc).__name__}: {_one_line(str(exc))[:300]}){hint}", as_json) from None
 
 
 @contextmanager
@@ -291,7 +372,8 @@ def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None)
     """Print failures (stderr), then the JSON document or a summary; exit 1 when some item failed."""
     for r in report.items:
         if r.status == "failed":
-            err_console.print(f"[red]error:[/] {escape(r.input)}: {escape(_one_line(r.error or ''))}", soft_wrap=True)
+            line = f"{printable(r.input)}: {printable(_one_line(r.error or ''))}"
+            err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
             if debug and r.detail:
                 sys.stderr.write(r.detail)
     doc = report.to_dict()
@@ -321,7 +403,9 @@ def _summary(report: Any, doc: dict[str, Any]) -> None:
         kinds = sorted({f"{x['stage']} {x['from_dtype']}->{x['to_dtype']}" for _, x in retries})
         out_console.print(f"precision retries (non-finite output): {len(retries)} ({', '.join(kinds)})")
     for event in sorted(set(report.events)):
-        out_console.print(f"event: {escape(event)} (x{report.events.count(event)})")
+        out_console.print(f"event: {escape(printable(event))} (x{report.events.count(event)})")
+    for note in getattr(report, "notes", []):
+        out_console.print(f"note: {escape(printable(str(note)))}")
     if doc.get("tiles"):
         out_console.print(f"tiled: {doc['tiles']} tile calls")
     if doc.get("temp_files_removed"):
@@ -376,10 +460,11 @@ def encode(
     With --dataset: prepare a latent cache for training (buckets, crops, flips, OUT/manifest.jsonl), reusing
     latents whose source, model and settings are unchanged; runs sharded under torchrun or with --shard.
     """
-    from .batch import EncodeOptions, encode_paths
+    from .batch import EncodeOptions, check_layout, encode_paths
 
-    with _guard(as_json, debug):
+    with _guard(as_json, debug, "encode"):
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
+        check_layout(inputs, out)  # before the model loads: an overlapping layout is refused at once
         if dataset:
             from .dataset import DatasetOptions, bind_local_device, parse_shard, prepare_dataset
 
@@ -398,9 +483,8 @@ def encode(
                 report = prepare_dataset(vae, inputs, out, ds, run, shard=part, progress=progress)
             if not as_json:
                 for miss in getattr(report, "missing", []):
-                    out_console.print(f"missing source (latent kept, dropped from manifest): {escape(str(miss.get('source', miss)))}")
-                for note in getattr(report, "notes", []):
-                    out_console.print(f"note: {escape(str(note))}")
+                    source = printable(str(miss.get("source", miss)))
+                    out_console.print(f"missing source (latent kept, dropped from manifest): {escape(source)}")
             _finish(report, as_json, debug)
             return
         dataset_only = {"--shard": shard is not None, "--flip": flip, "--moments": moments, "--no-upscale": no_upscale,
@@ -455,12 +539,15 @@ def decode(
     debug: DebugOpt = False,
 ) -> None:
     """Decode latent files (ours, bare .safetensors or .npy) to images at their original size."""
-    from .batch import DecodeOptions, decode_paths
+    from .batch import DecodeOptions, check_layout, decode_paths
 
-    with _guard(as_json, debug):
-        if scaling_factor is not None and scaling_factor == 0:
-            raise VaecliError("--scaling-factor must not be 0")
+    with _guard(as_json, debug, "decode"):
+        if scaling_factor is not None and (not math.isfinite(scaling_factor) or scaling_factor == 0):
+            raise VaecliError(f"--scaling-factor must be a finite, non-zero number, not {scaling_factor}")
+        if shift_factor is not None and not math.isfinite(shift_factor):
+            raise VaecliError(f"--shift-factor must be a finite number, not {shift_factor}")
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
+        check_layout(inputs, out)
         options = DecodeOptions(
             batch_size=batch_size,
             format=image_format.value,
@@ -507,12 +594,15 @@ def roundtrip(
     debug: DebugOpt = False,
 ) -> None:
     """Encode and decode in memory; per-image PSNR, SSIM and max abs error (8-bit RGB, original size)."""
-    from .batch import RoundtripOptions, roundtrip_paths
+    from .batch import RoundtripOptions, check_layout, roundtrip_paths
 
-    with _guard(as_json, debug):
+    with _guard(as_json, debug, "roundtrip"):
         if diff and out is None:
             raise VaecliError("--diff needs -o/--out: the error maps are written beside the reconstructions")
+        if not math.isfinite(diff_gain):
+            raise VaecliError(f"--diff-gain must be a finite number, not {diff_gain}")
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
+        check_layout(inputs, out)
         options = RoundtripOptions(
             batch_size=batch_size,
             sample=sample or seed is not None,
@@ -533,7 +623,7 @@ def roundtrip(
         for r in report.items:
             m = r.metrics
             table.add_row(
-                escape(r.input),
+                escape(printable(r.input)),
                 r.status,
                 f"{m['psnr']:.2f}" if "psnr" in m else "-",
                 f"{m['ssim']:.4f}" if "ssim" in m else "-",
@@ -561,7 +651,7 @@ def bench(
     debug: DebugOpt = False,
 ) -> None:
     """Time encode and decode per resolution: ms/image, images/s, peak memory."""
-    with _guard(as_json, debug):
+    with _guard(as_json, debug, "bench"):
         try:
             from .bench import run_bench
         except ImportError as exc:
@@ -592,7 +682,7 @@ def bench(
                 item.update(status="failed", error=str(r["error"]))
             items.append(item)
         for r in failed:
-            err_console.print(f"[red]error:[/] {r.get('op')} {r.get('resolution')}: {escape(str(r['error']))}", soft_wrap=True)
+            err_console.print(f"[red]error:[/] {r.get('op')} {r.get('resolution')}: {escape(printable(_one_line(str(r['error']))))}", soft_wrap=True)
         if as_json:
             _print_json(
                 {"results": rows, "ok": len(rows) - len(failed), "failed": len(failed), "skipped": 0, "items": items}
@@ -631,7 +721,7 @@ def info(
     debug: DebugOpt = False,
 ) -> None:
     """Show a model's layout, config, parameter count, latent normalization, weights sha256 and notes."""
-    with _guard(as_json, debug):
+    with _guard(as_json, debug, "info"):
         vae = _load(model, family, Device.cpu, as_json, debug)
         cfg = vae.config
         minfo = vae.info
@@ -657,7 +747,7 @@ def info(
         table.add_column(style="bold", no_wrap=True)
         table.add_column(overflow="fold")
         for key in ("model", "path", "layout", "config_source", "weights_sha256"):
-            table.add_row(key, escape(str(doc[key])))
+            table.add_row(key, escape(printable(str(doc[key]))))
         table.add_row("parameters", f"{doc['parameters']:,}")
         table.add_row("architecture", f"block_out_channels {list(cfg.block_out_channels)}, layers_per_block "
                       f"{cfg.layers_per_block}, groups {cfg.norm_num_groups}, latent channels {cfg.latent_channels}, f={cfg.downsample_factor}")
@@ -670,6 +760,6 @@ def info(
         table.add_row("latent normalization", norm)
         table.add_row("force_upcast", str(cfg.force_upcast))
         for note in minfo.notes:
-            table.add_row("note", escape(note))
+            table.add_row("note", escape(printable(note)))
         out_console.print(table)
         out_console.print_json(json.dumps(doc["config"]))

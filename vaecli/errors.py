@@ -19,3 +19,11 @@ class InputError(VaecliError):
 
 class NonFiniteError(VaecliError):
     """The model produced NaN or Inf at every precision tried."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: a KeyboardInterrupt that carries the items finished so far (`results`)."""
+
+    def __init__(self, results: list) -> None:
+        super().__init__("interrupted")
+        self.results = results
