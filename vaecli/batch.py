@@ -289,9 +289,9 @@ class _DaemonPool:
 
     def __init__(self, workers: int, name: str) -> None:
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
-        self._workers = workers
-        for i in range(workers):
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -308,8 +308,9 @@ class _DaemonPool:
         self._jobs.put((future, fn, args))
         return future
 
-    def shutdown(self, cancel: bool) -> None:
-        """Stop the workers after their current job; with cancel, jobs not started are dropped."""
+    def shutdown(self, cancel: bool, wait: bool = False) -> None:
+        """Stop the workers after their current job; with cancel, jobs not started are dropped; with wait,
+        join them (only when no job can be blocked: after a run that finished)."""
         if cancel:
             while True:
                 try:
@@ -318,8 +319,11 @@ class _DaemonPool:
                     break
                 if job is not None:
                     job[0].cancel()
-        for _ in range(self._workers):
+        for _ in self._threads:
             self._jobs.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 WRITE_GRACE_S = 5.0  # on Ctrl-C, how long writes already running may take to finish
@@ -390,9 +394,12 @@ class _Engine:
             writer.shutdown(cancel=True)
             self._settle(writes)
             raise Interrupted(self.results) from None
-        finally:
+        except BaseException:
             readers.shutdown(cancel=True)
             writer.shutdown(cancel=False)
+            raise
+        readers.shutdown(cancel=True, wait=True)  # every read and write has been collected
+        writer.shutdown(cancel=False, wait=True)
 
     def _loop(
         self,

@@ -176,28 +176,39 @@ def main(argv: list[str] | None = None) -> None:
     Option-parsing errors and Ctrl-C outside a command body are handled here, so that they too print one
     line on stderr, exit with their code, and under --json still print the one JSON document.
     """
-    import click
-
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in (args[: args.index("--")] if "--" in args else args)
     _route_warnings()
     try:
         code = app(args=args, prog_name="vaecli", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
-        exc.show()
-        code = exc.exit_code
-    except click.ClickException as exc:
-        where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "vaecli"
-        message = exc.format_message()
-        err_console.print(f"[bold red]error:[/] {escape(printable(message))} (see: {escape(where)} --help)", soft_wrap=True)
-        if as_json:
-            _print_json({"ok": 0, "failed": 0, "skipped": 0, "items": [], "error": message})
-        code = exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         _interrupted(as_json, None)
         code = INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - parse errors (click's, or typer's vendored click), Abort
+        code = _parse_error(exc, as_json)
     sys.stdout.flush()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _parse_error(exc: Exception, as_json: bool) -> int:
+    """Report an exception raised outside a command body (while parsing options) in one line."""
+    if type(exc).__name__ == "Abort":  # typer/click turn Ctrl-C during parsing into Abort
+        _interrupted(as_json, None)
+        return INTERRUPTED
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()  # type: ignore[attr-defined]
+        return int(getattr(exc, "exit_code", USAGE))
+    if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click.ClickException, either copy
+        message = exc.format_message()
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        code = int(exc.exit_code)
+    else:
+        message, hint, code = f"unexpected error ({type(exc).__name__}: {_one_line(str(exc))[:300]})", "", USAGE
+    err_console.print(f"[bold red]error:[/] {escape(printable(_one_line(message)))}{escape(hint)}", soft_wrap=True)
+    if as_json:
+        _print_json({"ok": 0, "failed": 0, "skipped": 0, "items": [], "error": message})
+    return code
 
 
 def _route_warnings() -> None:
@@ -263,7 +274,8 @@ def _interrupted(as_json: bool, results: list[Any] | None, command: str | None =
     done = [r for r in results or [] if r.status in ("ok", "failed", "skipped")]
     pending = len(results or []) - len(done)
     err_console.print(
-        f"interrupted: {len(done)} item(s) finished and kept, {pending} not done; run the same command again to finish"
+        f"interrupted: {len(done)} item(s) finished and kept, {pending} not done; run the same command again to finish",
+        soft_wrap=True,
     )
     if as_json:
         doc: dict[str, Any] = {"command": command} if command else {}

@@ -48,6 +48,7 @@ from .batch import (
     resample,
 )
 from .errors import ConfigError, InputError, VaecliError
+from .files import check_regular
 from .io import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, atomic_write, clean_temp_files, read_image
 from .model import AutoencoderKL
 from .pipeline import DTYPE_NAMES, DTYPES, BatchResult, RunOptions, Runner
@@ -418,15 +419,19 @@ def output_paths(item: Item, out: Path, options: DatasetOptions) -> tuple[Path, 
     else:
         assert item.output is not None
         main = item.output
-    flipped = None
-    if options.flip and options.format == "comfyui":
-        flipped = main.with_name(main.name[: -len(".latent")] + ".flipped.latent")
+    flipped = flipped_path(main) if options.flip and options.format == "comfyui" else None
     return main, flipped
+
+
+def flipped_path(main: Path) -> Path:
+    """The ComfyUI file of a flipped latent, beside its main file."""
+    return main.with_name(main.name[: -len(".latent")] + ".flipped.latent")
 
 
 def read_record(path: Path, fmt: str) -> dict[str, Any] | None:
     """The manifest record embedded in a latent file; None when missing, partial, or not ours."""
     try:
+        check_regular(path)  # a FIFO or device there would block the readers below
         if fmt == "kohya":
             with np.load(path, allow_pickle=False) as npz:
                 if RECORD_KEY not in npz.files or "latents" not in npz.files:
@@ -533,7 +538,8 @@ def prepare_dataset(
         vae = _to_local_device(vae)
 
     fmt = options.format
-    all_items = discover(inputs, IMAGE_SUFFIXES, out, FORMAT_SUFFIX[fmt])
+    siblings = (lambda main: (flipped_path(main),)) if options.flip and fmt == "comfyui" else None
+    all_items = discover(inputs, IMAGE_SUFFIXES, out, FORMAT_SUFFIX[fmt], siblings)  # every output claimed once
     check_output_root(all_items, out)
     items = shard_items(all_items, index, count)
     # Temp files of killed runs are removed only when no other process can be writing (one shard, or after
