@@ -1064,7 +1064,7 @@ def roundtrip_paths(
         if not skip:
             return note
         try:
-            rec = to_uint8(read_image(item.output, "drop", 0))
+            rec = to_uint8(read_image(item.output, "drop", ref.shape[0] * ref.shape[1]))
         except InputError as exc:
             return f"replaced an unreadable reconstruction ({exc})"
         return rec if rec.shape == ref.shape else "replaced a reconstruction of another size"

@@ -71,10 +71,14 @@ def decode_image(fh: BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_M
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb01(img, alpha)
-        except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, MemoryError) as exc:
-            raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from None
+        except InputError:
+            raise
         except Image.DecompressionBombError:  # a frame larger than the first (we never change Pillow's limit)
             raise InputError("an image frame is larger than Pillow's decompression-bomb limit") from None
+        except MemoryError:
+            raise InputError(f"out of memory while decoding this {w}x{h} image") from None
+        except Exception as exc:  # noqa: BLE001 - Pillow reports bad data with many types (OSError, ValueError, ...)
+            raise InputError(f"corrupt or truncated image ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def _open_pil(fh: BinaryIO) -> Any:
@@ -103,7 +107,7 @@ def _open_pil(fh: BinaryIO) -> Any:
             return factory(fh, "")
         except (SyntaxError, IndexError, TypeError, struct.error):
             continue  # not this format after all, as Image.open treats it
-        except (OSError, ValueError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a header Pillow cannot parse, whatever the exception type
             raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from None
     raise InputError(f"not an image, or an unsupported format ({_SUPPORTED})")
 
