@@ -1014,15 +1014,6 @@ def roundtrip_paths(
         "seed": str(options.seed) if options.sample else "",
     }
 
-    def reference(pixels: np.ndarray, undo: dict[str, Any]) -> np.ndarray:
-        if "crop_ltrb" in undo:
-            left, top, right, bottom = undo["crop_ltrb"]
-            pixels = pixels[top:bottom, left:right]
-        return to_uint8(pixels)
-
-    def scores(ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
-        return {"psnr": psnr(ref, rec), "ssim": ssim(ref, rec), "max_abs_error": max_abs_error(ref, rec)}
-
     def provenance(item: Item, source_sha: str, diff: bool) -> dict[str, str]:
         want = {"source_sha256": source_sha, **settings}
         if diff:
@@ -1035,7 +1026,7 @@ def roundtrip_paths(
             pixels = decode_image(fh, options.alpha, options.max_pixels)
         h, w = pixels.shape[:2]
         prepared, undo = apply_size_policy(pixels, factor, options.size_policy)
-        ref = reference(pixels, undo)
+        ref = _reference(pixels, undo)
         extra = {"width": w, "height": h, "undo": undo, "ref": ref, "source_sha256": source_sha}
         if item.output is None:
             return Loaded(index, item, prepared, extra)
@@ -1049,7 +1040,7 @@ def roundtrip_paths(
                 if not keep:
                     write_image(target, diff_map(ref, reuse, options.diff_gain), provenance=maps)
                     note += "; wrote its error map"
-            return Skip(scores(ref, reuse), note)
+            return Skip(_scores(ref, reuse), note)
         if maps is not None:  # a file in the way of the error map fails the item before the model runs
             target = diff_path(item.output)
             reuse_output(image_output_state(target), _wanted(maps), options.overwrite, target)
@@ -1085,7 +1076,7 @@ def roundtrip_paths(
     def save(loaded: Loaded, image: np.ndarray) -> None:
         e = loaded.extra
         rec = to_uint8(restore_size(image, options.size_policy, (e["height"], e["width"])))
-        engine.results[loaded.index].metrics.update(scores(e["ref"], rec))
+        engine.results[loaded.index].metrics.update(_scores(e["ref"], rec))
         target = loaded.item.output
         if target is None:
             return
@@ -1096,6 +1087,18 @@ def roundtrip_paths(
 
     engine.run(load, lambda b: b.x.shape, compute, save)
     return _report("roundtrip", engine, vae, start, removed, notes)
+
+
+def _reference(pixels: np.ndarray, undo: dict[str, Any]) -> np.ndarray:
+    """The 8-bit original a reconstruction is scored against: the encoded region for crop."""
+    if "crop_ltrb" in undo:
+        left, top, right, bottom = undo["crop_ltrb"]
+        pixels = pixels[top:bottom, left:right]
+    return to_uint8(pixels)
+
+
+def _scores(ref: np.ndarray, rec: np.ndarray) -> dict[str, float]:
+    return {"psnr": psnr(ref, rec), "ssim": ssim(ref, rec), "max_abs_error": max_abs_error(ref, rec)}
 
 
 def _wanted(record: Mapping[str, str]) -> dict[str, str]:

@@ -39,6 +39,7 @@ err_console = Console(stderr=True, highlight=False)
 USAGE = 2
 ITEMS_FAILED = 1
 INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
+BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout was closed by its reader
 
 
 class Device(str, Enum):
@@ -184,9 +185,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _interrupted(as_json, None)
         code = INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (`vaecli ... --json | head -1`): nothing more goes there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = BROKEN_PIPE
     except Exception as exc:  # noqa: BLE001 - parse errors (click's, or typer's vendored click), Abort
         code = _parse_error(exc, as_json)
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = BROKEN_PIPE
     sys.exit(code if isinstance(code, int) else 0)
 
 
