@@ -179,6 +179,12 @@ def test_atomic_write_fsyncs_file_and_folder(tmp_path, monkeypatch):
 
     assert [stat.S_ISREG(m) for m in synced] == [True, False]  # the temp file before the rename, the folder after
     assert (tmp_path / "x.bin").read_bytes() == b"data"
+    synced.clear()
+    with files.folder_syncs_deferred():  # a run: the folder once, at its end
+        for name in ("a", "b", "c"):
+            files.atomic_write(tmp_path / name, lambda tmp: tmp.write_bytes(b"data"))
+        assert [stat.S_ISREG(m) for m in synced] == [True, True, True]
+    assert [stat.S_ISREG(m) for m in synced] == [True, True, True, False]
 
 
 def test_unwritable_output_fails_every_item_before_the_model_runs(model, tmp_path, monkeypatch):

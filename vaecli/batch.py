@@ -29,7 +29,7 @@ from . import __version__
 from .config import LatentSpec
 from .discovery import Item, check_layout, check_output_root, discover
 from .errors import ConfigError, InputError, Interrupted, VaecliError
-from .files import open_regular, sha256_of
+from .files import folder_syncs_deferred, open_regular, sha256_of
 from .io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -379,11 +379,21 @@ class _Engine:
     ) -> None:
         """compute returns one value per Loaded: an output for `save`, or an exception for a failed item.
 
-        Ctrl-C: reading stops at once, writes not yet started are dropped, running ones get WRITE_GRACE_S
-        to finish (each is atomic either way), and Interrupted carries the results so far.
+        Ctrl-C: reading stops at once, the outputs already computed get WRITE_GRACE_S to be written (each
+        write is atomic either way), and Interrupted carries the results so far.
         """
         if self.progress is not None:
             self.progress(0, len(self.items))
+        with folder_syncs_deferred():  # each output folder fsynced once, at the end
+            self._run(load, key, compute, save)
+
+    def _run(
+        self,
+        load: Callable[[int, Item], Loaded | Skip],
+        key: Callable[[Loaded], Hashable],
+        compute: Callable[[list[Loaded]], list[Any]],
+        save: Callable[[Loaded, Any], None],
+    ) -> None:
         readers = _DaemonPool(self.workers, "vaecli-read")
         writer = _DaemonPool(2, "vaecli-write")
         writes: deque[tuple[int, Future[None]]] = deque()
@@ -391,8 +401,8 @@ class _Engine:
             self._loop(readers, writer, writes, load, key, compute, save)
         except KeyboardInterrupt:
             readers.shutdown(cancel=True)
+            self._settle(writes)  # computed outputs are still written, for at most WRITE_GRACE_S
             writer.shutdown(cancel=True)
-            self._settle(writes)
             raise Interrupted(self.results) from None
         except BaseException:
             readers.shutdown(cancel=True)

@@ -17,9 +17,11 @@ import re
 import secrets
 import socket
 import stat
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import InputError, VaecliError
 
@@ -253,7 +255,41 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_folder(path.parent)
+    if not _defer_folder_sync(path.parent):
+        fsync_folder(path.parent)
+
+
+# A run defers folder fsyncs to its end: one per folder instead of one per file (each costs about as much as
+# the file's own fsync). Until then a crash can lose a rename, never expose a partial file: the output is
+# then simply missing, and the next run makes it again.
+_sync_lock = threading.Lock()
+_sync_depth = 0  # nested folder_syncs_deferred blocks
+_unsynced: set[Path] = set()  # folders renamed into since the outermost block began
+
+
+def _defer_folder_sync(folder: Path) -> bool:
+    with _sync_lock:
+        if _sync_depth:
+            _unsynced.add(folder)
+        return _sync_depth > 0
+
+
+@contextmanager
+def folder_syncs_deferred() -> Iterator[None]:
+    """Within this block atomic_write leaves folder fsyncs to the end of the outermost such block."""
+    global _sync_depth
+    with _sync_lock:
+        _sync_depth += 1
+    try:
+        yield
+    finally:
+        with _sync_lock:
+            _sync_depth -= 1
+            folders = sorted(_unsynced) if _sync_depth == 0 else []
+            if _sync_depth == 0:
+                _unsynced.clear()
+        for folder in folders:
+            fsync_folder(folder)
 
 
 def fsync_folder(folder: Path) -> None:
