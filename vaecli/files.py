@@ -243,7 +243,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != mode and hasattr(os, "fchmod"):
                 os.fchmod(fd, mode)
             os.fsync(fd)
         finally:
