@@ -16,11 +16,10 @@ import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from cli_support import ROOT, make_model, subprocess_env
+from cli_support import make_model, subprocess_env
 from hostile_corpus import CASES, Case, Ctx
 
 LINE_PREFIXES = ("error: ", "note: ", "warning: ", "interrupted: ")

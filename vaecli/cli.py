@@ -1,7 +1,8 @@
 """The `vaecli` command: parse flags, build options, call one core function, render with Rich, exit code.
 
 Exit codes: 0 every item ok (or skipped), 1 some item failed, 2 usage error (bad option, no inputs,
-a model that cannot be loaded). `--json` prints exactly one JSON document on stdout.
+an overlapping layout, a model that cannot be loaded), 130 interrupted. `--json` prints exactly one JSON
+document on stdout, also on parse errors and Ctrl-C; every line on stderr has its control characters escaped.
 """
 
 from __future__ import annotations
@@ -281,10 +282,14 @@ def _interrupted(as_json: bool, results: list[Any] | None, command: str | None =
     """The Ctrl-C report: one line on stderr, and under --json the document with the items finished so far."""
     done = [r for r in results or [] if r.status in ("ok", "failed", "skipped")]
     pending = len(results or []) - len(done)
-    err_console.print(
-        f"interrupted: {len(done)} item(s) finished and kept, {pending} not done; run the same command again to finish",
-        soft_wrap=True,
-    )
+    if results is None:
+        err_console.print("interrupted: before any item ran", soft_wrap=True)
+    else:
+        err_console.print(
+            f"interrupted: {len(done)} item(s) finished and kept, {pending} not done; run the same command again "
+            "to finish",
+            soft_wrap=True,
+        )
     if as_json:
         doc: dict[str, Any] = {"command": command} if command else {}
         doc.update(
