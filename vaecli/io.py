@@ -14,7 +14,7 @@ import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 import torch
@@ -98,8 +98,9 @@ def is_temp_name(name: str) -> bool:
 # ------------------------------------------------------------------------------------------------- images
 
 
-def read_image(path: Path, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An image file -> float32 (H, W, 3) RGB in [0, 1], EXIF orientation applied.
+def read_image(path: Path | BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image file (or its bytes in a BytesIO, e.g. a shard member) -> float32 (H, W, 3) RGB in [0, 1],
+    EXIF orientation applied.
 
     16-bit grayscale keeps its precision (divided by 65535, never clipped at 255); palette and RGB
     transparency become alpha; alpha is composited over white or black, or dropped (`alpha`).
@@ -130,8 +131,7 @@ def read_image(path: Path, alpha: str = "white", max_pixels: int = DEFAULT_MAX_P
     except PermissionError:
         raise InputError("permission denied: cannot read this file") from None
     except UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
-        what = "empty file" if size == 0 else "not an image, or an unsupported format"
+        what = "empty file" if _byte_size(path) == 0 else "not an image, or an unsupported format"
         raise InputError(f"{what} (supported: PNG, JPEG, WebP, TIFF, BMP, GIF)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL reports truncation and bad data so
         raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from None
@@ -144,11 +144,19 @@ def _too_large(w: int, h: int, max_pixels: int) -> str:
     )
 
 
-def _size_or_zero(path: Path) -> tuple[int, int]:
+def _byte_size(source: Path | BinaryIO) -> int:
+    if isinstance(source, Path):
+        return source.stat().st_size if source.exists() else 0
+    return source.seek(0, os.SEEK_END)
+
+
+def _size_or_zero(path: Path | BinaryIO) -> tuple[int, int]:
     from PIL import Image
 
     try:
         Image.MAX_IMAGE_PIXELS = None
+        if not isinstance(path, Path):
+            path.seek(0)
         with Image.open(path) as img:
             return img.size
     except Exception:  # noqa: BLE001 - only used to word a message

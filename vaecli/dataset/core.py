@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -27,13 +27,13 @@ from ..batch import (
     check_output_root,
     discover,
 )
-from ..errors import VaecliError
+from ..errors import ConfigError, VaecliError
 from ..io import IMAGE_SUFFIXES, clean_temp_files, read_image
 from ..model import AutoencoderKL
 from ..pipeline import BatchResult, RunOptions
 from .distributed import (
-    barrier,
     barrier_after_error,
+    finish_distributed,
     init_distributed,
     owner_shard,
     resolve_shard,
@@ -50,7 +50,8 @@ from .manifest import (
     shard_manifests,
     write_manifest,
 )
-from .options import FORMAT_SUFFIX, MANIFEST, DatasetOptions, check_options
+from .locations import shard_inputs
+from .options import ENGINES, FORMAT_SUFFIX, MANIFEST, DatasetOptions, EngineOptions, check_options
 
 
 @dataclass
@@ -62,6 +63,7 @@ class DatasetReport(Report):
     manifest: str | None = None  # manifest.jsonl when this process wrote it, else its shard manifest
     merged: bool = False  # manifest.jsonl is complete and current after this run
     notes: list[str] = field(default_factory=list)
+    shards: list[dict[str, Any]] = field(default_factory=list)  # shard inputs: what became of each
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -72,6 +74,11 @@ class DatasetReport(Report):
             merged=self.merged,
             notes=self.notes,
         )
+        if self.shards:
+            d["shards"] = self.shards
+            d["shards_ok"] = sum(s["status"] == "ok" for s in self.shards)
+            d["shards_skipped"] = sum(s["status"] == "skipped" for s in self.shards)
+            d["shards_failed"] = sum(s["status"] == "failed" for s in self.shards)
         return d
 
 
@@ -83,11 +90,14 @@ def prepare_dataset(
     run: RunOptions = RunOptions(),
     shard: tuple[int, int] | None = None,
     progress: Progress | None = None,
+    engine: EngineOptions = EngineOptions(),
 ) -> DatasetReport:
     """Encode images into a bucketed latent dataset under `out` with OUT/manifest.jsonl.
 
-    inputs: image files and folders (searched recursively). shard: (i, n) for this process's share;
-    under torchrun (WORLD_SIZE > 1) RANK/WORLD_SIZE decide it, and rank 0 merges after a barrier.
+    inputs: image files and folders (searched recursively), or shards: WebDataset .tar or .parquet files,
+    local or fsspec URLs, brace lists and globs (one output shard each, see shards.py; OUT/index.json
+    instead of the manifest). shard: (i, n) for this process's share; under torchrun (WORLD_SIZE > 1)
+    RANK/WORLD_SIZE decide it, and rank 0 merges after a barrier. engine: local, or a Ray cluster.
     An item whose latent file embeds the same source sha256, model sha256 and settings sha256 is reused
     (skipped); everything else is encoded (ok) or fails with a message (failed); the run never stops for
     one bad image. Sources listed in the previous manifest but no longer found are returned in `missing`
@@ -96,22 +106,49 @@ def prepare_dataset(
     start = time.perf_counter()
     out = Path(out)
     check_options(options, vae.config.downsample_factor)
+    shards = shard_inputs(inputs)
+    _check_layout(options, engine, shards is not None)
+    if engine.engine == "ray":
+        from .ray_engine import prepare_with_ray
+
+        report = prepare_with_ray(vae, shards or [], out, options, run, shard, progress, engine)
+        report.elapsed_s = time.perf_counter() - start
+        return report
     index, count, distributed = resolve_shard(shard)
     created_group = init_distributed() if distributed else False
     if distributed:
         vae = to_local_device(vae)
     try:
-        report = _prepare_share(vae, inputs, out, options, run, (index, count), progress)
+        if shards is None:
+            report = _prepare_share(vae, inputs, out, options, run, (index, count), progress)
+            merge: Callable[[DatasetReport, bool], None] = lambda r, clean: _merge_folder(r, out, count, clean)
+        else:
+            from .shard_run import ShardShare
+
+            share = ShardShare(vae, shards, out, options, run)
+            report, merge = share.run((index, count), progress), share.merge
     except BaseException:
         if distributed:
             barrier_after_error()
         raise
     if distributed:
-        _merge_after_barrier(report, out, count, index == 0, created_group)
+        finish_distributed(lambda: merge(report, True) if index == 0 else None, created_group)
     elif count > 1:
-        _merge_if_last(report, out, count)
+        merge(report, False)
     report.elapsed_s = time.perf_counter() - start
     return report
+
+
+def _check_layout(options: DatasetOptions, engine: EngineOptions, shards: bool) -> None:
+    """Layouts and engines the inputs allow: images write folders; shards write tar or parquet shards."""
+    if engine.engine not in ENGINES:
+        raise ConfigError(f"unknown --engine {engine.engine!r}; choose one of {', '.join(ENGINES)}")
+    if shards and options.layout == "folder":
+        raise ConfigError("shard inputs write shards: --layout tar or parquet (one output shard per input shard)")
+    if not shards and options.layout in ("tar", "parquet"):
+        raise ConfigError(f"--layout {options.layout} needs shard inputs (.tar or .parquet files or URLs)")
+    if not shards and engine.engine == "ray":
+        raise ConfigError("--engine ray runs over shards (.tar or .parquet inputs); for folders use torchrun or --shard")
 
 
 def _prepare_share(
@@ -174,15 +211,10 @@ def _encode_items(enc: DatasetEncoder, engine: _Engine, out: Path) -> dict[int, 
         crop, placement = enc.place(pixels, item.rel)
         return Loaded(i, item, crop, {"source_sha256": source_sha, "placement": placement})
 
-    def compute(batch: list[Loaded]) -> list[Any]:
-        outs, result = enc.encode([b.x for b in batch], [b.item.rel for b in batch])
-        note_retries(engine, [b.index for b in batch], result)
-        return outs
-
     def save(loaded: Loaded, tensors: dict[str, torch.Tensor]) -> None:
         records[loaded.index] = _save_item(enc, loaded, tensors, out)
 
-    engine.run(load, lambda b: b.x.shape, compute, save)
+    engine.run(load, lambda b: b.x.shape, encode_step(enc, engine), save)
     for i, r in enumerate(engine.results):
         if i in records:
             r.output = str(out / records[i]["latent"])
@@ -231,6 +263,17 @@ def _save_item(enc: DatasetEncoder, loaded: Loaded, tensors: dict[str, torch.Ten
     return record
 
 
+def encode_step(enc: DatasetEncoder, engine: _Engine) -> Callable[[list[Loaded]], list[Any]]:
+    """The engine's compute step: one model call per batch of crops, retries and events noted per item."""
+
+    def compute(batch: list[Loaded]) -> list[Any]:
+        outs, result = enc.encode([b.x for b in batch], [b.item.rel for b in batch])  # type: ignore[misc]
+        note_retries(engine, [b.index for b in batch], result)
+        return outs
+
+    return compute
+
+
 def note_retries(engine: _Engine, indices: list[int], result: BatchResult) -> None:
     """Record retries and events; rows of flipped copies (row >= len(indices)) count for their original."""
     n = len(indices)
@@ -254,19 +297,13 @@ def _write_share_manifest(report: DatasetReport, out: Path, kept: list[dict[str,
         report.manifest = str(shard_path)
 
 
-def _merge_after_barrier(report: DatasetReport, out: Path, count: int, merges: bool, created_group: bool) -> None:
-    """torchrun: wait for every rank's shard manifest, rank 0 merges, every rank returns after the merge."""
-    barrier()  # every shard manifest is written
-    if merges:
+def _merge_folder(report: DatasetReport, out: Path, count: int, after_barrier: bool) -> None:
+    """Merge the shard manifests: torchrun's rank 0 after every rank passed the barrier; with --shard i/n the
+    shard that finds all n shard manifests (under a file lock)."""
+    if after_barrier:
         _await_shard_manifests(out, count)
         _merge_into(report, out, count, clean=True)
-    barrier()  # every rank returns after manifest.jsonl exists
-    if created_group:
-        torch.distributed.destroy_process_group()
-
-
-def _merge_if_last(report: DatasetReport, out: Path, count: int) -> None:
-    """--shard i/n: the shard that finds all n shard manifests (under a file lock) merges them."""
+        return
     with merge_lock(out):
         if all((i, count) in shard_manifests(out) for i in range(count)):
             _merge_into(report, out, count, clean=False)

@@ -103,6 +103,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def finish_distributed(merge: Callable[[], None], created_group: bool) -> None:
+    """torchrun: wait for every rank's share, run `merge` (a no-op on all ranks but one), and return on
+    every rank only after the merge."""
+    barrier()
+    merge()
+    barrier()
+    if created_group:
+        torch.distributed.destroy_process_group()
+
+
 def barrier_after_error() -> None:
     """Meet the other ranks anyway after a failure, so they merge what exists instead of waiting."""
     try:

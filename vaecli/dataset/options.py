@@ -9,6 +9,8 @@ from ..io import DEFAULT_MAX_PIXELS
 from ..pipeline import DTYPES
 
 FORMATS = ("vaecli", "kohya", "comfyui")
+LAYOUTS = ("folder", "tar", "parquet")
+ENGINES = ("local", "ray")
 FORMAT_SUFFIX = {"vaecli": ".safetensors", "kohya": ".npz", "comfyui": ".latent"}
 MANIFEST = "manifest.jsonl"
 DATASET_VERSION = 1  # bump when the meaning of a manifest field or of a setting changes
@@ -41,6 +43,8 @@ class DatasetOptions:
     batch_size: int = 4  # images of one bucket per model call; 0: sized from free memory
     workers: int = 0  # reader threads; 0 = min(4, CPUs)
     overwrite: bool = False  # re-encode even when an up-to-date latent exists
+    layout: str | None = None  # folder (a file per image), tar or parquet shards; None: folder or tar by input
+    image_column: str | None = None  # shards: the tar suffix or parquet column holding the image; None: found
 
     def bucket_bounds(self) -> tuple[int, int]:
         """(min, max) bucket side after defaults (half and twice the resolution, kept on the step grid)."""
@@ -78,7 +82,21 @@ def check_options(options: DatasetOptions, factor: int) -> None:
         problems.append("--moments needs --format vaecli or kohya (a ComfyUI .latent holds one tensor)")
     if o.kohya_next_to_images and o.format != "kohya":
         problems.append("--kohya-next-to-images needs --format kohya")
+    if o.layout is not None and o.layout not in LAYOUTS:
+        problems.append(f"unknown --layout {o.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if o.layout in ("tar", "parquet") and o.format != "vaecli":
+        problems.append(f"--layout {o.layout} stores vaecli latents; drop --format {o.format} (kohya/comfyui read folders)")
     if o.batch_size < 0:
         problems.append("--batch-size must be at least 1 (or 0 / auto: sized from free memory)")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the work is spread over processes and machines (what is written does not depend on it)."""
+
+    engine: str = "local"  # local: this process (--shard i/n and torchrun split the work); ray: a Ray cluster
+    address: str | None = None  # Ray cluster to join (host:6379 or ray://host:10001); None: RAY_ADDRESS or a new local one
+    workers: int = 0  # Ray: VAE actors; 0: one per GPU of the cluster (device cuda) or per CPU
+    device: str = "auto"  # Ray: where each actor runs the VAE: cpu, cuda (one GPU per actor) or auto
