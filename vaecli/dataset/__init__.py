@@ -9,7 +9,15 @@ OUT/manifest.jsonl (one JSON object per image). One module per concern:
   folder.py       the folder layout: one vaecli/kohya/comfyui file per image, each embedding its record
   manifest.py     manifest.jsonl, shard manifests and their merge
   distributed.py  --shard i/n (Slurm arrays) and torchrun: dealing work, barriers, local devices
-  core.py         prepare_dataset for folders
+  core.py         prepare_dataset: folders here, shards dispatched to the shard pipeline
+  locations.py    shard lists: brace expansion, globs, local paths and fsspec URLs, input identity
+  sample.py       a sample in, an encoded sample out, latent file bytes
+  webdataset.py   WebDataset tars: reading samples, writing latent shards
+  parquet.py      parquet shards: reading an image column, writing latent rows
+  formats.py      which reader and writer a shard kind and a layout take
+  shards.py       one input shard -> one published output shard and its index; OUT/index.json
+  shard_run.py    one process's share of the shards (all, --shard i/n, a torchrun rank)
+  ray_engine.py   --engine ray: shards as a Ray Dataset, the VAE as an actor pool (map_batches)
 """
 
 from .buckets import BucketChoice, crop_box, kohya_crop_ltrb, make_buckets, select_bucket
@@ -27,6 +35,7 @@ from .options import (
     RECORD_KEY,
     RESAMPLE,
     DatasetOptions,
+    EngineOptions,
     check_options,
 )
 
@@ -36,6 +45,7 @@ __all__ = [
     "DatasetEncoder",
     "DatasetOptions",
     "DatasetReport",
+    "EngineOptions",
     "FORMATS",
     "FORMAT_SUFFIX",
     "LOGVAR_RANGE",

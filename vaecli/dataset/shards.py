@@ -106,18 +106,24 @@ def check_unique_names(shards: list[ShardInput], layout: str) -> None:
 
 def process_shard(job: ShardJob, src: ShardInput, tally: Tally) -> ShardOutcome:
     """Reuse the finished output of this shard, or encode it; never raises for a bad shard or sample."""
-    try:
-        identity = input_identity(src.url)
-    except InputError as exc:
-        return ShardOutcome(src, "failed", [_failed(src.url, str(exc))], error=str(exc))
-    found, note = finished_index(job, src, identity)
-    if found is not None:
-        outcome = _reused(job, src, found)
-        tally.add(len(outcome.results), len(outcome.results))
-        return outcome
+    settled, identity, note = check_shard(job, src)
+    if settled is not None:
+        tally.add(len(settled.results), len(settled.results))
+        return settled
+    assert identity is not None
     outcome = _encode_shard(job, src, identity, tally)
     outcome.note = note
     return outcome
+
+
+def check_shard(job: ShardJob, src: ShardInput) -> tuple[ShardOutcome | None, dict[str, Any] | None, str | None]:
+    """(outcome when nothing is left to do: reused, or unreadable; the input's identity; why it is redone)."""
+    try:
+        identity = input_identity(src.url)
+    except InputError as exc:
+        return ShardOutcome(src, "failed", [_failed(src.url, str(exc))], error=str(exc)), None, None
+    found, note = finished_index(job, src, identity)
+    return (_reused(job, src, found) if found is not None else None), identity, note
 
 
 def finished_index(job: ShardJob, src: ShardInput, identity: dict[str, Any]) -> tuple[dict | None, str | None]:
