@@ -42,6 +42,9 @@ class ParquetSource:
         if self.column not in names:
             what = f"no column {image_column!r}" if image_column else "no image column found"
             raise InputError(f"{what} (columns: {', '.join(names)}); name it with --image-column")
+        # img2dataset names the column by the image type (jpg): the source is then <key>.jpg, as the tar
+        # member and the extracted file are called, so all three give the same records and random crops.
+        self.suffix = f".{self.column}" if self.column.lower() in ("jpg", "jpeg", "png", "webp") else ""
         # The key travels as the sample's key (our `key` column), so it is not side data too.
         self.side_schema = schema.remove(names.index(self.column))
         if "key" in self.side_schema.names:
@@ -63,7 +66,7 @@ class ParquetSource:
                 elif not image:
                     error = f"missing image: row {row} (key {key!r}) has no bytes in column {self.column!r}"
                 seen.add(key)
-                yield Sample(key, key, image or None, values, error)
+                yield Sample(key, key + self.suffix, image or None, values, error)
                 row += 1
 
 
