@@ -241,9 +241,7 @@ def test_kill_mid_shard_then_rerun(models, tmp_path):
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            done = list(out.glob("*.index.json"))
-            if done and list(out.glob(".*.tar.tmp-*")):
-                finished = sorted(p.name.split(".")[0] for p in done)
+            if list(out.glob("*.index.json")) and list(out.glob(".*.tar.tmp-*")):
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.01)
@@ -251,7 +249,8 @@ def test_kill_mid_shard_then_rerun(models, tmp_path):
         proc.kill()
         proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run ended before a shard was caught mid-write"
-    assert list(out.glob(".*.tar.tmp-*")) and not (set(finished) >= {"00000", "00001", "00002", "00003"})
+    finished = sorted(p.name.split(".")[0] for p in out.glob("*.index.json"))  # the process is dead: final
+    assert list(out.glob(".*.tar.tmp-*")) and len(finished) < 4
     rerun = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 1, rerun.stderr[-2000:]  # the corrupt sample and the missing image of shard 0
     doc = json.loads(rerun.stdout)
@@ -303,3 +302,48 @@ def test_latent_shards_stream_once_per_rank_and_worker(models, shardset, referen
     drawn = next(iter(LatentShards(tmp_path, sample=True, shuffle_buffer=0)))
     assert drawn["latent"].shape == reference[drawn["source"]][1]["latent"].shape
     assert drawn["sides"]["txt"].startswith(b"sample ")
+
+
+def test_shard_i_of_n_split_and_index(models, shardset, tmp_path):
+    opts = DatasetOptions(**SMALL)
+    inputs = [str(shardset / "tar/*.tar")]
+    first = prepare_dataset(models[0], inputs, tmp_path, opts, shard=(0, 2))
+    assert [Path(s["input"]).name for s in first.shards] == ["00000.tar", "00002.tar"]
+    assert not first.merged and "finished so far" in first.notes[0]
+    assert not json.loads((tmp_path / "index.json").read_text())["complete"]
+    second = prepare_dataset(models[0], inputs, tmp_path, opts, shard=(1, 2))
+    assert [Path(s["input"]).name for s in second.shards] == ["00001.tar"] and second.merged
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["complete"] and index["samples"] == 22
+
+
+def test_base_package_without_the_extras(shardset, tmp_path):
+    """Without fsspec, s3fs, pyarrow and ray: local tars still work; the rest names its extra in one line."""
+    script = f"""
+import sys
+for name in ("fsspec", "s3fs", "pyarrow", "pyarrow.parquet", "ray", "ray.data"):
+    sys.modules[name] = None  # import raises ImportError, as when the package is not installed
+import vaecli.cli, vaecli.data
+from vaecli.dataset import DatasetOptions, EngineOptions, prepare_dataset
+from vaecli.errors import ConfigError
+from vaecli.weights import load_vae
+vae = load_vae(None)
+opts = DatasetOptions(bucket_resolution=64, bucket_step=16, min_bucket_size=32, max_bucket_size=128)
+report = prepare_dataset(vae, [{str(shardset / 'tar/00001.tar')!r}], {str(tmp_path / 'o')!r}, opts)
+print("local", report.count("ok"))
+for inputs, engine in (([ "s3://b/x.tar"], EngineOptions()), ([{str(shardset / 'parquet/00001.parquet')!r}], EngineOptions()),
+                       ([{str(shardset / 'tar/00001.tar')!r}], EngineOptions("ray"))):
+    try:
+        r = prepare_dataset(vae, inputs, {str(tmp_path / 'p')!r}, opts, engine=engine)
+        print("item", r.items[0].error)
+    except ConfigError as exc:
+        print("config", exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "local 8"
+    assert "pip install 'vaecli[shards]'" in lines[1] and "s3" in lines[1]
+    assert "pip install 'vaecli[shards]'" in lines[2] and "parquet" in lines[2]
+    assert "pip install 'vaecli[ray]'" in lines[3]

@@ -69,7 +69,8 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
-        return {**_item(rec, lambda field, name: self._tensor(rec, field, name), self.flip, self.sample), "index": index}
+        item = _item(rec, lambda field, name: self._tensor(rec, field, name), self.flip, self.sample)
+        return {**item, "index": index}
 
     def _tensor(self, rec: dict[str, Any], field: str, name: str) -> torch.Tensor:
         """Tensor `name` (our naming) of the file that manifest field `field` points to, as float32 (C, h, w)."""
@@ -310,7 +311,8 @@ def _bucket_batches(items: Iterator[dict[str, Any]], size: int, drop_last: bool)
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in ("latent", "original_size", "crop", "bucket")}
+    stacked = ("latent", "original_size", "crop", "bucket")
+    batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in stacked}
     batch["flipped"] = torch.tensor([it["flipped"] for it in items])
     for k in ("source", "key", "sides"):
         batch[k] = [it[k] for it in items]

@@ -50,7 +50,7 @@ from .manifest import (
     shard_manifests,
     write_manifest,
 )
-from .locations import shard_inputs
+from .locations import ShardInput, shard_inputs
 from .options import ENGINES, FORMAT_SUFFIX, MANIFEST, DatasetOptions, EngineOptions, check_options
 
 
@@ -112,8 +112,23 @@ def prepare_dataset(
         from .ray_engine import prepare_with_ray
 
         report = prepare_with_ray(vae, shards or [], out, options, run, shard, progress, engine)
-        report.elapsed_s = time.perf_counter() - start
-        return report
+    else:
+        report = _prepare_here(vae, inputs, shards, out, options, run, shard, progress)
+    report.elapsed_s = time.perf_counter() - start
+    return report
+
+
+def _prepare_here(
+    vae: AutoencoderKL,
+    inputs: Sequence[str | Path],
+    shards: list[ShardInput] | None,
+    out: Path,
+    options: DatasetOptions,
+    run: RunOptions,
+    shard: tuple[int, int] | None,
+    progress: Progress | None,
+) -> DatasetReport:
+    """This process's share (all, --shard i/n, or its torchrun rank's), then the merge of all shares."""
     index, count, distributed = resolve_shard(shard)
     created_group = init_distributed() if distributed else False
     if distributed:
@@ -121,7 +136,7 @@ def prepare_dataset(
     try:
         if shards is None:
             report = _prepare_share(vae, inputs, out, options, run, (index, count), progress)
-            merge: Callable[[DatasetReport, bool], None] = lambda r, clean: _merge_folder(r, out, count, clean)
+            merge: Callable[[DatasetReport, bool], None] = lambda r, done: _merge_folder(r, out, count, done)
         else:
             from .shard_run import ShardShare
 
@@ -135,7 +150,6 @@ def prepare_dataset(
         finish_distributed(lambda: merge(report, True) if index == 0 else None, created_group)
     elif count > 1:
         merge(report, False)
-    report.elapsed_s = time.perf_counter() - start
     return report
 
 
@@ -148,7 +162,7 @@ def _check_layout(options: DatasetOptions, engine: EngineOptions, shards: bool) 
     if not shards and options.layout in ("tar", "parquet"):
         raise ConfigError(f"--layout {options.layout} needs shard inputs (.tar or .parquet files or URLs)")
     if not shards and engine.engine == "ray":
-        raise ConfigError("--engine ray runs over shards (.tar or .parquet inputs); for folders use torchrun or --shard")
+        raise ConfigError("--engine ray runs over shards (.tar or .parquet inputs); folders: --shard or torchrun")
 
 
 def _prepare_share(

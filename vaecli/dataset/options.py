@@ -85,7 +85,7 @@ def check_options(options: DatasetOptions, factor: int) -> None:
     if o.layout is not None and o.layout not in LAYOUTS:
         problems.append(f"unknown --layout {o.layout!r}; choose one of {', '.join(LAYOUTS)}")
     if o.layout in ("tar", "parquet") and o.format != "vaecli":
-        problems.append(f"--layout {o.layout} stores vaecli latents; drop --format {o.format} (kohya/comfyui read folders)")
+        problems.append(f"--layout {o.layout} stores vaecli latents; drop --format {o.format} (its readers read folders)")
     if o.batch_size < 0:
         problems.append("--batch-size must be at least 1 (or 0 / auto: sized from free memory)")
     if problems:
@@ -97,6 +97,6 @@ class EngineOptions:
     """How the work is spread over processes and machines (what is written does not depend on it)."""
 
     engine: str = "local"  # local: this process (--shard i/n and torchrun split the work); ray: a Ray cluster
-    address: str | None = None  # Ray cluster to join (host:6379 or ray://host:10001); None: RAY_ADDRESS or a new local one
+    address: str | None = None  # Ray cluster (host:6379, ray://host:10001); None: RAY_ADDRESS, else a new local one
     workers: int = 0  # Ray: VAE actors; 0: one per GPU of the cluster (device cuda) or per CPU
     device: str = "auto"  # Ray: where each actor runs the VAE: cpu, cuda (one GPU per actor) or auto

@@ -3,8 +3,9 @@
 Each row is one input shard; each actor holds one VAE (one GPU with --device cuda, else one CPU) and runs
 the same `process_shard` as the local engine, so outputs, indexes and resume are those of every other
 engine. Ray schedules rows onto actors; by Ray Data's defaults an actor that dies is restarted and its
-shard retried (the dead one's temporary file is removed at the end). Shards already finished are settled in the driver and never
-reach the cluster. OUT must be a file system every node writes to (a shared mount on a multi-node cluster).
+shard retried (the dead one's temporary file is removed at the end). Shards already finished are settled
+in the driver and never reach the cluster. OUT must be a file system every node writes to (a shared mount
+on a multi-node cluster).
 """
 
 from __future__ import annotations

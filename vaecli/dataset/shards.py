@@ -15,6 +15,7 @@ import io
 import json
 import queue
 import threading
+import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ class ShardOutcome:
     error: str | None = None
     note: str | None = None
     detail: str | None = None  # traceback of an unexpected error
+    started_at: float = 0.0  # wall clock (time.time()) of the worker that handled the shard
+    finished_at: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         idx = self.index or {}
@@ -73,6 +76,8 @@ class ShardOutcome:
             "failed": len(idx.get("failed", [])),
             "error": self.error,
             "note": self.note,
+            "started_at": round(self.started_at, 3),
+            "finished_at": round(self.finished_at, 3),
         }
 
 
@@ -106,13 +111,16 @@ def check_unique_names(shards: list[ShardInput], layout: str) -> None:
 
 def process_shard(job: ShardJob, src: ShardInput, tally: Tally) -> ShardOutcome:
     """Reuse the finished output of this shard, or encode it; never raises for a bad shard or sample."""
+    started = time.time()
     settled, identity, note = check_shard(job, src)
     if settled is not None:
         tally.add(len(settled.results), len(settled.results))
-        return settled
-    assert identity is not None
-    outcome = _encode_shard(job, src, identity, tally)
-    outcome.note = note
+        outcome = settled
+    else:
+        assert identity is not None
+        outcome = _encode_shard(job, src, identity, tally)
+        outcome.note = note
+    outcome.started_at, outcome.finished_at = started, time.time()
     return outcome
 
 

@@ -109,6 +109,7 @@ class TarSink:
         self.path, self.tmp = path, temp_path(path)
         self._fh = open(self.tmp, "wb")
         self._hash = _HashingFile(self._fh)
+        # Stream mode: tarfile only writes (through the hash), never seeks.
         self._tar = tarfile.open(fileobj=self._hash, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
         self._lock = threading.Lock()
         self._mtime = int(time.time())
