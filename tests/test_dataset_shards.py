@@ -185,6 +185,33 @@ def test_ray_two_workers_equal_the_folder(models, shardset, reference, ray_clust
     assert [s["status"] for s in again.shards] == ["skipped"] * 3  # settled in the driver
 
 
+def test_ray_actor_killed_mid_shard_is_restarted(models, ray_cluster, tmp_path):
+    """kill -9 the Ray actor writing a shard: Ray restarts it and retries the shard; every output is whole."""
+    import threading
+
+    _make_shards()(tmp_path / "set", images=48, shards=4, min_side=250, max_side=400, seed=1, parquet=False)
+    out = tmp_path / "out"
+    opts = DatasetOptions(bucket_resolution=256, batch_size=1)
+    result: dict = {}
+    run = threading.Thread(target=lambda: result.update(report=prepare_dataset(
+        models[0], [str(tmp_path / "set/tar/*.tar")], out, opts, engine=EngineOptions("ray", workers=2))))
+    run.start()
+    victim, deadline = None, time.monotonic() + 120
+    while victim is None and run.is_alive() and time.monotonic() < deadline:
+        temps = list(out.glob(".*.tar.tmp-*"))
+        if temps:
+            victim = int(temps[0].name.split(".tmp-")[1].split("-")[0])  # the pid of the actor writing it
+            assert victim != os.getpid()
+            os.kill(victim, signal.SIGKILL)
+        time.sleep(0.01)
+    run.join(timeout=240)
+    assert victim is not None, "no shard was caught mid-write"
+    report = result["report"]
+    assert [s["status"] for s in report.shards] == ["ok"] * 4 and report.count("ok") == 46
+    assert not list(out.glob(".*tmp-*")) and report.temp_files_removed >= 1
+    assert sum(len(_tar_samples(p)) for p in sorted(out.glob("*.tar"))) == 46
+
+
 def test_parquet_in_and_out(models, shardset, reference, tmp_path):
     import pyarrow.parquet as pq
 
