@@ -11,6 +11,7 @@ on a multi-node cluster).
 from __future__ import annotations
 
 import copy
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,12 @@ def _run_on_cluster(
     """The shards to encode as rows of a Ray Dataset, mapped by a pool of ShardWorker actors."""
     started = not ray.is_initialized()
     if started:
-        ray.init(address=engine.address, include_dashboard=False, log_to_driver=False)
+        # Quiet: Ray's INFO lines would crowd the one-line-per-failure output on stderr.
+        ray.init(address=engine.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # our own progress and --json own the terminal
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         gpus = engine.device == "cuda" or (engine.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         resources = ray.cluster_resources()
         workers = engine.workers or max(1, int(resources.get("GPU" if gpus else "CPU", 1)))
