@@ -215,46 +215,54 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
 # ------------------------------------------------------------------------------------------ config inference
 
 
-def infer_config(state: Mapping[str, torch.Tensor], family: str | None = None) -> tuple[VAEConfig, list[str]]:
-    """Config from the shapes of diffusers-keyed tensors; the latent normalization from `family`.
-
-    Returns the config and notes on what was assumed rather than read.
-    """
-    notes: list[str] = []
+def architecture_from_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The config fields that tensor shapes determine (diffusers keys); raises WeightsError if a needed
+    tensor is missing. Cheap: reads shapes only, allocates nothing."""
 
     def shape(key: str) -> torch.Size:
         if key not in state:
-            raise WeightsError(f"cannot infer the model config: tensor {key!r} is missing")
+            raise WeightsError(f"cannot read the architecture from the weights: tensor {key!r} is missing")
         return state[key].shape
 
     levels = 0
     while f"encoder.down_blocks.{levels}.resnets.0.conv1.weight" in state:
         levels += 1
     if levels == 0:
-        raise WeightsError("cannot infer the model config: no 'encoder.down_blocks.0.resnets.0.conv1.weight'")
-    block_out = tuple(int(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]) for i in range(levels))
+        raise WeightsError("cannot read the architecture from the weights: no 'encoder.down_blocks.0.resnets.0.conv1.weight'")
     layers = 0
     while f"encoder.down_blocks.0.resnets.{layers}.conv1.weight" in state:
         layers += 1
-    latent = int(shape("decoder.conv_in.weight")[1])
-    groups = 32  # every released LDM VAE; GroupNorm's group count leaves no trace in the weights
-    if any(c % groups for c in block_out):
-        import math
-
-        groups = math.gcd(*block_out, 32)
-        notes.append(f"norm_num_groups cannot be read from weights; 32 does not divide the channels, using {groups}")
-    cfg = VAEConfig(
+    return dict(
         in_channels=int(shape("encoder.conv_in.weight")[1]),
         out_channels=int(shape("decoder.conv_out.weight")[0]),
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=block_out,
+        block_out_channels=tuple(int(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]) for i in range(levels)),
         layers_per_block=layers,
-        latent_channels=latent,
-        norm_num_groups=groups,
+        latent_channels=int(shape("decoder.conv_in.weight")[1]),
         use_quant_conv="quant_conv.weight" in state,
         use_post_quant_conv="post_quant_conv.weight" in state,
         mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in state,
+    )
+
+
+def infer_config(state: Mapping[str, torch.Tensor], family: str | None = None) -> tuple[VAEConfig, list[str]]:
+    """Config from the shapes of diffusers-keyed tensors; the latent normalization from `family`.
+
+    Returns the config and notes on what was assumed rather than read.
+    """
+    notes: list[str] = []
+    arch = architecture_from_shapes(state)
+    levels = len(arch["block_out_channels"])
+    groups = 32  # every released LDM VAE; GroupNorm's group count leaves no trace in the weights
+    if any(c % groups for c in arch["block_out_channels"]):
+        import math
+
+        groups = math.gcd(*arch["block_out_channels"], 32)
+        notes.append(f"norm_num_groups cannot be read from weights; 32 does not divide the channels, using {groups}")
+    cfg = VAEConfig(
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        norm_num_groups=groups,
+        **arch,
     )
     if family is None:
         family = DEFAULT_FAMILY
@@ -263,6 +271,19 @@ def infer_config(state: Mapping[str, torch.Tensor], family: str | None = None) -
             "(pass family='sdxl', 'sd3' or 'flux', or a config.json, if this is another VAE)"
         )
     return apply_family(cfg, family), notes
+
+
+def check_architecture(config: VAEConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Compare the config with what the weights' shapes say before any model is built, so a config that
+    does not describe these weights (or a hostile one) fails at once with the fields that differ."""
+    try:
+        arch = architecture_from_shapes(state)
+    except WeightsError:
+        return  # too incomplete to tell: the strict key check names what is missing
+    diffs = [f"{k} {getattr(config, k)!r} in the config, {v!r} in the weights"
+             for k, v in arch.items() if getattr(config, k) != v]
+    if diffs:
+        raise WeightsError(f"{source}: the config does not describe these weights: " + "; ".join(diffs))
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -389,6 +410,7 @@ def load_vae(
     else:
         cfg, notes = infer_config(state, family)
         config_source = "inferred from shapes" + (f" + {family} preset" if family else "")
+    check_architecture(cfg, state, str(weights_path))
     sha = weights_sha256(state)
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
