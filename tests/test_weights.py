@@ -227,6 +227,17 @@ def test_config_not_describing_the_weights_fails_before_building(ref, tmp_path, 
     assert built == []  # refused from shapes alone, before any module was constructed
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.fill_(float("nan")), r"1 tensor\(s\) hold NaN or Inf values \(a damaged file\?\): decoder.conv_out.weight"),
+    (lambda t: t.to(torch.int8), r"1 tensor\(s\) are not floating point \(quantized weights are not supported\): decoder.conv_out.weight"),
+])
+def test_non_finite_or_integer_weights_refused(ref, tmp_path, damage, message):
+    state = ref.state_dict()
+    state["decoder.conv_out.weight"] = damage(state["decoder.conv_out.weight"].clone())
+    with pytest.raises(WeightsError, match=message):
+        vaecli.load_vae(save(state, tmp_path / "d.safetensors"), config=dict(ref.config))
+
+
 def test_missing_path(tmp_path):
     with pytest.raises(WeightsError, match="no such file or folder"):
         vaecli.load_vae(tmp_path / "nope.safetensors")

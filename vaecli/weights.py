@@ -315,6 +315,18 @@ def check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source
     raise WeightsError(f"{source}: weights do not match the model config; " + "; ".join(parts))
 
 
+def check_values(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse integer (quantized) or non-finite weights at load time: converted or used silently, they would
+    give garbage or NaN for every image, blamed later on the inputs."""
+    for kind, bad in (
+        ("are not floating point (quantized weights are not supported)", [k for k, v in state.items() if not v.is_floating_point()]),
+        ("hold NaN or Inf values (a damaged file?)", [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]),
+    ):
+        if bad:
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise WeightsError(f"{source}: {len(bad)} tensor(s) {kind}: {', '.join(sorted(bad)[:3])}{more}")
+
+
 def _resolve_config(config: VAEConfig | Mapping[str, Any] | str | Path | None) -> VAEConfig | None:
     if config is None or isinstance(config, VAEConfig):
         return config
@@ -411,6 +423,7 @@ def load_vae(
         cfg, notes = infer_config(state, family)
         config_source = "inferred from shapes" + (f" + {family} preset" if family else "")
     check_architecture(cfg, state, str(weights_path))
+    check_values(state, str(weights_path))
     sha = weights_sha256(state)
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
