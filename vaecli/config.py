@@ -274,8 +274,10 @@ class LatentSpec:
 
 # Latent normalization and precision policy of the released VAE families. Their weights cannot tell
 # SD from SDXL (identical shapes), so a single file without config takes one of these by name.
+# force_upcast follows each family's diffusers config.json, so a single file and the same weights as a
+# diffusers folder run alike: SD's configs predate the field and get diffusers' default, true.
 FAMILY_PRESETS: dict[str, dict[str, Any]] = {
-    "sd": dict(scaling_factor=0.18215, shift_factor=None, force_upcast=False, sample_size=512),  # SD 1.x/2.x
+    "sd": dict(scaling_factor=0.18215, shift_factor=None, force_upcast=True, sample_size=512),  # SD 1.x/2.x
     "sdxl": dict(scaling_factor=0.13025, shift_factor=None, force_upcast=True, sample_size=1024),  # fp16 overflow
     "sd3": dict(scaling_factor=1.5305, shift_factor=0.0609, force_upcast=True, sample_size=1024),
     "flux": dict(scaling_factor=0.3611, shift_factor=0.1159, force_upcast=True, sample_size=1024),

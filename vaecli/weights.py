@@ -268,7 +268,8 @@ def infer_config(state: Mapping[str, torch.Tensor], family: str | None = None) -
         family = DEFAULT_FAMILY
         notes.append(
             f"no config and no family given: assuming the {family.upper()} latent normalization "
-            "(pass family='sdxl', 'sd3' or 'flux', or a config.json, if this is another VAE)"
+            "(if this is another VAE, name its family: --family sdxl, sd3 or flux on the command line, "
+            "family='sdxl' etc. in Python; or give its config.json)"
         )
     return apply_family(cfg, family), notes
 
@@ -347,42 +348,51 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("vaecli") / "default_model"))
 
 
-def locate(source: str | Path) -> tuple[Path, Path | None]:
-    """The weights file to read for `source`, and the config.json beside it when there is one."""
+def locate(
+    source: str | Path, subfolder: str | None = None, variant: str | None = None, revision: str | None = None
+) -> tuple[Path, Path | None]:
+    """The weights file to read for `source`, and the config.json beside it when there is one.
+
+    subfolder and variant select a model folder and its weights (`diffusion_pytorch_model.<variant>.*`) in a
+    local folder or Hub repo; revision applies to Hub repos.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
-        folder = path / "vae" if not (path / "config.json").is_file() and (path / "vae").is_dir() else path
-        for name in FOLDER_WEIGHTS:
-            if (folder / name).is_file():
-                cfg = folder / "config.json"
-                return folder / name, cfg if cfg.is_file() else None
-        raise WeightsError(
-            f"{path}: no diffusers weights found (expected {FOLDER_WEIGHTS[0]} or {FOLDER_WEIGHTS[2]}, "
-            "in the folder or its vae/ subfolder)"
-        )
+        return _in_folder(path, subfolder, variant)
     if path.is_file():
+        if subfolder or variant:
+            raise ConfigError(f"{source} is a single file: subfolder and variant apply to folders and Hub repos")
         return path, None
-    hub = _from_hub(str(source))
-    if hub is not None:
-        return locate(hub)
-    raise WeightsError(f"{source}: no such file or folder")
+    from . import hub
 
-
-def _from_hub(repo_id: str) -> Path | None:
-    """A local snapshot of a Hub repo's VAE, when huggingface_hub is installed and the id looks like one."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        return None
+    src = hub.parse(str(source), subfolder, revision, variant)
+    if src is None:
+        raise WeightsError(f"{source}: no such file or folder")
     try:
-        from huggingface_hub import snapshot_download  # optional extra 'hub'
-    except ImportError:
-        return None
-    patterns = ["config.json", "*.safetensors", "vae/config.json", "vae/*.safetensors"]
-    for offline in (True, False):
-        try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
-        except Exception:  # noqa: BLE001 - not cached / no network: both mean "not available"
-            continue
-    return None
+        fetched = hub.fetch(src)
+    except WeightsError as exc:
+        raise WeightsError(f"{source}: no such local file or folder, and as a Hub id: {exc}") from None
+    if fetched.is_dir():
+        return _in_folder(fetched, None, variant)
+    return fetched, None
+
+
+def _in_folder(path: Path, subfolder: str | None, variant: str | None) -> tuple[Path, Path | None]:
+    if subfolder:
+        folder = path / subfolder
+        if not folder.is_dir():
+            raise WeightsError(f"{path}: no subfolder {subfolder!r}")
+    else:  # a model folder, or a pipeline folder whose VAE is in vae/
+        folder = path / "vae" if not (path / "config.json").is_file() and (path / "vae").is_dir() else path
+    from .hub import weights_names
+
+    names = weights_names(variant) if variant else FOLDER_WEIGHTS
+    for name in names:
+        if (folder / name).is_file():
+            cfg = folder / "config.json"
+            return folder / name, cfg if cfg.is_file() else None
+    where = "" if subfolder or folder != path else ", in the folder or its vae/ subfolder"
+    raise WeightsError(f"{folder}: no diffusers weights found (expected {' or '.join(names)}{where})")
 
 
 def load_vae(
@@ -391,20 +401,25 @@ def load_vae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     family: str | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
 ) -> AutoencoderKL:
     """Load an AutoencoderKL in eval mode.
 
     source: None for vaecli's embedded default model; a diffusers model folder (config.json + weights), a
         pipeline folder with a vae/ subfolder, a single .safetensors/.ckpt/.pt/.bin file in diffusers or
         original LDM layout (a `first_stage_model.` or `vae.` prefix is stripped, so a whole SD checkpoint
-        works), or a Hub repo id when huggingface_hub is installed and the files are cached or reachable.
+        works), or a Hub id when huggingface_hub is installed (extra `hub`) and the files are cached or
+        reachable: `owner/name` (a VAE repo or a pipeline repo's vae/) or `owner/name/path/file.safetensors`.
+    subfolder, variant, revision: as diffusers' from_pretrained (e.g. subfolder="vae", variant="fp16").
     config: a VAEConfig, a config dict, a config.json path or a diffusers folder. Without one (and without a
         config.json beside the weights) the architecture is inferred from tensor shapes and the latent
         normalization taken from `family` ("sd", "sdxl", "sd3", "flux"; SD when not given, with a note).
     The model's `.info` (ModelInfo) names the file, layout, weights sha256 and every assumption made.
     """
     name = str(source) if source is not None else DEFAULT_MODEL
-    weights_path, beside = locate(default_model_dir() if source is None else source)
+    weights_path, beside = locate(default_model_dir() if source is None else source, subfolder, variant, revision)
     raw = read_state_dict(weights_path)
     state, layout = to_diffusers_layout(raw)
     del raw
