@@ -363,6 +363,16 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.encoder.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' precision (inputs are cast to it)."""
+        return self.encoder.conv_in.weight.dtype
+
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Match the input's dtype and memory layout to the weights (channels_last weights want NHWC input)."""
         if not x.is_floating_point():  # uint8 pixels, bool masks, ints, complex: never meaningful to convert

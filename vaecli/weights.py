@@ -416,7 +416,8 @@ def load_vae(
     config: a VAEConfig, a config dict, a config.json path or a diffusers folder. Without one (and without a
         config.json beside the weights) the architecture is inferred from tensor shapes and the latent
         normalization taken from `family` ("sd", "sdxl", "sd3", "flux"; SD when not given, with a note).
-    The model's `.info` (ModelInfo) names the file, layout, weights sha256 and every assumption made.
+    The model's `.info` (ModelInfo) names the file, layout, weights sha256 and every assumption made. It is
+    returned in eval mode with frozen weights (`requires_grad` false): call `.requires_grad_(True)` to train.
     """
     name = str(source) if source is not None else DEFAULT_MODEL
     weights_path, beside = locate(default_model_dir() if source is None else source, subfolder, variant, revision)
@@ -447,6 +448,9 @@ def load_vae(
     model.load_state_dict(state, strict=True, assign=True)
     model.info = ModelInfo(name, str(weights_path), layout, sha, config_source, tuple(notes))
     model = model.to(device=torch.device(device))
+    # Frozen, in eval mode: encode/decode build no autograd graph (no memory held for a backward pass)
+    # unless the input requires grad or the caller unfreezes the weights to fine-tune.
+    model.requires_grad_(False)
     return model.to(memory_format=preferred_layout(cfg, torch.device(device))).eval()
 
 
