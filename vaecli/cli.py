@@ -87,6 +87,17 @@ class CacheFormat(str, Enum):
     comfyui = "comfyui"
 
 
+class Layout(str, Enum):
+    folder = "folder"
+    tar = "tar"
+    parquet = "parquet"
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class ImageFormat(str, Enum):
     png = "png"
     jpg = "jpg"
@@ -97,6 +108,7 @@ MODEL = "Model"
 RUN = "Precision and memory"
 OUTPUT = "Output"
 DATASET = "Dataset preparation (--dataset)"
+SHARDS = "Shards and engines (--dataset)"
 
 # -- options shared by several commands (Annotated aliases keep each signature readable) ------------------
 ModelOpt = Annotated[
@@ -168,6 +180,14 @@ SizePolicyOpt = Annotated[
 SampleOpt = Annotated[bool, typer.Option("--sample", help="Sample the posterior instead of taking its mode.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (implies it); noise depends on (seed, path).")]
 InputsArg = Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively).", show_default=False)]
+EncodeInputsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Files or folders (searched recursively); with --dataset also shards: .tar/.parquet files or URLs "
+        "(s3://, gs://, hf://), brace lists like 'data/{00000..00099}.tar', globs.",
+        show_default=False,
+    ),
+]
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
@@ -442,7 +462,7 @@ def _summary(report: Any, doc: dict[str, Any]) -> None:
 
 @app.command()
 def encode(
-    inputs: InputsArg,
+    inputs: EncodeInputsArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <rel>.safetensors latents.", show_default=False)],
     model: ModelOpt = None,
     family: FamilyOpt = None,
@@ -476,6 +496,11 @@ def encode(
     cache_format: Annotated[CacheFormat, typer.Option("--format", help="Cache files: vaecli (safetensors + metadata), kohya (.npz for sd-scripts), comfyui (.latent).", rich_help_panel=DATASET)] = CacheFormat.vaecli,
     kohya_next_to_images: Annotated[bool, typer.Option("--kohya-next-to-images", help="kohya format: write <stem>.npz beside each image instead of under OUT.", rich_help_panel=DATASET)] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Take shard i of n (i/n, 0-based), e.g. for Slurm arrays; under torchrun RANK/WORLD_SIZE are used.", rich_help_panel=DATASET)] = None,
+    layout: Annotated[Optional[Layout], typer.Option("--layout", help="folder: a file per image (image inputs); tar (WebDataset) or parquet: one latent shard per input shard [default: by input].", rich_help_panel=SHARDS)] = None,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", help="Shards: the tar member suffix (jpg) or parquet column (image) holding the image [default: found].", rich_help_panel=SHARDS)] = None,
+    engine: Annotated[Engine, typer.Option("--engine", help="local: this process (with --shard or torchrun); ray: a Ray cluster, the VAE as an actor pool (pip install 'vaecli[ray]').", rich_help_panel=SHARDS)] = Engine.local,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to join (host:6379 or ray://host:10001) [default: RAY_ADDRESS, else a new local one].", rich_help_panel=SHARDS)] = None,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", min=0, help="Ray VAE actors; 0: one per GPU (--device cuda) or per CPU of the cluster.", rich_help_panel=SHARDS)] = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -491,7 +516,7 @@ def encode(
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
         check_layout(inputs, out)  # before the model loads: an overlapping layout is refused at once
         if dataset:
-            from .dataset import DatasetOptions, bind_local_device, parse_shard, prepare_dataset
+            from .dataset import DatasetOptions, EngineOptions, bind_local_device, parse_shard, prepare_dataset
 
             ds = DatasetOptions(
                 bucket_resolution=bucket_resolution, bucket_step=bucket_step, min_bucket_size=min_bucket_size,
@@ -499,14 +524,21 @@ def encode(
                 crop_seed=crop_seed, flip=flip, moments=moments, format=cache_format.value,
                 kohya_next_to_images=kohya_next_to_images, raw=raw, sample=sample or seed is not None,
                 seed=seed or 0, latent_dtype=latent_dtype.value, alpha=alpha.value, max_pixels=max_pixels,
-                batch_size=batch_size, overwrite=overwrite,
+                batch_size=batch_size, overwrite=overwrite, layout=layout.value if layout else None,
+                image_column=image_column,
             )
             part = parse_shard(shard) if shard else None
+            spread = EngineOptions(engine.value, address, ray_workers, device.value)
             bind_local_device()  # under torchrun with CUDA: this rank's GPU
-            vae = _load(model, family, device, as_json, debug)
+            # With Ray the driver only holds the weights for the actors; each actor picks its own device.
+            vae = _load(model, family, Device.cpu if engine == Engine.ray else device, as_json, debug)
             with _progress("dataset", _show_progress(quiet)) as progress:
-                report = prepare_dataset(vae, inputs, out, ds, run, shard=part, progress=progress)
+                report = prepare_dataset(vae, inputs, out, ds, run, shard=part, progress=progress, engine=spread)
             if not as_json:
+                if report.shards:
+                    doc = report.to_dict()
+                    out_console.print(f"shards: {doc['shards_ok']} written, {doc['shards_skipped']} reused, "
+                                      f"{doc['shards_failed']} failed; index {escape(str(report.manifest))}")
                 for miss in getattr(report, "missing", []):
                     source = printable(str(miss.get("source", miss)))
                     out_console.print(f"missing source (latent kept, dropped from manifest): {escape(source)}")
@@ -514,7 +546,9 @@ def encode(
             return
         dataset_only = {"--shard": shard is not None, "--flip": flip, "--moments": moments, "--no-upscale": no_upscale,
                         "--random-crop": random_crop, "--format": cache_format != CacheFormat.vaecli,
-                        "--kohya-next-to-images": kohya_next_to_images}
+                        "--kohya-next-to-images": kohya_next_to_images, "--layout": layout is not None,
+                        "--image-column": image_column is not None, "--engine": engine != Engine.local,
+                        "--address": address is not None, "--ray-workers": ray_workers != 0}
         given = [name for name, on in dataset_only.items() if on]
         if given:
             raise VaecliError(f"{', '.join(given)} only apply with --dataset")
@@ -531,7 +565,7 @@ def encode(
         )
         vae = _load(model, family, device, as_json, debug)
         with _progress("encode", _show_progress(quiet)) as progress:
-            report = encode_paths(vae, inputs, out, options, run, progress)
+            report = encode_paths(vae, [Path(i) for i in inputs], out, options, run, progress)
         _finish(report, as_json, debug)
 
 

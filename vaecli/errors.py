@@ -13,8 +13,8 @@ class WeightsError(VaecliError):
     """A weights file that cannot be read, or whose keys or shapes do not match the model."""
 
 
-class InputError(VaecliError):
-    """An image or latent file that cannot be used."""
+class InputError(VaecliError, ValueError):
+    """An image, tensor or latent file that cannot be used (a ValueError, for library callers)."""
 
 
 class NonFiniteError(VaecliError):

@@ -179,6 +179,12 @@ def temp_path(path: Path) -> Path:
     return path.with_name("." + os.fsdecode(name) + suffix)
 
 
+def temp_writer(name: str) -> tuple[str, int, int] | None:
+    """(host, pid, start time) of the process that wrote temp file `name`; None for other names."""
+    m = _TEMP.match(name)
+    return (m["host"], int(m["pid"]), int(m["start"])) if m else None
+
+
 def is_temp_name(name: str) -> bool:
     return _TEMP.match(name) is not None or _LEGACY_TEMP.match(name) is not None
 
@@ -186,10 +192,10 @@ def is_temp_name(name: str) -> bool:
 def temp_is_dead(name: str, mtime: float, now: float | None = None) -> bool:
     """Whether the writer of temp file `name` is provably gone (see the module docstring)."""
     now = time.time() if now is None else now
-    m = _TEMP.match(name)
-    if m is None or m["host"] != _writer_id().split("-", 1)[0]:
+    writer = temp_writer(name)
+    if writer is None or writer[0] != _writer_id().split("-", 1)[0]:
         return is_temp_name(name) and now - mtime > FOREIGN_TEMP_AGE_S
-    pid, start = int(m["pid"]), int(m["start"])
+    _, pid, start = writer
     running_since = _start_ticks(pid)
     if running_since is None:
         return True

@@ -34,6 +34,8 @@ def check_complete(fh: BinaryIO, fmt: str | None, img: Any) -> None:
         size = fh.tell()
         fh.seek(0)
         check(fh, size, img)
+    except InputError:
+        raise
     except (struct.error, ValueError, IndexError) as exc:
         raise _corrupt(f"{fmt} structure unreadable ({exc})") from None
     finally:

@@ -46,19 +46,22 @@ _SUPPORTED = "supported: PNG, JPEG, WebP, TIFF, BMP, GIF"
 # ------------------------------------------------------------------------------------------------- images
 
 
-def read_image(path: Path, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An image file -> float32 (H, W, 3) RGB in [0, 1], EXIF orientation applied.
+def read_image(path: Path | BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image file (or its bytes in a BytesIO, e.g. a shard member) -> float32 (H, W, 3) RGB in [0, 1],
+    EXIF orientation applied.
 
     16-bit grayscale keeps its precision (divided by 65535, never clipped at 255); palette and RGB
     transparency become alpha; alpha is composited over white or black, or dropped (`alpha`).
     Images above `max_pixels` (0: no limit) are refused before their pixels are decoded.
     """
-    with open_regular(path) as fh:
+    if not isinstance(path, (str, os.PathLike)):
+        return decode_image(path, alpha, max_pixels)
+    with open_regular(Path(path)) as fh:
         return decode_image(fh, alpha, max_pixels)
 
 
 def decode_image(fh: BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """read_image on an open file (e.g. one whose bytes were just hashed)."""
+    """read_image on an open file or in-memory bytes (e.g. a file whose bytes were just hashed)."""
     from PIL import Image, ImageOps
 
     with _open_pil(fh) as img:
@@ -94,10 +97,10 @@ def _open_pil(fh: BinaryIO) -> Any:
         from PIL import WebPImagePlugin  # noqa: F401
     except ImportError:  # Pillow built without WebP
         pass
-    size = os.fstat(fh.fileno()).st_size
-    if size == 0:
-        raise InputError(f"empty file ({_SUPPORTED})")
+    fh.seek(0)
     prefix = fh.read(16)
+    if not prefix:
+        raise InputError(f"empty file ({_SUPPORTED})")
     for name in _PIL_FORMATS:
         factory, accept = Image.OPEN.get(name, (None, None))
         if factory is None or (accept is not None and accept(prefix) is not True):
@@ -414,6 +417,8 @@ def _read_npy(fh: BinaryIO, check: ShapeCheck | None) -> torch.Tensor:
             shape, fortran, dtype = fmt.read_array_header_2_0(fh)
         else:
             raise InputError(f"unsupported .npy version {version[0]}.{version[1]}")
+    except InputError:
+        raise
     except (ValueError, OSError, struct.error) as exc:
         raise InputError(f"not a readable .npy array ({_first_line(exc)})") from None
     if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
