@@ -832,38 +832,23 @@ def encode_paths(
 # ------------------------------------------------------------------------------------------------ decode
 
 
-def _finite_number(data: Mapping[str, Any], key: str, nonzero: bool = False) -> float | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (nonzero and value == 0):
-        what = "a finite, non-zero number" if nonzero else "a finite number"
-        raise InputError(f"latent metadata 'latent_spec': {key} must be {what}, not {value!r}")
-    return float(value)
-
-
 def latent_spec_from_meta(meta: Mapping[str, str], channels: int | None = None) -> LatentSpec | None:
-    """The normalization a latent file was stored with (None for raw latents), every value checked:
-    numbers finite, scaling_factor and each latents_std entry non-zero, per-channel lists of `channels`."""
+    """The normalization a latent file was stored with (None for raw latents). LatentSpec checks its values
+    (finite, non-zero scale, positive stds); here: an explicit scaling_factor, per-channel lists of `channels`."""
     value = meta.get("latent_spec", "none")
     if value == "none":
         return None
     data = meta_json(meta, "latent_spec")
-    if not isinstance(data, dict):
-        raise InputError(f"latent metadata 'latent_spec' is not an object: {value!r}")
-    if "scaling_factor" not in data or data["scaling_factor"] is None:
-        raise InputError("latent metadata 'latent_spec' lacks its scaling_factor")
-    _finite_number(data, "scaling_factor", nonzero=True)
-    _finite_number(data, "shift_factor")
+    if not isinstance(data, dict) or data.get("scaling_factor") is None:
+        raise InputError(f"latent metadata 'latent_spec' is not an object with a scaling_factor: {value!r}")
     for key in ("latents_mean", "latents_std"):
         values = data.get(key)
-        if values is None:
-            continue
-        if not isinstance(values, list) or (channels is not None and len(values) != channels):
-            raise InputError(f"latent metadata 'latent_spec': {key} must be a list of {channels or 'C'} numbers")
-        for v in values:
-            _finite_number({key: v}, key, nonzero=key == "latents_std")
-    return LatentSpec.from_dict(data)
+        if values is not None and channels is not None and (not isinstance(values, list) or len(values) != channels):
+            raise InputError(f"latent metadata 'latent_spec': {key} must list {channels} numbers, one per channel")
+    try:
+        return LatentSpec.from_dict(data)
+    except ConfigError as exc:
+        raise InputError(f"latent metadata 'latent_spec': {exc}") from None
 
 
 def _check_meta_header(meta: Mapping[str, str], info: Mapping[str, Any], force: bool) -> None:
