@@ -216,7 +216,7 @@ def special_files(root: Path, ctx: Ctx) -> None:
     (root / "in" / "dangling.png").symlink_to(root / "nowhere.png")
     (root / "in" / "dev.png").symlink_to("/dev/zero")
     sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(root / "in" / "sock.png"))
+    sock.bind(os.path.relpath(root / "in" / "sock.png"))  # relative: AF_UNIX paths are limited to ~108 bytes
     sock.close()
 
 
