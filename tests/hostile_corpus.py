@@ -357,6 +357,31 @@ def out_is_a_file(root: Path, ctx: Ctx) -> None:
 # ----------------------------------------------------------------------------------------------- checks
 
 
+def hostile_model(config: dict[str, Any] | None = None, damage: str = "") -> Callable[[Path, Ctx], None]:
+    """A copy of the tiny model in `m/` with config.json fields replaced (raw JSON text, so NaN and strings
+    go through as a file would hold them) or a weight damaged, beside two images in `in/`."""
+
+    def build(root: Path, ctx: Ctx) -> None:
+        import shutil
+
+        from safetensors.torch import load_file
+
+        shutil.copytree(ctx.model, root / "m")
+        if config:
+            cfg = json.loads((root / "m" / "config.json").read_text())
+            cfg.update(config)
+            (root / "m" / "config.json").write_text(json.dumps(cfg, allow_nan=True))
+        if damage:
+            path = root / "m" / "diffusion_pytorch_model.safetensors"
+            state = load_file(str(path))
+            key = "decoder.conv_out.weight"
+            state[key] = state[key].fill_(float("nan")) if damage == "nan" else state[key].to(torch.int8)
+            save_file(state, str(path))
+        two_images(root, ctx)
+
+    return build
+
+
 def _notes(doc: dict[str, Any]) -> str:
     return json.dumps([i.get("notes", []) for i in doc.get("items", [])] + [doc.get("notes", [])])
 
@@ -566,6 +591,29 @@ CASES: list[Case] = [
          ("decode", "in", "-o", "out", *M), 1, "scaling_factor must be", absent=("out/*",)),
     Case("scaling_factor_flag_nan", "values", metadata(), ("decode", "in", "-o", "out", "--scaling-factor", "nan", *M), 2,
          "--scaling-factor must be a finite, non-zero number", absent=("out",)),
+    # 5 and 9. model configs and weights: refused before any model is built or any file written
+    Case("config_layers_per_block_1e9", "model config", hostile_model({"layers_per_block": 1_000_000_000}),
+         ("info", "m"), 2, r"layers_per_block must be an integer in \[1, 64\], not 1000000000", timeout=30),
+    Case("config_layers_per_block_1e9_encode", "model config", hostile_model({"layers_per_block": 1_000_000_000}),
+         ("encode", "in", "-o", "out", "--model", "m"), 2, "layers_per_block must be an integer", absent=("out/*",),
+         timeout=30),
+    Case("config_force_upcast_no", "model config", hostile_model({"force_upcast": "no"}),
+         ("encode", "in", "-o", "out", "--model", "m", "--dtype", "fp16"), 2,
+         "force_upcast must be true or false, not 'no'", absent=("out/*",)),
+    Case("config_scaling_factor_zero", "model config", hostile_model({"scaling_factor": 0}),
+         ("encode", "in", "-o", "out", "--model", "m"), 2, "scaling_factor must be a finite non-zero number, not 0",
+         absent=("out/*",)),
+    Case("config_nan_and_strings", "model config", hostile_model({"shift_factor": float("nan"), "latent_channels": "4"}),
+         ("roundtrip", "in", "--model", "m"), 2, r"latent_channels must be an integer in \[1, 1024\], not '4'.*"
+         r"shift_factor must be a finite number or null, not nan"),
+    Case("config_not_these_weights", "model config", hostile_model({"layers_per_block": 3}),
+         ("decode", "in", "-o", "out", "--model", "m", "--scaling-factor", "1"), 2,
+         "the config does not describe these weights: layers_per_block 3 in the config, 1 in the weights",
+         absent=("out/*",)),
+    Case("weights_with_nan", "model config", hostile_model(damage="nan"), ("encode", "in", "-o", "out", "--model", "m"), 2,
+         r"1 tensor\(s\) hold NaN or Inf values \(a damaged file\?\): decoder\.conv_out\.weight", absent=("out/*",)),
+    Case("weights_quantized", "model config", hostile_model(damage="int8"), ("roundtrip", "in", "--model", "m"), 2,
+         r"are not floating point \(quantized weights are not supported\)"),
     # 10. temp files of other runs
     Case("temp_files_of_other_runs", "temp files", stale_temp_files, ("encode", "in", "-o", "out", *M), 0,
          exists=("out/a.safetensors", "out/.b.safetensors.tmp-0badf00d-1-1-0123abcd"),
