@@ -200,8 +200,12 @@ class Report:
 # ------------------------------------------------------------------------------------------------- model
 
 
-def open_model(source: str | None, family: str | None, device: str) -> AutoencoderKL:
-    """Load the model (fp32 weights; the Runner makes lower-precision copies) on the resolved device."""
+def open_model(
+    source: str | None, family: str | None, device: str, subfolder: str | None = None, revision: str | None = None,
+    variant: str | None = None,
+) -> AutoencoderKL:
+    """Load the model (fp32 weights; the Runner makes lower-precision copies) on the resolved device;
+    subfolder, revision and variant as load_vae takes them."""
     from .weights import load_vae
 
     if source is not None and os.path.exists(source):
@@ -213,7 +217,10 @@ def open_model(source: str | None, family: str | None, device: str) -> Autoencod
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # reading a FIFO would wait forever
             raise ConfigError(f"{source} is {file_kind(mode)}, not a model file or folder")
 
-    return load_vae(source, device=resolve_device(device), dtype=torch.float32, family=family)
+    return load_vae(
+        source, device=resolve_device(device), dtype=torch.float32, family=family, subfolder=subfolder,
+        revision=revision, variant=variant,
+    )
 
 
 def model_summary(vae: AutoencoderKL) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import time
 import traceback
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional
@@ -118,6 +119,18 @@ ModelOpt = Annotated[
 FamilyOpt = Annotated[
     Optional[Family],
     typer.Option("--family", help="Latent normalization for a single weights file without config.", rich_help_panel=MODEL),
+]
+SubfolderOpt = Annotated[
+    Optional[str],
+    typer.Option("--subfolder", metavar="PATH", help="Model folder inside the --model folder or Hub repo (e.g. vae).", rich_help_panel=MODEL),
+]
+RevisionOpt = Annotated[
+    Optional[str],
+    typer.Option("--revision", metavar="REV", help="Hub branch, tag or commit of --model.", rich_help_panel=MODEL),
+]
+VariantOpt = Annotated[
+    Optional[str],
+    typer.Option("--variant", metavar="NAME", help="Weights variant, e.g. fp16: diffusion_pytorch_model.fp16.safetensors.", rich_help_panel=MODEL),
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the model.", rich_help_panel=MODEL)]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Compute precision.", rich_help_panel=RUN)]
@@ -385,13 +398,33 @@ def _show_progress(quiet: bool) -> bool:
     return not quiet and err_console.is_terminal
 
 
-def _load(model: str | None, family: Family | None, device: Device, as_json: bool, debug: bool) -> Any:
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model flags of one command: --model, --family, --subfolder, --revision, --variant."""
+
+    model: str | None = None
+    family: Family | None = None
+    subfolder: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+
+    def check(self) -> None:
+        if self.model is None and (self.subfolder or self.revision or self.variant):
+            raise VaecliError("--subfolder, --revision and --variant select files of a --model; give --model")
+
+
+def _load(choice: ModelChoice, device: Device, as_json: bool, debug: bool) -> Any:
     from .batch import open_model
     from .pipeline import resolve_device
 
+    choice.check()
     resolve_device(device.value)  # an unavailable device is its own usage error, not a load failure
+    model = choice.model
     try:
-        return open_model(model, family.value if family else None, device.value)
+        return open_model(
+            model, choice.family.value if choice.family else None, device.value,
+            subfolder=choice.subfolder, revision=choice.revision, variant=choice.variant,
+        )
     except Exception as exc:  # noqa: BLE001 - any load failure is a usage error with one line
         if debug:
             traceback.print_exc()
@@ -466,6 +499,9 @@ def encode(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <rel>.safetensors latents.", show_default=False)],
     model: ModelOpt = None,
     family: FamilyOpt = None,
+    subfolder: SubfolderOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     upcast: UpcastOpt = None,
@@ -531,7 +567,7 @@ def encode(
             spread = EngineOptions(engine.value, address, ray_workers, device.value)
             bind_local_device()  # under torchrun with CUDA: this rank's GPU
             # With Ray the driver only holds the weights for the actors; each actor picks its own device.
-            vae = _load(model, family, Device.cpu if engine == Engine.ray else device, as_json, debug)
+            vae = _load(ModelChoice(model, family, subfolder, revision, variant), Device.cpu if engine == Engine.ray else device, as_json, debug)
             with _progress("dataset", _show_progress(quiet)) as progress:
                 report = prepare_dataset(vae, inputs, out, ds, run, shard=part, progress=progress, engine=spread)
             if not as_json:
@@ -563,7 +599,7 @@ def encode(
             max_pixels=max_pixels,
             overwrite=overwrite,
         )
-        vae = _load(model, family, device, as_json, debug)
+        vae = _load(ModelChoice(model, family, subfolder, revision, variant), device, as_json, debug)
         with _progress("encode", _show_progress(quiet)) as progress:
             report = encode_paths(vae, [Path(i) for i in inputs], out, options, run, progress)
         _finish(report, as_json, debug)
@@ -575,6 +611,9 @@ def decode(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <rel>.<format> images.", show_default=False)],
     model: ModelOpt = None,
     family: FamilyOpt = None,
+    subfolder: SubfolderOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     upcast: UpcastOpt = None,
@@ -617,7 +656,7 @@ def decode(
             max_pixels=max_pixels,
             overwrite=overwrite,
         )
-        vae = _load(model, family, device, as_json, debug)
+        vae = _load(ModelChoice(model, family, subfolder, revision, variant), device, as_json, debug)
         with _progress("decode", _show_progress(quiet)) as progress:
             report = decode_paths(vae, inputs, out, options, run, progress)
         _finish(report, as_json, debug)
@@ -631,6 +670,9 @@ def roundtrip(
     ] = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
+    subfolder: SubfolderOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     upcast: UpcastOpt = None,
@@ -673,7 +715,7 @@ def roundtrip(
             diff_gain=diff_gain,
             overwrite=overwrite,
         )
-        vae = _load(model, family, device, as_json, debug)
+        vae = _load(ModelChoice(model, family, subfolder, revision, variant), device, as_json, debug)
         with _progress("roundtrip", _show_progress(quiet)) as progress:
             report = roundtrip_paths(vae, inputs, out, options, run, progress)
         table = Table(title="roundtrip", show_lines=False)
@@ -695,6 +737,9 @@ def roundtrip(
 def bench(
     model: ModelOpt = None,
     family: FamilyOpt = None,
+    subfolder: SubfolderOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
     resolution: Annotated[list[int], typer.Option("--resolution", "-r", min=8, help="Square side; repeat for several.")] = [512],  # noqa: B006
     batch_size: BatchOpt = 1,
     dtype: DTypeOpt = DType.fp32,
@@ -719,6 +764,7 @@ def bench(
 
         if batch_size == 0:
             raise VaecliError("bench needs a numeric --batch-size (auto sizes batches per image during conversion)")
+        ModelChoice(model, family, subfolder, revision, variant).check()
         rows = run_bench(
             model=model,
             resolutions=list(resolution),
@@ -732,6 +778,9 @@ def bench(
             tile_overlap=tile_overlap,
             family=family.value if family else None,
             compile=compile_model,
+            subfolder=subfolder,
+            revision=revision,
+            variant=variant,
         )
         failed = [r for r in rows if r.get("error")]
         items = []
@@ -776,12 +825,15 @@ def _fmt(value: Any, spec: str) -> str:
 def info(
     model: Annotated[Optional[str], typer.Argument(help="Model folder, weights file or Hub id; default: the embedded model.")] = None,
     family: FamilyOpt = None,
+    subfolder: SubfolderOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Show a model's layout, config, parameter count, latent normalization, weights sha256 and notes."""
     with _guard(as_json, debug, "info"):
-        vae = _load(model, family, Device.cpu, as_json, debug)
+        vae = _load(ModelChoice(model, family, subfolder, revision, variant), Device.cpu, as_json, debug)
         cfg = vae.config
         minfo = vae.info
         doc: dict[str, Any] = {
