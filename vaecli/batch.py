@@ -27,14 +27,16 @@ import torch
 
 from . import __version__
 from .config import LatentSpec
-from .discovery import Item, check_layout, check_output_root, discover
+from .discovery import Item, OutputNames, check_layout, check_output_root, discover, output_is_file
 from .errors import ConfigError, InputError, Interrupted, VaecliError
 from .files import folder_syncs_deferred, open_regular, sha256_of
 from .io import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_OUTPUT_SUFFIXES,
     IMAGE_SUFFIXES,
     LATENT_FORMAT,
     LATENT_FORMAT_VERSION,
+    LATENT_OUTPUT_SUFFIXES,
     LATENT_SUFFIXES,
     OutputState,
     clean_temp_files,
@@ -62,7 +64,7 @@ from .pipeline import (
     resolve_device,
 )
 
-__all__ = ["Item", "check_layout", "check_output_root", "discover"]  # re-exported: dataset.py imports them here
+__all__ = ["Item", "OutputNames", "check_layout", "check_output_root", "discover"]  # re-exported: dataset.py imports them here
 
 SIZE_POLICIES = ("pad", "crop", "resize")
 Progress = Callable[[int, int], None]  # (items finished, items in total)
@@ -544,14 +546,29 @@ def _note_batch(engine: _Engine, batch: list[Loaded], result: BatchResult, stage
     return [InputError(result.failed[i]) if i in result.failed else None for i in range(len(batch))]
 
 
-def _prepare_run(inputs: Sequence[str | Path], suffixes: Sequence[str], out: Path | None, out_suffix: str,
+def _prepare_run(inputs: Sequence[str | Path], suffixes: Sequence[str], out: Path | None, names: OutputNames,
                  siblings: Callable[[Path], Sequence[Path]] | None = None) -> tuple[list[Item], list[str], int]:
-    """(items, run notes, temp files removed): discovery, the output folder checked, dead temp files cleaned."""
+    """(items, run notes, temp files removed): discovery, the output folder checked, dead temp files cleaned.
+
+    `out` is the output folder, or the output file of a single input when it ends in one of `names`' suffixes."""
     notes: list[str] = []
-    items = discover(inputs, suffixes, out, out_suffix, siblings, notes)
-    check_output_root(items, out)
-    removed = len(clean_temp_files(out)) if out is not None else 0
-    return items, notes, removed
+    items = discover(inputs, suffixes, out, names, siblings, notes)
+    if out is None:
+        return items, notes, 0
+    single = output_is_file(inputs, out, names)
+    root = out.parent if single else out
+    check_output_root(items, root)
+    return items, notes, len(clean_temp_files(root, recursive=not single))
+
+
+def latent_names(suffix: str) -> OutputNames:
+    """Latent outputs: `-o x<suffix>` with one input names that file; another latent suffix is refused."""
+    return OutputNames(suffix, LATENT_OUTPUT_SUFFIXES)
+
+
+def image_names(fmt: str) -> OutputNames:
+    """Image outputs of format png, jpg or webp: `-o x.png` with one input names that file."""
+    return OutputNames("." + fmt, IMAGE_OUTPUT_SUFFIXES)
 
 
 # ------------------------------------------------------------------------------------- existing outputs
@@ -756,7 +773,7 @@ def encode_paths(
         raise ConfigError(f"unknown size policy {options.size_policy!r}; choose one of {', '.join(SIZE_POLICIES)}")
     if options.latent_dtype not in DTYPES:
         raise ConfigError(f"unknown latent dtype {options.latent_dtype!r}; choose one of {', '.join(DTYPES)}")
-    items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, ".safetensors")
+    items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, latent_names(".safetensors"))
     runner = Runner(vae, run)
     factor = vae.config.downsample_factor
     spec = None if options.raw else vae.config.latent_spec
@@ -894,7 +911,7 @@ def decode_paths(
         value = getattr(options, name)
         if value is not None and (not math.isfinite(value) or (name == "scaling_factor" and value == 0)):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite{', non-zero' if name == 'scaling_factor' else ''} number")
-    items, notes, removed = _prepare_run(inputs, LATENT_SUFFIXES, out, "." + options.format)
+    items, notes, removed = _prepare_run(inputs, LATENT_SUFFIXES, out, image_names(options.format))
     runner = Runner(vae, run)
     factor = vae.config.downsample_factor
     channels = vae.config.latent_channels
@@ -1002,7 +1019,7 @@ def roundtrip_paths(
     if not math.isfinite(options.diff_gain) or options.diff_gain < 0:
         raise ConfigError(f"--diff-gain must be a finite number >= 0, not {options.diff_gain}")
     siblings = (lambda target: (diff_path(target),)) if options.diff else None
-    items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, ".png", siblings)
+    items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, image_names("png"), siblings)
     runner = Runner(vae, run)
     factor = vae.config.downsample_factor
     size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)

@@ -1,7 +1,8 @@
 """The `vaecli` command: parse flags, build options, call one core function, render with Rich, exit code.
 
-Exit codes: 0 every item ok (or skipped), 1 some item failed, 2 usage error (bad option, no inputs,
-an overlapping layout, a model that cannot be loaded), 130 interrupted. `--json` prints exactly one JSON
+Exit codes: 0 every item ok (or skipped), 1 the run happened and some item failed, 2 the command as given
+cannot run (bad option, an input path that does not exist, no inputs, an overlapping layout, a model that
+cannot be loaded; nothing is read or written), 130 interrupted. `--json` prints exactly one JSON
 document on stdout, also on parse errors and Ctrl-C; every line on stderr has its control characters escaped.
 """
 
@@ -546,11 +547,15 @@ def encode(
     With --dataset: prepare a latent cache for training (buckets, crops, flips, OUT/manifest.jsonl), reusing
     latents whose source, model and settings are unchanged; runs sharded under torchrun or with --shard.
     """
-    from .batch import EncodeOptions, check_layout, encode_paths
+    from .batch import EncodeOptions, check_layout, encode_paths, latent_names
+    from .dataset.locations import is_url, shard_kind
+    from .discovery import check_inputs_exist
 
     with _guard(as_json, debug, "encode"):
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
-        check_layout(inputs, out)  # before the model loads: an overlapping layout is refused at once
+        # Before the model loads: a missing path or an overlapping layout is refused at once (shards: later).
+        check_inputs_exist([i for i in inputs if not (is_url(i) or shard_kind(i))])
+        check_layout(inputs, out, None if dataset else latent_names(".safetensors"))
         if dataset:
             from .dataset import DatasetOptions, EngineOptions, bind_local_device, parse_shard, prepare_dataset
 
@@ -637,7 +642,8 @@ def decode(
     debug: DebugOpt = False,
 ) -> None:
     """Decode latent files (ours, bare .safetensors or .npy) to images at their original size."""
-    from .batch import DecodeOptions, check_layout, decode_paths
+    from .batch import DecodeOptions, check_layout, decode_paths, image_names
+    from .discovery import check_inputs_exist
 
     with _guard(as_json, debug, "decode"):
         if scaling_factor is not None and (not math.isfinite(scaling_factor) or scaling_factor == 0):
@@ -645,7 +651,8 @@ def decode(
         if shift_factor is not None and not math.isfinite(shift_factor):
             raise VaecliError(f"--shift-factor must be a finite number, not {shift_factor}")
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
-        check_layout(inputs, out)
+        check_inputs_exist(inputs)
+        check_layout(inputs, out, image_names(image_format.value))
         options = DecodeOptions(
             batch_size=batch_size,
             format=image_format.value,
@@ -695,7 +702,8 @@ def roundtrip(
     debug: DebugOpt = False,
 ) -> None:
     """Encode and decode in memory; per-image PSNR, SSIM and max abs error (8-bit RGB, original size)."""
-    from .batch import RoundtripOptions, check_layout, roundtrip_paths
+    from .batch import RoundtripOptions, check_layout, image_names, roundtrip_paths
+    from .discovery import check_inputs_exist
 
     with _guard(as_json, debug, "roundtrip"):
         if diff and out is None:
@@ -703,7 +711,8 @@ def roundtrip(
         if not math.isfinite(diff_gain):
             raise VaecliError(f"--diff-gain must be a finite number, not {diff_gain}")
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
-        check_layout(inputs, out)
+        check_inputs_exist(inputs)
+        check_layout(inputs, out, image_names("png"))
         options = RoundtripOptions(
             batch_size=batch_size,
             sample=sample or seed is not None,

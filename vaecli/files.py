@@ -202,13 +202,15 @@ def temp_is_dead(name: str, mtime: float, now: float | None = None) -> bool:
     return start != 0 and running_since != 0 and running_since != start  # the PID now belongs to another process
 
 
-def clean_temp_files(root: Path) -> list[Path]:
-    """Delete temporary files left under `root` by runs that provably died; all others are kept."""
+def clean_temp_files(root: Path, recursive: bool = True) -> list[Path]:
+    """Delete temporary files left under `root` (or only in it) by runs that provably died; others are kept."""
     removed: list[Path] = []
     if not root.is_dir():
         return removed
     now = time.time()
-    for dirpath, _, names in os.walk(root):
+    for dirpath, subdirs, names in os.walk(root):
+        if not recursive:
+            subdirs.clear()
         for name in names:
             if not is_temp_name(name):
                 continue

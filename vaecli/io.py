@@ -30,6 +30,8 @@ __all__ = ["atomic_write", "clean_temp_files", "is_temp_name", "temp_path", "ope
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 LATENT_SUFFIXES = (".safetensors", ".npy")
+LATENT_OUTPUT_SUFFIXES = (".safetensors", ".npz", ".latent", ".npy")  # names an -o of one latent file
+IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # names an -o of one image file
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 ALPHA_POLICIES = ("white", "black", "drop")
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images need --max-pixels: one would take GBs of activations
