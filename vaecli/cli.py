@@ -25,9 +25,43 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand
 
 from . import __version__
 from .errors import VaecliError
+
+class _HelpCommand(TyperCommand):
+    """Help as plain text wrapped to the terminal (never cut short, also at 80 columns), options grouped
+    under the headings of their rich_help_panel. Typer's Rich tables give 20-character descriptions and
+    cut words with an ellipsis at 80 columns."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [self._argument_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+
+    @staticmethod
+    def _argument_name(param: Any) -> str:
+        """INPUT... for a required list, [MODEL] for an optional value (typer would print {inputs}...)."""
+        name = (param.metavar or param.name).upper() + ("..." if param.nargs != 1 else "")
+        return name if param.required else f"[{name}]"
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                record = (self._argument_name(param), (param.help or "") + ("  [required]" if param.required else ""))
+            else:
+                record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            default = "Arguments" if param.param_type_name == "argument" else "Options"
+            groups.setdefault(getattr(param, "rich_help_panel", None) or default, []).append(record)
+        order = ["Arguments", "Options", *(g for g in groups if g not in ("Arguments", "Options"))]
+        for name in order:
+            if name in groups:
+                with formatter.section(name):
+                    formatter.write_dl(groups[name])
+
 
 app = typer.Typer(
     name="vaecli",
@@ -35,8 +69,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain help (_HelpCommand)
 )
-out_console = Console(highlight=False)
+# soft_wrap: a summary line stays one line in a pipe or log (Rich would wrap it at 80 columns there).
+out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
 
 USAGE = 2
@@ -115,7 +151,7 @@ SHARDS = "Shards and engines (--dataset)"
 # -- options shared by several commands (Annotated aliases keep each signature readable) ------------------
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Diffusers folder, single weights file or Hub id; default: the embedded model.", rich_help_panel=MODEL),
+    typer.Option("--model", "-m", metavar="MODEL", help="Diffusers folder, single weights file or Hub id; default: the embedded model.", rich_help_panel=MODEL),
 ]
 FamilyOpt = Annotated[
     Optional[Family],
@@ -140,19 +176,19 @@ UpcastOpt = Annotated[
     typer.Option("--upcast/--no-upcast", help="Run fp16 requests in fp32 (default: as the model's force_upcast says).", rich_help_panel=RUN),
 ]
 TilingOpt = Annotated[Tiling, typer.Option("--tiling", help="Tiled encode/decode: auto (when memory requires), on, off.", rich_help_panel=RUN)]
-TileSizeOpt = Annotated[int, typer.Option("--tile-size", min=8, help="Tile side in image pixels.", rich_help_panel=RUN)]
-TileOverlapOpt = Annotated[int, typer.Option("--tile-overlap", min=0, help="Tile overlap in image pixels.", rich_help_panel=RUN)]
+TileSizeOpt = Annotated[int, typer.Option("--tile-size", metavar="PIXELS", min=8, help="Tile side in image pixels.", rich_help_panel=RUN)]
+TileOverlapOpt = Annotated[int, typer.Option("--tile-overlap", metavar="PIXELS", min=0, help="Tile overlap in image pixels.", rich_help_panel=RUN)]
 CompileOpt = Annotated[
     bool,
     typer.Option(
         "--compile/--no-compile",
         help="torch.compile encoder and decoder: faster steady state, a one-time compile (cached on disk "
-        "under ~/.cache/vaecli/inductor, so later runs start fast). Off by default.",
+        "under ~/.cache/vaecli/inductor, so later runs start fast).",
         rich_help_panel=RUN,
     ),
 ]
 SlicingOpt = Annotated[
-    Optional[int], typer.Option("--slicing", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
+    Optional[int], typer.Option("--slicing", metavar="N", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
 ]
 def _batch_size(value: str | int) -> int:
     """--batch-size: a positive number, or auto (0 inside: sized from free memory per image size)."""
@@ -182,7 +218,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar."
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that already exist.", rich_help_panel=OUTPUT)]
 MaxPixelsOpt = Annotated[
-    int, typer.Option("--max-pixels", min=0, help="Refuse larger images (0: no limit).", rich_help_panel=OUTPUT)
+    int, typer.Option("--max-pixels", metavar="N", min=0, help="Refuse larger images (0: no limit).", rich_help_panel=OUTPUT)
 ]
 AlphaOpt = Annotated[
     Alpha, typer.Option("--alpha", help="Transparent pixels: composite over white or black, or drop alpha.", rich_help_panel=OUTPUT)
@@ -192,11 +228,14 @@ SizePolicyOpt = Annotated[
     typer.Option("--size-policy", help="Sides not divisible by 8: pad (undone exactly), crop (centre) or resize.", rich_help_panel=OUTPUT),
 ]
 SampleOpt = Annotated[bool, typer.Option("--sample", help="Sample the posterior instead of taking its mode.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (implies it); noise depends on (seed, path).")]
-InputsArg = Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively).", show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Seed for --sample (implies it); noise depends on (seed, path).")]
+InputsArg = Annotated[
+    list[Path], typer.Argument(metavar="INPUT", help="Files or folders (searched recursively).", show_default=False)
+]
 EncodeInputsArg = Annotated[
     list[str],
     typer.Argument(
+        metavar="INPUT",
         help="Files or folders (searched recursively); with --dataset also shards: .tar/.parquet files or URLs "
         "(s3://, gs://, hf://), brace lists like 'data/{00000..00099}.tar', globs.",
         show_default=False,
@@ -494,10 +533,10 @@ def _summary(report: Any, doc: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ commands
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Images to latent files; with --dataset a training cache.")
 def encode(
     inputs: EncodeInputsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <rel>.safetensors latents.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder for <rel>.safetensors latents.", show_default=False)],
     model: ModelOpt = None,
     family: FamilyOpt = None,
     subfolder: SubfolderOpt = None,
@@ -521,23 +560,23 @@ def encode(
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     overwrite: OverwriteOpt = False,
     dataset: Annotated[bool, typer.Option("--dataset", help="Prepare a training cache: aspect buckets, crops, manifest.jsonl, invalidation.", rich_help_panel=DATASET)] = False,
-    bucket_resolution: Annotated[int, typer.Option("--bucket-resolution", min=8, help="Side of the square bucket whose area all buckets share (SD 1.x: 512, SDXL: 1024).", rich_help_panel=DATASET)] = 512,
-    bucket_step: Annotated[int, typer.Option("--bucket-step", min=8, help="Bucket sides are multiples of this.", rich_help_panel=DATASET)] = 64,
-    min_bucket_size: Annotated[Optional[int], typer.Option("--min-bucket-size", help="Shortest bucket side [default: resolution/2].", rich_help_panel=DATASET)] = None,
-    max_bucket_size: Annotated[Optional[int], typer.Option("--max-bucket-size", help="Longest bucket side [default: resolution*2].", rich_help_panel=DATASET)] = None,
+    bucket_resolution: Annotated[int, typer.Option("--bucket-resolution", metavar="PIXELS", min=8, help="Side of the square bucket whose area all buckets share (SD 1.x: 512, SDXL: 1024).", rich_help_panel=DATASET)] = 512,
+    bucket_step: Annotated[int, typer.Option("--bucket-step", metavar="PIXELS", min=8, help="Bucket sides are multiples of this.", rich_help_panel=DATASET)] = 64,
+    min_bucket_size: Annotated[Optional[int], typer.Option("--min-bucket-size", metavar="PIXELS", help="Shortest bucket side.", show_default="resolution/2", rich_help_panel=DATASET)] = None,
+    max_bucket_size: Annotated[Optional[int], typer.Option("--max-bucket-size", metavar="PIXELS", help="Longest bucket side.", show_default="resolution*2", rich_help_panel=DATASET)] = None,
     no_upscale: Annotated[bool, typer.Option("--no-upscale", help="Never enlarge: small images get a bucket that fits inside them.", rich_help_panel=DATASET)] = False,
     random_crop: Annotated[bool, typer.Option("--random-crop", help="Crop at a random offset (from --crop-seed and the path) instead of the centre.", rich_help_panel=DATASET)] = False,
-    crop_seed: Annotated[int, typer.Option("--crop-seed", help="Seed of --random-crop.", rich_help_panel=DATASET)] = 0,
+    crop_seed: Annotated[int, typer.Option("--crop-seed", metavar="N", help="Seed of --random-crop.", rich_help_panel=DATASET)] = 0,
     flip: Annotated[bool, typer.Option("--flip", help="Also store the latent of the horizontally flipped image (latent_flipped).", rich_help_panel=DATASET)] = False,
     moments: Annotated[bool, typer.Option("--moments", help="Also store the posterior mean and logvar, to sample at training time.", rich_help_panel=DATASET)] = False,
     cache_format: Annotated[CacheFormat, typer.Option("--format", help="Cache files: vaecli (safetensors + metadata), kohya (.npz for sd-scripts), comfyui (.latent).", rich_help_panel=DATASET)] = CacheFormat.vaecli,
     kohya_next_to_images: Annotated[bool, typer.Option("--kohya-next-to-images", help="kohya format: write <stem>.npz beside each image instead of under OUT.", rich_help_panel=DATASET)] = False,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="Take shard i of n (i/n, 0-based), e.g. for Slurm arrays; under torchrun RANK/WORLD_SIZE are used.", rich_help_panel=DATASET)] = None,
-    layout: Annotated[Optional[Layout], typer.Option("--layout", help="folder: a file per image (image inputs); tar (WebDataset) or parquet: one latent shard per input shard [default: by input].", rich_help_panel=SHARDS)] = None,
-    image_column: Annotated[Optional[str], typer.Option("--image-column", help="Shards: the tar member suffix (jpg) or parquet column (image) holding the image [default: found].", rich_help_panel=SHARDS)] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Take shard i of n (i/n, 0-based), e.g. for Slurm arrays; under torchrun RANK/WORLD_SIZE are used.", rich_help_panel=DATASET)] = None,
+    layout: Annotated[Optional[Layout], typer.Option("--layout", help="folder: a file per image (image inputs); tar (WebDataset) or parquet: one latent shard per input shard.", show_default="by input", rich_help_panel=SHARDS)] = None,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", metavar="NAME", help="Shards: the tar member suffix (jpg) or parquet column (image) holding the image.", show_default="found", rich_help_panel=SHARDS)] = None,
     engine: Annotated[Engine, typer.Option("--engine", help="local: this process (with --shard or torchrun); ray: a Ray cluster, the VAE as an actor pool (pip install 'vaecli[ray]').", rich_help_panel=SHARDS)] = Engine.local,
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to join (host:6379 or ray://host:10001) [default: RAY_ADDRESS, else a new local one].", rich_help_panel=SHARDS)] = None,
-    ray_workers: Annotated[int, typer.Option("--ray-workers", min=0, help="Ray VAE actors; 0: one per GPU (--device cuda) or per CPU of the cluster.", rich_help_panel=SHARDS)] = 0,
+    address: Annotated[Optional[str], typer.Option("--address", metavar="ADDR", help="Ray cluster to join (host:6379 or ray://host:10001).", show_default="RAY_ADDRESS, else a new local one", rich_help_panel=SHARDS)] = None,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", metavar="N", min=0, help="Ray VAE actors; 0: one per GPU (--device cuda) or per CPU of the cluster.", rich_help_panel=SHARDS)] = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -610,10 +649,10 @@ def encode(
         _finish(report, as_json, debug)
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Latent files back to images at their original size.")
 def decode(
     inputs: InputsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <rel>.<format> images.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder for <rel>.<format> images.", show_default=False)],
     model: ModelOpt = None,
     family: FamilyOpt = None,
     subfolder: SubfolderOpt = None,
@@ -629,12 +668,12 @@ def decode(
     compile_model: CompileOpt = False,
     batch_size: BatchOpt = 4,
     image_format: Annotated[ImageFormat, typer.Option("--format", help="Image format written.", rich_help_panel=OUTPUT)] = ImageFormat.png,
-    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality (WebP 100: lossless).", rich_help_panel=OUTPUT)] = 95,
+    quality: Annotated[int, typer.Option("--quality", metavar="Q", min=1, max=100, help="JPEG/WebP quality (WebP 100: lossless).", rich_help_panel=OUTPUT)] = 95,
     force: Annotated[bool, typer.Option("--force", help="Decode latents made by another model.")] = False,
     scaling_factor: Annotated[
-        Optional[float], typer.Option("--scaling-factor", help="Normalization of latents without vaecli metadata (overrides metadata).")
+        Optional[float], typer.Option("--scaling-factor", metavar="X", help="Normalization of latents without vaecli metadata (overrides metadata).")
     ] = None,
-    shift_factor: Annotated[Optional[float], typer.Option("--shift-factor", help="Shift of such latents (SD3/Flux).")] = None,
+    shift_factor: Annotated[Optional[float], typer.Option("--shift-factor", metavar="X", help="Shift of such latents (SD3/Flux).")] = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
@@ -669,11 +708,11 @@ def decode(
         _finish(report, as_json, debug)
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Encode and decode; PSNR, SSIM and max error per image.")
 def roundtrip(
     inputs: InputsArg,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Write reconstructions to OUT/<rel>.png.", show_default=False)
+        Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write reconstructions to OUT/<rel>.png.", show_default=False)
     ] = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
@@ -694,7 +733,7 @@ def roundtrip(
     size_policy: SizePolicyOpt = SizePolicy.pad,
     alpha: AlphaOpt = Alpha.white,
     diff: Annotated[bool, typer.Option("--diff", help="Also write OUT/<rel>.diff.png, |error| x --diff-gain.", rich_help_panel=OUTPUT)] = False,
-    diff_gain: Annotated[float, typer.Option("--diff-gain", min=0.0, help="Amplification of the error map.", rich_help_panel=OUTPUT)] = 8.0,
+    diff_gain: Annotated[float, typer.Option("--diff-gain", metavar="GAIN", min=0.0, help="Amplification of the error map.", rich_help_panel=OUTPUT)] = 8.0,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
@@ -729,7 +768,7 @@ def roundtrip(
             report = roundtrip_paths(vae, inputs, out, options, run, progress)
         table = Table(title="roundtrip", show_lines=False)
         for name, justify in (("input", "left"), ("status", "left"), ("PSNR dB", "right"), ("SSIM", "right"), ("max err", "right")):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+            table.add_column(name, justify=justify, min_width=len(name), overflow="fold")  # type: ignore[arg-type]
         for r in report.items:
             m = r.metrics
             table.add_row(
@@ -742,14 +781,14 @@ def roundtrip(
         _finish(report, as_json, debug, table if report.items else None)
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Time encode and decode: ms/image, images/s, peak memory.")
 def bench(
     model: ModelOpt = None,
     family: FamilyOpt = None,
     subfolder: SubfolderOpt = None,
     revision: RevisionOpt = None,
     variant: VariantOpt = None,
-    resolution: Annotated[list[int], typer.Option("--resolution", "-r", min=8, help="Square side; repeat for several.")] = [512],  # noqa: B006
+    resolution: Annotated[list[int], typer.Option("--resolution", "-r", metavar="PIXELS", min=8, help="Square side; repeat for several.")] = [512],  # noqa: B006
     batch_size: BatchOpt = 1,
     dtype: DTypeOpt = DType.fp32,
     tiling: TilingOpt = Tiling.off,
@@ -757,8 +796,8 @@ def bench(
     tile_overlap: TileOverlapOpt = 64,
     device: DeviceOpt = Device.auto,
     compile_model: CompileOpt = False,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first (the first one's time is reported).")] = 1,
-    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed runs.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed runs first (the first one's time is reported).")] = 1,
+    iters: Annotated[int, typer.Option("--iters", metavar="N", min=1, help="Timed runs.")] = 3,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -805,34 +844,42 @@ def bench(
                 {"results": rows, "ok": len(rows) - len(failed), "failed": len(failed), "skipped": 0, "items": items}
             )
         else:
-            table = Table(title="bench")
-            for name in ("op", "resolution", "batch", "dtype", "tiling", "ms/img", "img/s", "peak MiB", "warm-up s"):
-                table.add_column(name, justify="left" if name in ("op", "dtype", "tiling") else "right")
-            for r in rows:
-                peak = r.get("peak_memory_bytes")
-                table.add_row(
-                    str(r.get("op")),
-                    str(r.get("resolution")),
-                    str(r.get("batch_size")),
-                    str(r.get("dtype")),
-                    str(r.get("tiling")),
-                    _fmt(r.get("ms_per_img"), ".1f"),
-                    _fmt(r.get("img_per_s"), ".2f"),
-                    _fmt(peak / 2**20 if isinstance(peak, (int, float)) else None, ".0f"),
-                    _fmt(r.get("warmup_s"), ".2f"),
-                )
-            out_console.print(table)
+            out_console.print(bench_table(rows))
         if failed:
             raise typer.Exit(ITEMS_FAILED)
+
+
+def bench_table(rows: list[dict[str, Any]]) -> Table:
+    """The bench rows as a table that fits 80 columns (no frame, whole headers; cells fold, never cut)."""
+    from rich import box
+
+    table = Table(title="bench", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name in ("op", "res", "batch", "dtype", "tiling", "ms/img", "img/s", "peak MiB", "warm-up s"):
+        table.add_column(name, justify="left" if name in ("op", "dtype", "tiling") else "right",
+                         min_width=len(name), overflow="fold")
+    for r in rows:
+        peak = r.get("peak_memory_bytes")
+        table.add_row(
+            str(r.get("op")),
+            str(r.get("resolution")),
+            str(r.get("batch_size")),
+            str(r.get("dtype")),
+            str(r.get("tiling")),
+            _fmt(r.get("ms_per_img"), ".1f"),
+            _fmt(r.get("img_per_s"), ".2f"),
+            _fmt(peak / 2**20 if isinstance(peak, (int, float)) else None, ".0f"),
+            _fmt(r.get("warmup_s"), ".2f"),
+        )
+    return table
 
 
 def _fmt(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="A model's layout, config, normalization and sha256.")
 def info(
-    model: Annotated[Optional[str], typer.Argument(help="Model folder, weights file or Hub id; default: the embedded model.")] = None,
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Model folder, weights file or Hub id; default: the embedded model.")] = None,
     family: FamilyOpt = None,
     subfolder: SubfolderOpt = None,
     revision: RevisionOpt = None,
