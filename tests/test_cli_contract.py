@@ -94,3 +94,33 @@ def test_an_existing_folder_with_a_suffix_stays_a_folder(model, tmp_path):
     (tmp_path / "odd.safetensors").mkdir()
     assert run_cli("encode", image, "-o", tmp_path / "odd.safetensors", "--model", model).exit_code == 0
     assert (tmp_path / "odd.safetensors" / "a.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- --json
+
+
+def test_every_item_has_notes(model, tmp_path):
+    image = noise_image(tmp_path / "a.png", 16, 16)
+    docs = [run_json("encode", image, "-o", tmp_path / "lat", "--model", model)[1],
+            run_json("decode", tmp_path / "lat", "-o", tmp_path / "dec", "--model", model)[1],
+            run_json("roundtrip", image, "--model", model)[1],
+            run_json("info", model)[1]]
+    for doc in docs:
+        assert doc["items"] and all(isinstance(item["notes"], list) for item in doc["items"]), doc
+    assert docs[0]["items"][0]["notes"] == []
+
+
+def test_under_torchrun_only_dataset_encode_runs_and_only_rank_0_prints_json(model, tmp_path):
+    from typer.testing import CliRunner
+
+    from vaecli.cli import app
+
+    image = noise_image(tmp_path / "a.png", 16, 16)
+    for rank, printed in (("0", True), ("1", False)):
+        r = CliRunner().invoke(app, ["decode", str(image), "-o", str(tmp_path / "o"), "--model", model, "--json"],
+                               env={"WORLD_SIZE": "2", "RANK": rank})
+        assert r.exit_code == 2 and "only encode --dataset does" in r.stderr
+        assert bool(r.stdout.strip()) == printed  # one JSON document over all ranks: rank 0's
+        if printed:
+            assert json.loads(r.stdout)["error"].startswith("decode does not split its work")
+    assert not (tmp_path / "o").exists()

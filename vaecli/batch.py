@@ -140,8 +140,7 @@ class ItemResult:
         d.update(self.metrics)
         if self.retries:
             d["retries"] = self.retries
-        if self.notes:
-            d["notes"] = self.notes
+        d["notes"] = list(self.notes)  # always present (empty when there are none), as docs/cli.md promises
         return d
 
 

@@ -377,7 +377,18 @@ def _interrupted(as_json: bool, results: list[Any] | None, command: str | None =
         _print_json(doc)
 
 
+def _secondary_rank() -> bool:
+    """Under torchrun, a process other than rank 0: it prints no JSON document and no summary (rank 0's
+    report holds every rank's items), so stdout carries exactly one document."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) != 0
+    except ValueError:
+        return False
+
+
 def _print_json(doc: dict[str, Any]) -> None:
+    if _secondary_rank():
+        return
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
@@ -475,6 +486,14 @@ def _load(choice: ModelChoice, device: Device, as_json: bool, debug: bool) -> An
         raise _usage(f"cannot load the model: {msg if name in msg else f'{name}: {msg}'}", as_json) from None
 
 
+def _refuse_torchrun(command: str) -> None:
+    """Only encode --dataset splits its work over torchrun's processes; anything else would run whole in
+    every process, each writing the same outputs."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise VaecliError(f"{command} does not split its work over torchrun's processes (only encode --dataset "
+                          "does); run it as a single process")
+
+
 def _run_options(
     dtype: DType, upcast: bool | None, tiling: Tiling, tile_size: int, tile_overlap: int, slicing: int | None,
     compile: bool = False,
@@ -488,6 +507,8 @@ def _run_options(
 
 def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None) -> None:
     """Print failures (stderr), then the JSON document or a summary; exit 1 when some item failed."""
+    if _secondary_rank():  # torchrun: rank 0 reports every rank's items, errors included
+        raise typer.Exit(ITEMS_FAILED if report.count("failed") else 0)
     for r in report.items:
         if r.status == "failed":
             line = f"{printable(r.input)}: {printable(_one_line(r.error or ''))}"
@@ -614,7 +635,7 @@ def encode(
             vae = _load(ModelChoice(model, family, subfolder, revision, variant), Device.cpu if engine == Engine.ray else device, as_json, debug)
             with _progress("dataset", _show_progress(quiet)) as progress:
                 report = prepare_dataset(vae, inputs, out, ds, run, shard=part, progress=progress, engine=spread)
-            if not as_json:
+            if not as_json and not _secondary_rank():
                 if report.shards:
                     doc = report.to_dict()
                     out_console.print(f"shards: {doc['shards_ok']} written, {doc['shards_skipped']} reused, "
@@ -624,6 +645,7 @@ def encode(
                     out_console.print(f"missing source (latent kept, dropped from manifest): {escape(source)}")
             _finish(report, as_json, debug)
             return
+        _refuse_torchrun("encode without --dataset")
         dataset_only = {"--shard": shard is not None, "--flip": flip, "--moments": moments, "--no-upscale": no_upscale,
                         "--random-crop": random_crop, "--format": cache_format != CacheFormat.vaecli,
                         "--kohya-next-to-images": kohya_next_to_images, "--layout": layout is not None,
@@ -685,6 +707,7 @@ def decode(
     from .discovery import check_inputs_exist
 
     with _guard(as_json, debug, "decode"):
+        _refuse_torchrun("decode")
         if scaling_factor is not None and (not math.isfinite(scaling_factor) or scaling_factor == 0):
             raise VaecliError(f"--scaling-factor must be a finite, non-zero number, not {scaling_factor}")
         if shift_factor is not None and not math.isfinite(shift_factor):
@@ -745,6 +768,7 @@ def roundtrip(
     from .discovery import check_inputs_exist
 
     with _guard(as_json, debug, "roundtrip"):
+        _refuse_torchrun("roundtrip")
         if diff and out is None:
             raise VaecliError("--diff needs -o/--out: the error maps are written beside the reconstructions")
         if not math.isfinite(diff_gain):
@@ -833,7 +857,7 @@ def bench(
         failed = [r for r in rows if r.get("error")]
         items = []
         for r in rows:
-            item = {"input": f"{r.get('op')} {r.get('resolution')}", "output": None, "status": "ok"}
+            item = {"input": f"{r.get('op')} {r.get('resolution')}", "output": None, "status": "ok", "notes": []}
             if r.get("error"):
                 item.update(status="failed", error=str(r["error"]))
             items.append(item)
@@ -907,7 +931,7 @@ def info(
             "config": cfg.to_dict(),
         }
         if as_json:
-            item = {"input": minfo.name, "output": None, "status": "ok"}
+            item = {"input": minfo.name, "output": None, "status": "ok", "notes": list(minfo.notes)}
             _print_json({**doc, "ok": 1, "failed": 0, "skipped": 0, "items": [item]})
             return
         table = Table(show_header=False, box=None)

@@ -65,9 +65,25 @@ class DatasetReport(Report):
     notes: list[str] = field(default_factory=list)
     shards: list[dict[str, Any]] = field(default_factory=list)  # shard inputs: what became of each
 
+    ranks: int = 1  # torchrun: how many ranks' results this report holds (rank 0's holds them all)
+
+    def absorb(self, others: list[DatasetReport]) -> None:
+        """Add the results of other torchrun ranks (their items, counts, events, missing sources, shards)."""
+        for other in others:
+            self.items.extend(other.items)
+            self.events.extend(other.events)
+            self.computed += other.computed
+            self.tiles += other.tiles
+            self.temp_files_removed += other.temp_files_removed
+            self.missing.extend(other.missing)
+            self.shards.extend(other.shards)
+            self.notes.extend(n for n in other.notes if n not in self.notes)
+            self.ranks += 1
+
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d.update(
+            ranks=self.ranks,
             missing=self.missing,
             shard=f"{self.shard[0]}/{self.shard[1]}",
             manifest=self.manifest,
@@ -147,7 +163,9 @@ def _prepare_here(
             barrier_after_error()
         raise
     if distributed:
-        finish_distributed(lambda: merge(report, True) if index == 0 else None, created_group)
+        everyone = finish_distributed(lambda: merge(report, True) if index == 0 else None, created_group, report)
+        if everyone is not None:
+            report.absorb(everyone[1:])  # rank 0 reports the whole run (one JSON document under torchrun)
     elif count > 1:
         merge(report, False)
     return report

@@ -103,14 +103,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def finish_distributed(merge: Callable[[], None], created_group: bool) -> None:
+def finish_distributed(merge: Callable[[], None], created_group: bool, report: T) -> list[T] | None:
     """torchrun: wait for every rank's share, run `merge` (a no-op on all ranks but one), and return on
-    every rank only after the merge."""
+    every rank only after the merge: on rank 0 every rank's `report` (rank order), elsewhere None."""
+    import torch.distributed as dist
+
     barrier()
     merge()
     barrier()
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(report, gathered, dst=0)  # so that one process can report the whole run
     if created_group:
-        torch.distributed.destroy_process_group()
+        dist.destroy_process_group()
+    return gathered
 
 
 def barrier_after_error() -> None:
