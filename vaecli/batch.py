@@ -29,6 +29,7 @@ from . import __version__
 from .config import LatentSpec
 from .discovery import Item, OutputNames, check_layout, check_output_root, discover, output_is_file
 from .errors import ConfigError, InputError, Interrupted, VaecliError
+from .exports import CONTAINER_SUFFIX, COMFYUI_LEGACY_SCALE, alpha_for, kohya_plain_arrays, write_comfyui, write_kohya
 from .files import folder_syncs_deferred, open_regular, sha256_of
 from .io import (
     DEFAULT_MAX_PIXELS,
@@ -38,6 +39,7 @@ from .io import (
     LATENT_FORMAT_VERSION,
     LATENT_OUTPUT_SUFFIXES,
     LATENT_SUFFIXES,
+    LatentFile,
     OutputState,
     clean_temp_files,
     decode_image,
@@ -83,10 +85,12 @@ class EncodeOptions:
     seed: int = 0  # with sample: noise per image from a generator seeded by (seed, relative path)
     size_policy: str = "pad"  # sides not divisible by the downsample factor: pad, crop or resize
     latent_dtype: str = "fp32"  # precision of the stored tensor
-    alpha: str = "white"  # transparent pixels: composite over white or black, or drop the alpha channel
+    alpha: str | None = None  # transparent pixels: white or black background, or drop; None: white (kohya: its own)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused
     overwrite: bool = False  # recompute outputs that exist
     workers: int = 0  # reader threads; 0 = min(4, CPUs)
+    format: str = "vaecli"  # vaecli (.safetensors), kohya (.npz, kohya's pixel conventions) or comfyui (.latent)
+    flat: bool = False  # every output at the top of the output folder, named by the input's file name
 
 
 @dataclass(frozen=True)
@@ -546,12 +550,14 @@ def _note_batch(engine: _Engine, batch: list[Loaded], result: BatchResult, stage
 
 
 def _prepare_run(inputs: Sequence[str | Path], suffixes: Sequence[str], out: Path | None, names: OutputNames,
-                 siblings: Callable[[Path], Sequence[Path]] | None = None) -> tuple[list[Item], list[str], int]:
+                 siblings: Callable[[Path], Sequence[Path]] | None = None,
+                 flat: bool = False) -> tuple[list[Item], list[str], int]:
     """(items, run notes, temp files removed): discovery, the output folder checked, dead temp files cleaned.
 
-    `out` is the output folder, or the output file of a single input when it ends in one of `names`' suffixes."""
+    `out` is the output folder, or the output file of a single input when it ends in one of `names`' suffixes;
+    flat: every output at the top of the folder (see discover)."""
     notes: list[str] = []
-    items = discover(inputs, suffixes, out, names, siblings, notes)
+    items = discover(inputs, suffixes, out, names, siblings, notes, flat=flat)
     if out is None:
         return items, notes, 0
     single = output_is_file(inputs, out, names)
@@ -768,14 +774,21 @@ def encode_paths(
     A file at an output path that is not a vaecli latent is replaced only with overwrite.
     """
     start = time.perf_counter()
+    fmt = options.format
     if options.size_policy not in SIZE_POLICIES:
         raise ConfigError(f"unknown size policy {options.size_policy!r}; choose one of {', '.join(SIZE_POLICIES)}")
     if options.latent_dtype not in DTYPES:
         raise ConfigError(f"unknown latent dtype {options.latent_dtype!r}; choose one of {', '.join(DTYPES)}")
-    items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, latent_names(".safetensors"))
+    if fmt not in CONTAINER_SUFFIX:
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(CONTAINER_SUFFIX)}")
+    if fmt != "vaecli" and options.latent_dtype != "fp32":
+        raise ConfigError(f"--format {fmt} stores float32 latents (what its reader expects); drop --latent-dtype")
+    alpha = alpha_for(fmt, options.alpha)
+    items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, latent_names(CONTAINER_SUFFIX[fmt]),
+                                         flat=options.flat)
     runner = Runner(vae, run)
     factor = vae.config.downsample_factor
-    spec = None if options.raw else vae.config.latent_spec
+    spec = None if options.raw or fmt != "vaecli" else vae.config.latent_spec  # kohya, ComfyUI: raw latents
     store_dtype = DTYPES[options.latent_dtype]
     info = model_summary(vae)
     settings = {
@@ -785,7 +798,8 @@ def encode_paths(
         "seed": str(options.seed) if options.sample else "",
         "size_policy": options.size_policy,
         "latent_dtype": options.latent_dtype,
-        "alpha": options.alpha,
+        "alpha": alpha,
+        **({"pixels": "kohya"} if fmt == "kohya" else {}),  # stored orientation, Pillow's RGB conversion
     }
     size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
     engine = _Engine(items, size, options.workers, progress, batch_for)
@@ -798,7 +812,7 @@ def encode_paths(
             skip, note = reuse_output(latent_output_state(item.output), want, options.overwrite, item.output)
             if skip:
                 return Skip()
-            pixels = decode_image(fh, options.alpha, options.max_pixels)
+            pixels = decode_image(fh, alpha, options.max_pixels, "kohya" if fmt == "kohya" else "vaecli")
         h, w = pixels.shape[:2]
         prepared, undo = apply_size_policy(pixels, factor, options.size_policy)
         extra = {"width": w, "height": h, "undo": undo, "source_sha256": source_sha}
@@ -846,9 +860,17 @@ def encode_paths(
             "source_sha256": e["source_sha256"],
         }
         assert loaded.item.output is not None
-        write_latent(loaded.item.output, z, meta)
+        if fmt == "comfyui":
+            write_comfyui(loaded.item.output, z, meta)
+        elif fmt == "kohya":
+            write_kohya(loaded.item.output, kohya_plain_arrays(z, meta))
+        else:
+            write_latent(loaded.item.output, z, meta)
 
     engine.run(load, lambda b: b.x.shape, compute, save)
+    if fmt == "kohya":
+        notes.append("kohya format without --dataset: each latent has its image's own size; kohya uses a cache only "
+                     "at the size of its bucket (use --dataset for a training cache)")
     return _report("encode", engine, vae, start, removed, notes)
 
 
@@ -872,6 +894,26 @@ def latent_spec_from_meta(meta: Mapping[str, str], channels: int | None = None) 
         return LatentSpec.from_dict(data)
     except ConfigError as exc:
         raise InputError(f"latent metadata 'latent_spec': {exc}") from None
+
+
+def stored_spec(lf: LatentFile, channels: int, model_scale: float) -> LatentSpec | None:
+    """The normalization a latent file's values carry, from its container's own convention: ComfyUI's
+    marker (present: raw; absent: SD-scaled, as LoadLatent reads it), kohya's raw caches, our metadata.
+    A bare tensor carries none: InputError asking for --scaling-factor."""
+    if lf.container in ("comfyui", "kohya"):
+        if lf.meta is not None and lf.meta.get("latent_spec", "none") != "none":
+            raise InputError(f"inconsistent file: its metadata says normalized latents, but a {lf.container} file "
+                             "holds raw ones")
+        if lf.container == "comfyui" and not lf.marker:
+            return LatentSpec(COMFYUI_LEGACY_SCALE)  # LoadLatent multiplies such files by 1/0.18215
+        return None
+    if lf.meta is not None:
+        return latent_spec_from_meta(lf.meta, channels)
+    raise InputError(
+        "bare latent without vaecli metadata: say how it is normalized with --scaling-factor "
+        f"(and --shift-factor), e.g. --scaling-factor {model_scale:g} for this model's "
+        "diffusion latents or --scaling-factor 1 for raw VAE latents"
+    )
 
 
 def _check_meta_header(meta: Mapping[str, str], info: Mapping[str, Any], force: bool) -> None:
@@ -954,15 +996,9 @@ def decode_paths(
         if meta is not None:
             _check_meta_header(meta, info, options.force)
             target = (decoded_size(meta, h, w, factor, options.max_pixels), meta.get("size_policy", "pad"))
-            spec = flag_spec if override else latent_spec_from_meta(meta, channels)
-        elif override:
-            target, spec = ((h * factor, w * factor), "crop"), flag_spec
-        else:
-            raise InputError(
-                "bare latent without vaecli metadata: say how it is normalized with --scaling-factor "
-                f"(and --shift-factor), e.g. --scaling-factor {vae.config.scaling_factor:g} for this model's "
-                "diffusion latents or --scaling-factor 1 for raw VAE latents"
-            )
+        else:  # the latent's own size: a bucket (kohya, ComfyUI) or whatever a bare tensor holds
+            target = ((h * factor, w * factor), "crop")
+        spec = flag_spec if override else stored_spec(lf, channels, vae.config.scaling_factor)
         if not torch.isfinite(lf.tensor).all():
             raise InputError("latent holds NaN or Inf values")
         z = spec.denormalize(lf.tensor) if spec is not None else lf.tensor

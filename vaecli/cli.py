@@ -221,7 +221,9 @@ MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", metavar="N", min=0, help="Refuse larger images (0: no limit).", rich_help_panel=OUTPUT)
 ]
 AlphaOpt = Annotated[
-    Alpha, typer.Option("--alpha", help="Transparent pixels: composite over white or black, or drop alpha.", rich_help_panel=OUTPUT)
+    Optional[Alpha],
+    typer.Option("--alpha", help="Transparent pixels: composite over white or black, or drop alpha (--format kohya: "
+                 "always dropped, as kohya does).", show_default="white", rich_help_panel=OUTPUT)
 ]
 SizePolicyOpt = Annotated[
     SizePolicy,
@@ -494,6 +496,22 @@ def _refuse_torchrun(command: str) -> None:
                           "does); run it as a single process")
 
 
+def _buckets(
+    kohya_config: Path | None, inputs: list[str], resolution: int | None, step: int | None, lo: int | None,
+    hi: int | None, no_upscale: bool, flip: bool,
+) -> dict[str, Any]:
+    """DatasetOptions' bucket fields: from our flags, or kohya's dataset config with our flags standing for
+    kohya's command line (filling what the config leaves out)."""
+    if kohya_config is None:
+        return dict(bucket_resolution=resolution or 512, bucket_step=step or 64, min_bucket_size=lo,
+                    max_bucket_size=hi, no_upscale=no_upscale, flip=flip)
+    from .dataset.kohya_config import read_kohya_config
+
+    flags = {"resolution": resolution, "bucket_reso_steps": step, "min_bucket_reso": lo, "max_bucket_reso": hi,
+             "bucket_no_upscale": no_upscale or None, "flip_aug": flip or None}
+    return read_kohya_config(kohya_config, inputs, flags).as_options()
+
+
 def _run_options(
     dtype: DType, upcast: bool | None, tiling: Tiling, tile_size: int, tile_overlap: int, slicing: int | None,
     compile: bool = False,
@@ -577,12 +595,12 @@ def encode(
     raw: Annotated[bool, typer.Option("--raw", help="Store raw VAE latents, not the model's normalized ones.", rich_help_panel=OUTPUT)] = False,
     size_policy: SizePolicyOpt = SizePolicy.pad,
     latent_dtype: Annotated[DType, typer.Option("--latent-dtype", help="Precision of the stored latents.", rich_help_panel=OUTPUT)] = DType.fp32,
-    alpha: AlphaOpt = Alpha.white,
+    alpha: AlphaOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     overwrite: OverwriteOpt = False,
     dataset: Annotated[bool, typer.Option("--dataset", help="Prepare a training cache: aspect buckets, crops, manifest.jsonl, invalidation.", rich_help_panel=DATASET)] = False,
-    bucket_resolution: Annotated[int, typer.Option("--bucket-resolution", metavar="PIXELS", min=8, help="Side of the square bucket whose area all buckets share (SD 1.x: 512, SDXL: 1024).", rich_help_panel=DATASET)] = 512,
-    bucket_step: Annotated[int, typer.Option("--bucket-step", metavar="PIXELS", min=8, help="Bucket sides are multiples of this.", rich_help_panel=DATASET)] = 64,
+    bucket_resolution: Annotated[Optional[int], typer.Option("--bucket-resolution", metavar="PIXELS", min=8, help="Side of the square bucket whose area all buckets share (SD 1.x: 512, SDXL: 1024).", show_default="512", rich_help_panel=DATASET)] = None,
+    bucket_step: Annotated[Optional[int], typer.Option("--bucket-step", metavar="PIXELS", min=8, help="Bucket sides are multiples of this.", show_default="64", rich_help_panel=DATASET)] = None,
     min_bucket_size: Annotated[Optional[int], typer.Option("--min-bucket-size", metavar="PIXELS", help="Shortest bucket side.", show_default="resolution/2", rich_help_panel=DATASET)] = None,
     max_bucket_size: Annotated[Optional[int], typer.Option("--max-bucket-size", metavar="PIXELS", help="Longest bucket side.", show_default="resolution*2", rich_help_panel=DATASET)] = None,
     no_upscale: Annotated[bool, typer.Option("--no-upscale", help="Never enlarge: small images get a bucket that fits inside them.", rich_help_panel=DATASET)] = False,
@@ -590,8 +608,10 @@ def encode(
     crop_seed: Annotated[int, typer.Option("--crop-seed", metavar="N", help="Seed of --random-crop.", rich_help_panel=DATASET)] = 0,
     flip: Annotated[bool, typer.Option("--flip", help="Also store the latent of the horizontally flipped image (latent_flipped).", rich_help_panel=DATASET)] = False,
     moments: Annotated[bool, typer.Option("--moments", help="Also store the posterior mean and logvar, to sample at training time.", rich_help_panel=DATASET)] = False,
-    cache_format: Annotated[CacheFormat, typer.Option("--format", help="Cache files: vaecli (safetensors + metadata), kohya (.npz for sd-scripts), comfyui (.latent).", rich_help_panel=DATASET)] = CacheFormat.vaecli,
+    cache_format: Annotated[Optional[CacheFormat], typer.Option("--format", help="Latent files: vaecli (.safetensors + metadata), kohya (.npz for sd-scripts, its pixel conventions), comfyui (.latent for Load Latent).", show_default="vaecli", rich_help_panel=OUTPUT)] = None,
+    flat: Annotated[bool, typer.Option("--flat", help="Every output at the top of OUT, named by the image's file name (ComfyUI lists only those); two images of one name: the second fails.", rich_help_panel=OUTPUT)] = False,
     kohya_next_to_images: Annotated[bool, typer.Option("--kohya-next-to-images", help="kohya format: write <stem>.npz beside each image instead of under OUT.", rich_help_panel=DATASET)] = False,
+    kohya_config: Annotated[Optional[Path], typer.Option("--kohya-config", metavar="TOML", help="Bucket settings (resolution, buckets, flip_aug) from kohya's dataset config; implies --dataset --format kohya.", rich_help_panel=DATASET)] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Take shard i of n (i/n, 0-based), e.g. for Slurm arrays; under torchrun RANK/WORLD_SIZE are used.", rich_help_panel=DATASET)] = None,
     layout: Annotated[Optional[Layout], typer.Option("--layout", help="folder: a file per image (image inputs); tar (WebDataset) or parquet: one latent shard per input shard.", show_default="by input", rich_help_panel=SHARDS)] = None,
     image_column: Annotated[Optional[str], typer.Option("--image-column", metavar="NAME", help="Shards: the tar member suffix (jpg) or parquet column (image) holding the image.", show_default="found", rich_help_panel=SHARDS)] = None,
@@ -608,6 +628,7 @@ def encode(
     latents whose source, model and settings are unchanged; runs sharded under torchrun or with --shard.
     """
     from .batch import EncodeOptions, check_layout, encode_paths, latent_names
+    from .exports import CONTAINER_SUFFIX
     from .dataset.locations import is_url, shard_kind
     from .discovery import check_inputs_exist
 
@@ -615,18 +636,23 @@ def encode(
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
         # Before the model loads: a missing path or an overlapping layout is refused at once (shards: later).
         check_inputs_exist([i for i in inputs if not (is_url(i) or shard_kind(i))])
-        check_layout(inputs, out, None if dataset else latent_names(".safetensors"))
+        if kohya_config is not None:
+            if cache_format not in (None, CacheFormat.kohya):
+                raise VaecliError(f"--kohya-config makes a kohya cache; drop --format {cache_format.value}")
+            dataset, cache_format = True, CacheFormat.kohya
+        fmt = (cache_format or CacheFormat.vaecli).value
+        check_layout(inputs, out, None if dataset else latent_names(CONTAINER_SUFFIX[fmt]))
         if dataset:
             from .dataset import DatasetOptions, EngineOptions, bind_local_device, parse_shard, prepare_dataset
 
             ds = DatasetOptions(
-                bucket_resolution=bucket_resolution, bucket_step=bucket_step, min_bucket_size=min_bucket_size,
-                max_bucket_size=max_bucket_size, no_upscale=no_upscale, random_crop=random_crop,
-                crop_seed=crop_seed, flip=flip, moments=moments, format=cache_format.value,
+                **_buckets(kohya_config, inputs, bucket_resolution, bucket_step, min_bucket_size, max_bucket_size,
+                           no_upscale, flip),
+                random_crop=random_crop, crop_seed=crop_seed, moments=moments, format=fmt,
                 kohya_next_to_images=kohya_next_to_images, raw=raw, sample=sample or seed is not None,
-                seed=seed or 0, latent_dtype=latent_dtype.value, alpha=alpha.value, max_pixels=max_pixels,
+                seed=seed or 0, latent_dtype=latent_dtype.value, alpha=alpha.value if alpha else None, max_pixels=max_pixels,
                 batch_size=batch_size, overwrite=overwrite, layout=layout.value if layout else None,
-                image_column=image_column,
+                image_column=image_column, flat=flat,
             )
             part = parse_shard(shard) if shard else None
             spread = EngineOptions(engine.value, address, ray_workers, device.value)
@@ -646,14 +672,15 @@ def encode(
             _finish(report, as_json, debug)
             return
         _refuse_torchrun("encode without --dataset")
-        dataset_only = {"--shard": shard is not None, "--flip": flip, "--moments": moments, "--no-upscale": no_upscale,
-                        "--random-crop": random_crop, "--format": cache_format != CacheFormat.vaecli,
-                        "--kohya-next-to-images": kohya_next_to_images, "--layout": layout is not None,
+        dataset_only = {"--bucket-resolution": bucket_resolution is not None, "--bucket-step": bucket_step is not None,
+                        "--min-bucket-size": min_bucket_size is not None, "--max-bucket-size": max_bucket_size is not None,
+                        "--crop-seed": crop_seed != 0, "--shard": shard is not None, "--flip": flip, "--moments": moments, "--no-upscale": no_upscale,
+                        "--random-crop": random_crop, "--kohya-next-to-images": kohya_next_to_images, "--layout": layout is not None,
                         "--image-column": image_column is not None, "--engine": engine != Engine.local,
                         "--address": address is not None, "--ray-workers": ray_workers != 0}
         given = [name for name, on in dataset_only.items() if on]
         if given:
-            raise VaecliError(f"{', '.join(given)} only apply with --dataset")
+            raise VaecliError(f"{', '.join(given)} only {'apply' if len(given) > 1 else 'applies'} with --dataset")
         options = EncodeOptions(
             batch_size=batch_size,
             raw=raw,
@@ -661,9 +688,11 @@ def encode(
             seed=seed or 0,
             size_policy=size_policy.value,
             latent_dtype=latent_dtype.value,
-            alpha=alpha.value,
+            alpha=alpha.value if alpha else None,
             max_pixels=max_pixels,
             overwrite=overwrite,
+            format=fmt,
+            flat=flat,
         )
         vae = _load(ModelChoice(model, family, subfolder, revision, variant), device, as_json, debug)
         with _progress("encode", _show_progress(quiet)) as progress:
@@ -754,7 +783,7 @@ def roundtrip(
     sample: SampleOpt = False,
     seed: SeedOpt = None,
     size_policy: SizePolicyOpt = SizePolicy.pad,
-    alpha: AlphaOpt = Alpha.white,
+    alpha: AlphaOpt = None,
     diff: Annotated[bool, typer.Option("--diff", help="Also write OUT/<rel>.diff.png, |error| x --diff-gain.", rich_help_panel=OUTPUT)] = False,
     diff_gain: Annotated[float, typer.Option("--diff-gain", metavar="GAIN", min=0.0, help="Amplification of the error map.", rich_help_panel=OUTPUT)] = 8.0,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -781,7 +810,7 @@ def roundtrip(
             sample=sample or seed is not None,
             seed=seed or 0,
             size_policy=size_policy.value,
-            alpha=alpha.value,
+            alpha=alpha.value if alpha else "white",
             max_pixels=max_pixels,
             diff=diff,
             diff_gain=diff_gain,

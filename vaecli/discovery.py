@@ -126,6 +126,7 @@ def discover(
     out_suffix: str | OutputNames,
     siblings: Siblings | None = None,
     notes: list[str] | None = None,
+    flat: bool = False,
 ) -> list[Item]:
     """Expand files and folders (recursively, by suffix, hidden names skipped) into items with outputs.
 
@@ -133,7 +134,9 @@ def discover(
     Refuses an overlapping layout (check_layout); files under `out` are never inputs. `siblings` names the
     other files an item writes beside its output; run-level notes (folders not followed) go to `notes`.
     A path that does not exist raises ConfigError (check_inputs_exist). With OutputNames, an `out` that names
-    one output file (output_is_file) is the output of the single input.
+    one output file (output_is_file) is the output of the single input. flat: every output at the top of
+    `out`, named by the input's file name (ComfyUI lists only those); two inputs of one name are a claim
+    conflict for the second.
     """
     names = out_suffix if isinstance(out_suffix, OutputNames) else OutputNames(out_suffix)
     check_inputs_exist(inputs)
@@ -150,7 +153,8 @@ def discover(
             if ident in seen:
                 return  # named twice, or a hard link: one item
             seen.add(ident)
-        stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+        named = rel.rsplit("/", 1)[-1] if flat else rel
+        stem = named.rsplit(".", 1)[0] if "." in named.rsplit("/", 1)[-1] else named
         target = (out if single else out / (stem + names.suffix)) if out is not None else None
         outputs = (target, *(siblings(target) if siblings else ())) if target is not None else ()
         item = Item(path, rel, target, outputs=outputs)

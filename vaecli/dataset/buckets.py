@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..exports import kohya_crop_ltrb  # noqa: F401 - re-exported: kohya's crop value lives with its format
 
 
 def make_buckets(
@@ -102,19 +103,3 @@ def crop_box(resized: tuple[int, int], bucket: tuple[int, int], random_crop: boo
     else:
         left, top = (rw - bw) // 2, (rh - bh) // 2
     return [left, top, left + bw, top + bh]
-
-
-def kohya_crop_ltrb(bucket: tuple[int, int], original: tuple[int, int]) -> tuple[float, ...]:
-    """kohya's `crop_ltrb` value: where the whole image, fitted *inside* the bucket, would lie in bucket pixels.
-
-    This is what kohya's own cache stores (BucketManager.get_crop_ltrb; its SDXL crop conditioning), not
-    the crop window; it can hold floats. Same arithmetic as kohya, so its trainer sees identical values.
-    """
-    (bw, bh), (w, h) = bucket, original
-    image_ar = w / h
-    if bw / bh > image_ar:
-        rw, rh = bh * image_ar, bh
-    else:
-        rw, rh = bw, bw / image_ar
-    left, top = (bw - rw) // 2, (bh - rh) // 2
-    return (left, top, left + rw, top + rh)

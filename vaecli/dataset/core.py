@@ -27,8 +27,8 @@ from ..batch import (
     check_output_root,
     discover,
 )
-from ..errors import ConfigError, VaecliError
-from ..io import IMAGE_SUFFIXES, clean_temp_files, read_image
+from ..errors import ConfigError, InputError, VaecliError
+from ..io import IMAGE_SUFFIXES, clean_temp_files, latent_output_state, read_image
 from ..model import AutoencoderKL
 from ..pipeline import BatchResult, RunOptions
 from .distributed import (
@@ -195,7 +195,9 @@ def _prepare_share(
     """Encode this process's share of the images and write its manifest (the whole one when unsharded)."""
     index, count = shard
     siblings = (lambda main: (flipped_path(main),)) if options.flip and options.format == "comfyui" else None
-    all_items = discover(inputs, IMAGE_SUFFIXES, out, FORMAT_SUFFIX[options.format], siblings)  # outputs claimed once
+    notes: list[str] = []  # about the run: symlinked folders not followed
+    all_items = discover(inputs, IMAGE_SUFFIXES, out, FORMAT_SUFFIX[options.format], siblings, notes,
+                         flat=options.flat)  # every output claimed once, over all shards
     check_output_root(all_items, out)
     items = shard_items(all_items, index, count)
     # Temp files of killed runs are removed only when no other process can be writing (one shard, or after
@@ -221,6 +223,7 @@ def _prepare_share(
         temp_files_removed=removed,
         missing=missing,
         shard=(index, count),
+        notes=notes,
     )
     kept = [records[i] for i, r in enumerate(engine.results) if r.status in ("ok", "skipped") and i in records]
     _write_share_manifest(report, out, kept, count)
@@ -240,7 +243,7 @@ def _encode_items(enc: DatasetEncoder, engine: _Engine, out: Path) -> dict[int, 
             return Skip()
         if reused is not None:
             engine.results[i].notes.append(reused)
-        pixels = read_image(item.input, o.alpha, o.max_pixels)
+        pixels = read_image(item.input, o.alpha_policy(), o.max_pixels, o.pixel_convention())
         crop, placement = enc.place(pixels, item.rel)
         return Loaded(i, item, crop, {"source_sha256": source_sha, "placement": placement})
 
@@ -258,11 +261,13 @@ def _reusable(enc: DatasetEncoder, item: Item, out: Path, source_sha: str) -> di
     """The record of an up-to-date output to reuse, or a note saying why it is re-encoded, or None."""
     o = enc.options
     main, flipped = output_paths(item, out, o)
+    for path in (main, flipped) if flipped is not None else (main,):
+        _check_replaceable(path, o.overwrite)
     if o.overwrite or not main.exists():
         return None
     rec = read_record(main, o.format)
     if rec is None:
-        return None
+        return "re-encoded: the existing file is incomplete or unreadable"
     want = {
         "source": item.rel,
         "source_sha256": source_sha,
@@ -273,6 +278,17 @@ def _reusable(enc: DatasetEncoder, item: Item, out: Path, source_sha: str) -> di
     if not changed and (flipped is None or flipped.exists()):
         return {**rec, "source_path": str(item.input.resolve())}  # the folder may have moved
     return f"re-encoded: changed {', '.join(changed) or 'flipped file missing'}"
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    """A file at an output path that vaecli did not write (a kohya cache beside an image, a user's own file)
+    is never replaced without --overwrite; a folder or FIFO there never."""
+    state = latent_output_state(path)
+    if state.status == "blocked":
+        raise InputError(f"cannot replace the output {path}: {state.detail}")
+    if state.status == "foreign" and not overwrite:
+        raise InputError(f"the output {path} already exists and {state.detail}; pass --overwrite to replace it, "
+                         "or choose another output folder")
 
 
 def _save_item(enc: DatasetEncoder, loaded: Loaded, tensors: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:

@@ -76,8 +76,9 @@ class DatasetEncoder:
             "posterior": "sample" if o.sample else "mode",
             "seed": o.seed if o.sample else None,
             "latent_dtype": o.latent_dtype,
-            "alpha": o.alpha,
+            "alpha": o.alpha_policy(),
             "compute_dtype": DTYPE_NAMES[self.runner.dtype],
+            **({"pixels": "kohya"} if o.format == "kohya" else {}),  # stored orientation, Pillow's RGB conversion
         }
 
     def place(self, pixels: np.ndarray, key: str) -> tuple[np.ndarray, Placement]:
