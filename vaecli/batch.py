@@ -47,6 +47,7 @@ from .io import (
     latent_output_state,
     load_latent,
     meta_json,
+    meta_name,
     read_image,
     to_uint8,
     write_image,
@@ -848,7 +849,7 @@ def encode_paths(
             "vaecli_version": __version__,
             "model_name": info["name"],
             **settings,
-            "seed_key": loaded.item.rel if options.sample else "",
+            "seed_key": meta_name(loaded.item.rel) if options.sample else "",
             "compute_dtype": DTYPE_NAMES[runner.dtype],
             "downsample_factor": str(factor),
             "original_width": str(e["width"]),
@@ -856,7 +857,7 @@ def encode_paths(
             "encoded_width": str(loaded.x.shape[1]),
             "encoded_height": str(loaded.x.shape[0]),
             "size_params": json.dumps(e["undo"]),
-            "source": loaded.item.rel,
+            "source": meta_name(loaded.item.rel),
             "source_sha256": e["source_sha256"],
         }
         assert loaded.item.output is not None

@@ -263,6 +263,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder_of(path)
+
+
+def publish_temp(tmp: Path, path: Path) -> None:
+    """Publish a file written to `tmp` by a streaming writer (a tar or parquet shard) as `path`, as
+    atomic_write does: its data fsynced before the rename, its folder after it."""
+    fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _sync_folder_of(path)
+
+
+def _sync_folder_of(path: Path) -> None:
     if not _defer_folder_sync(path.parent):
         fsync_folder(path.parent)
 

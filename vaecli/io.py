@@ -515,6 +515,12 @@ def _as_chw(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def meta_name(name: str) -> str:
+    """A file name as a metadata string: safetensors metadata must be valid UTF-8, file names need not be
+    (bytes that are not UTF-8 are written as \\xNN)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def meta_json(meta: Mapping[str, str], key: str) -> Any:
     """One JSON-valued metadata entry, with a clear error when it is missing or garbled."""
     try:

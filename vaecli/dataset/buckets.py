@@ -97,7 +97,7 @@ def crop_box(resized: tuple[int, int], bucket: tuple[int, int], random_crop: boo
     """[left, top, right, bottom] of the bucket-sized window in the resized image (centre, or seeded random)."""
     (rw, rh), (bw, bh) = resized, bucket
     if random_crop:
-        digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+        digest = hashlib.sha256(f"{seed}\0{key}".encode("utf-8", "surrogateescape")).digest()  # any file name
         rng = random.Random(int.from_bytes(digest[:8], "little"))
         left, top = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
     else:

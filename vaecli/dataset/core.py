@@ -199,6 +199,8 @@ def _prepare_share(
     all_items = discover(inputs, IMAGE_SUFFIXES, out, FORMAT_SUFFIX[options.format], siblings, notes,
                          flat=options.flat)  # every output claimed once, over all shards
     check_output_root(all_items, out)
+    if options.kohya_next_to_images:
+        _claim_beside(all_items)
     items = shard_items(all_items, index, count)
     # Temp files of killed runs are removed only when no other process can be writing (one shard, or after
     # a merge): a process id seen from another node says nothing about that node's live writers.
@@ -228,6 +230,16 @@ def _prepare_share(
     kept = [records[i] for i, r in enumerate(engine.results) if r.status in ("ok", "skipped") and i in records]
     _write_share_manifest(report, out, kept, count)
     return report
+
+
+def _claim_beside(items: list[Item]) -> None:
+    """--kohya-next-to-images: `x.png` and `x.jpg` side by side both want `x.npz`; the second fails."""
+    owner: dict[str, Item] = {}
+    for item in items:
+        target = str(item.input.with_suffix(".npz"))
+        if item.error is None and target in owner:
+            item.error = f"its output {target} is also the output of {owner[target].input}; rename one of them"
+        owner.setdefault(target, item)
 
 
 def _encode_items(enc: DatasetEncoder, engine: _Engine, out: Path) -> dict[int, dict[str, Any]]:

@@ -82,7 +82,7 @@ def shard_items(items: list[Item], index: int, count: int) -> list[Item]:
 
 def owner_shard(source: str, count: int) -> int:
     """Which shard reports a vanished source: stable per path, so exactly one shard lists it."""
-    return zlib.crc32(source.encode()) % count
+    return zlib.crc32(source.encode("utf-8", "surrogateescape")) % count  # names need not be UTF-8
 
 
 def init_distributed() -> bool:
