@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import vaecli
+from vaecli.plans import REFERENCE
 from vaecli.tiling import Grid, tiled_decode, tiled_encode_moments
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
@@ -87,7 +88,7 @@ def test_fused_layers_compute_the_same():
              (dec.up_blocks[1].upsamplers[0],)),
         ]
         for src, scale, modules, recompute in cases:
-            fused, plain = _Lockstep(src, scale, 8, 4, 4), _Lockstep(src, scale, 8, 4, 4)
+            fused, plain = _Lockstep(src, scale, 8, 4, 4, REFERENCE), _Lockstep(src, scale, 8, 4, 4, REFERENCE)
             fused.start()
             plain.start()
             assert len(fused.chunks) > 2

@@ -63,6 +63,12 @@ class Tiling(str, Enum):
     off = "off"
 
 
+class Kernels(str, Enum):  # plans.KERNEL_MODES
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class SizePolicy(str, Enum):
     pad = "pad"
     crop = "crop"
@@ -114,10 +120,15 @@ CompileOpt = Annotated[
     bool,
     typer.Option(
         "--compile/--no-compile",
-        help="torch.compile encoder and decoder: faster steady state, a one-time compile (cached on disk "
-        "under ~/.cache/vaecli/inductor, so later runs start fast). Off by default.",
+        help="Run encode/decode as compiled programs (AOTInductor): one compile per input shape, cached "
+        "under ~/.cache/vaecli/aoti, so later runs load it in about a second. Off by default.",
         rich_help_panel=RUN,
     ),
+]
+KernelsOpt = Annotated[
+    Kernels,
+    typer.Option("--kernels", help="Triton kernels (fused GroupNorm+SiLU, upsample+conv): auto = where measured "
+                 "faster (docs/performance.md), on = wherever they can run, off = never.", rich_help_panel=RUN),
 ]
 SlicingOpt = Annotated[
     Optional[int], typer.Option("--slicing", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
@@ -278,13 +289,14 @@ def _load(model: str | None, family: Family | None, device: Device, as_json: boo
 
 def _run_options(
     dtype: DType, upcast: bool | None, tiling: Tiling, tile_size: int, tile_overlap: int, slicing: int | None,
-    compile: bool = False,
+    compile: bool = False, kernels: Kernels = Kernels.auto,
 ) -> Any:
     from .pipeline import DTYPES, RunOptions
 
     if tile_overlap >= tile_size:
         raise VaecliError(f"--tile-overlap {tile_overlap} must be smaller than --tile-size {tile_size}")
-    return RunOptions(DTYPES[dtype.value], upcast, tiling.value, tile_size, tile_overlap, slicing, compile=compile)
+    return RunOptions(DTYPES[dtype.value], upcast, tiling.value, tile_size, tile_overlap, slicing, compile=compile,
+                      kernels=kernels.value)
 
 
 def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None) -> None:
@@ -345,6 +357,7 @@ def encode(
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     batch_size: BatchOpt = 4,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
@@ -379,7 +392,7 @@ def encode(
     from .batch import EncodeOptions, encode_paths
 
     with _guard(as_json, debug):
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
         if dataset:
             from .dataset import DatasetOptions, bind_local_device, parse_shard, prepare_dataset
 
@@ -440,6 +453,7 @@ def decode(
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     batch_size: BatchOpt = 4,
     image_format: Annotated[ImageFormat, typer.Option("--format", help="Image format written.", rich_help_panel=OUTPUT)] = ImageFormat.png,
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality (WebP 100: lossless).", rich_help_panel=OUTPUT)] = 95,
@@ -460,7 +474,7 @@ def decode(
     with _guard(as_json, debug):
         if scaling_factor is not None and scaling_factor == 0:
             raise VaecliError("--scaling-factor must not be 0")
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
         options = DecodeOptions(
             batch_size=batch_size,
             format=image_format.value,
@@ -493,6 +507,7 @@ def roundtrip(
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     batch_size: BatchOpt = 4,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
@@ -512,7 +527,7 @@ def roundtrip(
     with _guard(as_json, debug):
         if diff and out is None:
             raise VaecliError("--diff needs -o/--out: the error maps are written beside the reconstructions")
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
         options = RoundtripOptions(
             batch_size=batch_size,
             sample=sample or seed is not None,
@@ -554,6 +569,7 @@ def bench(
     tile_overlap: TileOverlapOpt = 64,
     device: DeviceOpt = Device.auto,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first (the first one's time is reported).")] = 1,
     iters: Annotated[int, typer.Option("--iters", min=1, help="Timed runs.")] = 3,
     as_json: JsonOpt = False,
@@ -583,6 +599,7 @@ def bench(
             tile_overlap=tile_overlap,
             family=family.value if family else None,
             compile=compile_model,
+            kernels=kernels.value,
         )
         failed = [r for r in rows if r.get("error")]
         items = []
