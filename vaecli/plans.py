@@ -63,8 +63,8 @@ TABLE: dict[str, dict[str, Choice]] = {
         "norm": Choice("fp32", "not measured: MPS GroupNorm's accumulation precision for fp16 is undocumented, "
                                "so statistics are taken on an fp32 copy"),
         "upsample": Choice("nearest", "not measured: diffusers' sequence"),
-        "wide_from": Choice(0, "every layer"),
-        "attention": Choice("sdpa", "diffusers' call"),
+        "wide_from": Choice(0, "every layer: the MPS choices do not depend on width"),
+        "attention": Choice("sdpa", "not measured: diffusers' call"),
         "kernels": Choice((), "Triton has no MPS backend"),
     },
 }

@@ -41,8 +41,12 @@ def device_ok(t: torch.Tensor) -> bool:
         return interpreting()
     if t.device.type != "cuda":
         return False  # MPS, XPU...: no Triton backend here
-    major, _ = _capability(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    return major >= (8 if t.dtype == torch.bfloat16 else 7)
+    return capability_ok(_capability(t.device.index if t.device.index is not None else torch.cuda.current_device()), t.dtype)
+
+
+def capability_ok(capability: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Triton needs compute capability 7.0 (Volta); bf16 arithmetic needs 8.0 (Ampere)."""
+    return capability[0] >= (8 if dtype == torch.bfloat16 else 7)
 
 
 def no_autograd(*tensors: torch.Tensor | None) -> bool:

@@ -175,14 +175,6 @@ if triton_installed():
         return mu, tl.sum(m2, AXIS) + tl.sum(cnt * d * d, AXIS), n
 
     @triton.jit
-    def _welford_add(mean, m2, cnt, v, valid):
-        cnt_new = cnt + valid.to(tl.float32)
-        delta = v - mean
-        mean_new = tl.where(valid, mean + delta / tl.maximum(cnt_new, 1.0), mean)
-        m2_new = tl.where(valid, m2 + delta * (v - mean_new), m2)
-        return mean_new, m2_new, cnt_new
-
-    @triton.jit
     def _moments_nchw(x_ptr, part_ptr, length, span, S, BLOCK: tl.constexpr):
         # program (image*group, chunk): elements [chunk*span, +span) of a contiguous group of `length`
         ng = tl.program_id(0).to(tl.int64)
@@ -196,7 +188,11 @@ if triton_installed():
             idx = chunk * span + off + lanes
             valid = (idx < length) & (off + lanes < span)
             v = tl.load(base + idx, mask=valid, other=0.0).to(tl.float32)
-            mean, m2, cnt = _welford_add(mean, m2, cnt, v, valid)
+            # Welford's update per lane (written out: nested jit calls are slow in the interpreter)
+            cnt += valid.to(tl.float32)
+            delta = v - mean
+            mean = tl.where(valid, mean + delta / tl.maximum(cnt, 1.0), mean)
+            m2 = tl.where(valid, m2 + delta * (v - mean), m2)
         mean_t, m2_t, cnt_t = _merge_lanes(mean, m2, cnt, 0)
         slot = ng * S + chunk
         plane = tl.num_programs(0).to(tl.int64) * S
@@ -220,7 +216,10 @@ if triton_installed():
             r = chunk * rows_per + off + lanes
             valid = ((r < hw) & (off + lanes < rows_per))[:, None] & col_ok[None, :]
             v = tl.load(base + r.to(tl.int64)[:, None] * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-            mean, m2, cnt = _welford_add(mean, m2, cnt, v, valid)
+            cnt += valid.to(tl.float32)  # Welford's update per lane, as in _moments_nchw
+            delta = v - mean
+            mean = tl.where(valid, mean + delta / tl.maximum(cnt, 1.0), mean)
+            m2 = tl.where(valid, m2 + delta * (v - mean), m2)
         mean_c, m2_c, cnt_c = _merge_lanes(mean, m2, cnt, 0)
         slot = (n * S + chunk) * C + cols
         plane = tl.num_programs(0).to(tl.int64) * S * C

@@ -1,0 +1,415 @@
+"""One command for a GPU session: vaecli against diffusers on every row of issue 12, in one process.
+
+    python scripts/gpu_report.py --json gpu_report.json          # CUDA, at most --budget seconds (330)
+    python scripts/gpu_report.py --device cpu --quick --json r.json  # tiny model, small sizes (CI smoke test)
+
+Sections, in order (each guarded: one that fails is recorded with its error and the next one runs; the
+JSON is rewritten after every row; sections that would start past the time budget are skipped, saying so):
+  env       device, driver/library versions, the plan table (vaecli.plans) with its measurements
+  rows      encode/decode x 512/1024 x batch 1/16 (--quick: 64/128 x 1/2), bf16 then fp16 then fp32:
+            diffusers, vaecli's default plan, the same with Triton kernels on, and (bf16) with the
+            transposed-conv upsampling; alternating calls, medians, time ratio and max |diff| vs diffusers
+  tiling    tiled vs untiled encode/decode at 2048 and 4096 (bf16, default plan): time, peak memory,
+            max |diff| and PSNR of the tiled result against the untiled one
+  accuracy  the embedded default model on the bundled photos: bf16 (default plan, kernels on) against
+            diffusers fp32 on the same weights; latent max |diff|, 8-bit PSNR of decodes
+  compile   `vaecli bench --compile` in a cold then a warm process (fresh package cache), wall time,
+            load/compile time and ms/img, next to an eager process (skipped with --quick)
+The summary at the end prints each row's speedup over diffusers and the issue's bars as pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import vaecli  # noqa: E402
+from bench_vs_diffusers import bench_op, build_models, inference, sync  # noqa: E402
+from vaecli import kernels  # noqa: E402
+from vaecli.bench import device_name  # noqa: E402
+from vaecli.pipeline import DTYPES, RunOptions, Runner  # noqa: E402
+from vaecli.plans import TABLE, apply_layout, plan_for  # noqa: E402
+
+# (op, side, batch) per row, as in issue 12's table; --quick shrinks sides and batches.
+ROWS = [("encode", 512, 1), ("decode", 512, 1), ("encode", 1024, 1), ("decode", 1024, 1), ("encode", 512, 16),
+        ("decode", 512, 16)]
+QUICK_SIDE = {512: 32, 1024: 64}
+QUICK_BATCH = {1: 1, 16: 2}
+BARS = [  # (dtype, op, side, batch, least speedup over diffusers of the default plan), issue 12
+    ("bf16", "decode", 1024, 1, 3.5), ("bf16", "encode", 1024, 1, 3.0), ("bf16", "encode", 512, 16, 3.0),
+    ("bf16", "decode", 512, 16, 3.0), ("fp16", "decode", 1024, 1, 3.5), ("fp16", "encode", 1024, 1, 3.0),
+    ("fp16", "encode", 512, 16, 3.0), ("fp16", "decode", 512, 16, 3.0),
+]
+
+
+class Report:
+    """The JSON document, written atomically after every change, and the time budget."""
+
+    def __init__(self, path: Path | None, budget_s: float) -> None:
+        self.path, self.budget_s, self.start = path, budget_s, time.monotonic()
+        self.doc: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": budget_s, "sections": {}}
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+    def save(self) -> None:
+        self.doc["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=1, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+    def section(self, name: str, fn: Callable[["Report", dict[str, Any]], None], need_s: float, skip: str | None = None) -> None:
+        """Run one section into doc['sections'][name]; failures and skips are recorded, never raised."""
+        out: dict[str, Any] = {"status": "running"}
+        self.doc["sections"][name] = out
+        if skip is None and need_s > 0 and self.left() < need_s:  # need 0: always runs (env)
+            skip = f"time budget: {self.left():.0f} s left, needs about {need_s:.0f} s"
+        if skip is not None:
+            out.update(status="skipped", reason=skip)
+            print(f"== {name}: skipped ({skip})", flush=True)
+            self.save()
+            return
+        print(f"== {name} ({self.left():.0f} s of budget left)", flush=True)
+        t = time.monotonic()
+        try:
+            fn(self, out)
+            out["status"] = "ok" if out.get("status") == "running" else out["status"]
+        except Exception as exc:  # one failing section must not cost the others
+            out.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
+            print(f"   failed: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            out["seconds"] = round(time.monotonic() - t, 1)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.save()
+
+
+# -- sections -----------------------------------------------------------------------------------------------
+
+
+def env_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]], None]:
+    def run(report: Report, out: dict[str, Any]) -> None:
+        import diffusers
+
+        out.update(
+            device=device_name(args.device), torch=torch.__version__, diffusers=diffusers.__version__,
+            python=platform.python_version(), vaecli=vaecli.__version__, git=_git_rev(),
+            triton=_version("triton"), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+            capability=list(torch.cuda.get_device_capability()) if args.device == "cuda" else None,
+            kernels_run_here={str(dt).removeprefix("torch."): kernels.device_ok(torch.empty(1, device=args.device, dtype=dt))
+                              for dt in (torch.bfloat16, torch.float16, torch.float32)},
+            plan_table={dev: {k: {"value": c.value, "measured": c.measured} for k, c in row.items()} for dev, row in TABLE.items()},
+        )
+        print("   " + " | ".join(f"{k} {out[k]}" for k in ("device", "torch", "diffusers", "triton", "cuda", "git")), flush=True)
+
+    return run
+
+
+def rows_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]], None]:
+    def run(report: Report, out: dict[str, Any]) -> None:
+        device = torch.device(args.device)
+        out["rows"], out["skipped_rows"] = [], []
+        for dtype_name in args.dtypes.split(","):
+            if report.left() < 20:
+                out["skipped_rows"].append(f"{dtype_name}: time budget")
+                continue
+            dtype = DTYPES[dtype_name]
+            ours, theirs = build_models(args.config, device, dtype)
+            base = plan_for(device, ours.config, "auto")
+            apply_layout(ours, base)
+            plans = {"vaecli": base, "vaecli-kernels": plan_for(device, ours.config, "on")}
+            if dtype_name == "bf16":
+                plans["vaecli-transposed"] = dataclasses.replace(base, name="transposed", upsample="transposed", wide_from=0)
+            for op, side, batch in ROWS:
+                side, batch = (QUICK_SIDE[side], QUICK_BATCH[batch]) if args.quick else (side, batch)
+                if report.left() < 10:
+                    out["skipped_rows"].append(f"{dtype_name} {op} {side} b{batch}: time budget")
+                    continue
+                row = _row(ours, theirs, plans, op, side, batch, device, dtype, args)
+                row.update(dtype=dtype_name)
+                out["rows"].append(row)
+                _print_row(row)
+                report.save()
+            del ours, theirs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if out["skipped_rows"]:
+            out["status"] = "partial"
+
+    return run
+
+
+def _row(ours: Any, theirs: Any, plans: dict, op: str, side: int, batch: int, device: torch.device,
+         dtype: torch.dtype, args: argparse.Namespace) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(1)
+    f = ours.config.downsample_factor
+    if op == "encode":
+        x = (torch.rand(batch, 3, side, side, generator=gen) * 2 - 1).to(device, dtype)
+        calls = {"diffusers": inference(lambda: theirs.encode(x).latent_dist.mean)}
+        for name, p in plans.items():
+            calls[name] = inference(lambda p=p: ours.encode(x, plan=p).mean)
+    else:
+        z = torch.randn(batch, ours.config.latent_channels, side // f, side // f, generator=gen).to(device, dtype)
+        calls = {"diffusers": inference(lambda: theirs.decode(z).sample)}
+        for name, p in plans.items():
+            calls[name] = inference(lambda p=p: ours.decode(z, plan=p))
+    iters = 1 if args.quick else args.iters if batch == 1 else max(2, args.iters - 2)
+    stats = bench_op(calls, op, device, warmup=1 if args.quick else 2, iters=iters)
+    base = stats["diffusers"]["median_s"]
+    impls = {}
+    for name, s in stats.items():
+        impls[name] = {
+            "ms_per_img": s["median_s"] * 1000 / batch,
+            "speedup_vs_diffusers": base / s["median_s"],
+            "paired_ratio": statistics.median(t / d for t, d in zip(s["times_s"], stats["diffusers"]["times_s"])),
+            "max_abs_diff_vs_diffusers": s["max_abs_diff_vs_diffusers"],
+            "first_call_s": s["first_call_s"],
+            "peak_memory_bytes": s["peak_memory_bytes"],
+        }
+    return {"op": op, "resolution": side, "batch": batch, "iters": iters, "impls": impls}
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    parts = [f"{name} {v['ms_per_img']:.2f} ms ({v['speedup_vs_diffusers']:.2f}x, diff {v['max_abs_diff_vs_diffusers']:.1e})"
+             for name, v in row["impls"].items()]
+    print(f"   {row['dtype']} {row['op']} {row['resolution']} b{row['batch']}: " + "; ".join(parts), flush=True)
+
+
+def tiling_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]], None]:
+    def run(report: Report, out: dict[str, Any]) -> None:
+        device = torch.device(args.device)
+        ours, theirs = build_models(args.config, device, torch.bfloat16)
+        del theirs
+        sides, tile, overlap = ((64,), 32, 8) if args.quick else ((2048, 4096), 512, 64)
+        out["tile_size"], out["tile_overlap"], out["rows"] = tile, overlap, []
+        for side in sides:
+            for op in ("decode", "encode"):
+                if report.left() < 15:
+                    out.setdefault("skipped_rows", []).append(f"{op} {side}: time budget")
+                    out["status"] = "partial"
+                    continue
+                row = _tiled_row(ours, op, side, tile, overlap, device)
+                out["rows"].append(row)
+                print(f"   {op} {side}: untiled {row['untiled_ms']:.0f} ms {row['untiled_peak_gib']} GiB, tiled "
+                      f"{row['tiled_ms']:.0f} ms {row['tiled_peak_gib']} GiB ({row['tiles']} tiles), "
+                      f"PSNR {row['psnr_db']:.1f} dB, max diff {row['max_abs_diff']:.1e}", flush=True)
+                report.save()
+
+    return run
+
+
+def _tiled_row(ours: Any, op: str, side: int, tile: int, overlap: int, device: torch.device) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(2)
+    f = ours.config.downsample_factor
+    if op == "encode":
+        x = torch.rand(1, 3, side, side, generator=gen)
+    else:
+        x = torch.randn(1, ours.config.latent_channels, side // f, side // f, generator=gen)
+    result: dict[str, Any] = {"op": op, "resolution": side}
+    outs = {}
+    for mode in ("off", "on", "off", "on"):  # alternate; the second of each is timed
+        runner = Runner(ours, RunOptions(dtype=torch.bfloat16, tiling=mode, tile_size=tile, tile_overlap=overlap))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t = time.perf_counter()
+        res = runner.encode(x) if op == "encode" else runner.decode(x)
+        sync(device)
+        key = "tiled" if mode == "on" else "untiled"
+        result[f"{key}_ms"] = (time.perf_counter() - t) * 1000
+        result[f"{key}_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+        outs[key] = res.tensor
+        if mode == "on":
+            result["tiles"] = res.tiles
+    diff = (outs["tiled"] - outs["untiled"]).abs()
+    result["max_abs_diff"] = diff.max().item()
+    span = (outs["untiled"].max() - outs["untiled"].min()).item() or 1.0
+    mse = diff.square().mean().item()
+    result["psnr_db"] = 10 * math.log10(span**2 / mse) if mse > 0 else float("inf")
+    return result
+
+
+def accuracy_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]], None]:
+    def run(report: Report, out: dict[str, Any]) -> None:
+        from diffusers import AutoencoderKL as DiffusersVAE
+        from PIL import Image
+
+        from vaecli.weights import default_model_dir
+
+        device = torch.device(args.device)
+        theirs = DiffusersVAE.from_pretrained(default_model_dir(), torch_dtype=torch.float32).to(device).eval()
+        ours = vaecli.load_vae(device=device, dtype=torch.bfloat16)
+        plans = {"default": plan_for(device, ours.config, "auto"), "kernels": plan_for(device, ours.config, "on")}
+        apply_layout(ours, plans["default"])
+        out["images"] = []
+        side = 64 if args.quick else 768
+        for path in sorted((ROOT / "examples").glob("*.jpg"))[: 1 if args.quick else None]:
+            img = Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC)
+            x = torch.from_numpy(__import__("numpy").array(img)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+            with torch.inference_mode():
+                z_ref = theirs.encode(x).latent_dist.mean
+                ref8 = _to8(theirs.decode(z_ref).sample)
+                entry: dict[str, Any] = {"image": path.name, "side": side}
+                for name, p in plans.items():
+                    z = ours.encode(x, plan=p).mean.float()
+                    y8 = _to8(ours.decode(z_ref.to(torch.bfloat16), plan=p).float())
+                    mse = (y8 - ref8).square().mean().item()
+                    entry[name] = {
+                        "latent_max_abs_diff": (z - z_ref).abs().max().item(),
+                        "latent_max_abs": z_ref.abs().max().item(),
+                        "decode_psnr_8bit_db": 10 * math.log10(255**2 / mse) if mse > 0 else float("inf"),
+                    }
+            out["images"].append(entry)
+            print(f"   {path.name}: " + "; ".join(f"{n} latent diff {entry[n]['latent_max_abs_diff']:.3g}, decode "
+                                                   f"{entry[n]['decode_psnr_8bit_db']:.1f} dB" for n in plans), flush=True)
+            report.save()
+
+    return run
+
+
+def _to8(y: torch.Tensor) -> torch.Tensor:
+    return ((y.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
+def compile_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]], None]:
+    def run(report: Report, out: dict[str, Any]) -> None:
+        model_dir = Path(tempfile.mkdtemp(prefix="vaecli-report-model-"))
+        _, theirs = build_models(args.config, torch.device("cpu"), torch.float32)
+        theirs.save_pretrained(model_dir)
+        cache = Path(tempfile.mkdtemp(prefix="vaecli-report-cache-"))
+        side = 128 if args.quick else 1024
+        base = [sys.executable, "-m", "vaecli", "bench", "--model", str(model_dir), "-r", str(side), "--dtype", "bf16",
+                "--iters", "5", "--device", args.device, "--json"]
+        env = dict(os.environ, VAECLI_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
+        out["runs"] = []
+        for name, flags in (("eager", ["--no-compile"]), ("cold", ["--compile"]), ("warm", ["--compile"])):
+            limit = report.left() - 5
+            if limit < 30:
+                out["runs"].append({"process": name, "skipped": "time budget"})
+                out["status"] = "partial"
+                continue
+            t = time.monotonic()
+            try:
+                proc = subprocess.run(base + flags, capture_output=True, text=True, env=env, timeout=limit)
+            except subprocess.TimeoutExpired:
+                out["runs"].append({"process": name, "timed_out_after_s": round(limit)})
+                out["status"] = "partial"
+                continue
+            entry: dict[str, Any] = {"process": name, "wall_s": round(time.monotonic() - t, 1), "rc": proc.returncode}
+            try:
+                doc = json.loads(proc.stdout)
+                entry["rows"] = [{k: r.get(k) for k in ("op", "ms_per_img", "warmup_s", "events", "error")} for r in doc["results"]]
+            except (json.JSONDecodeError, KeyError):
+                entry["stderr_tail"] = proc.stderr[-2000:]
+            out["runs"].append(entry)
+            print(f"   {name}: wall {entry['wall_s']} s " + "; ".join(
+                f"{r['op']} {r['ms_per_img']} ms/img (first call {r['warmup_s']:.1f} s)"
+                for r in entry.get("rows", []) if r.get("ms_per_img")), flush=True)
+            report.save()
+
+    return run
+
+
+# -- summary and helpers ------------------------------------------------------------------------------------
+
+
+SECTIONS = {  # name -> (section maker, seconds it needs at least to start)
+    "env": (env_section, 0), "rows": (rows_section, 30), "tiling": (tiling_section, 40),
+    "accuracy": (accuracy_section, 15), "compile": (compile_section, 120),
+}
+
+
+def summary(report: Report) -> list[str]:
+    lines = []
+    rows = report.doc["sections"].get("rows", {}).get("rows", [])
+    by_key = {(r["dtype"], r["op"], r["resolution"], r["batch"]): r for r in rows}
+    for r in rows:
+        cells = "  ".join(f"{n} {v['speedup_vs_diffusers']:5.2f}x" for n, v in r["impls"].items() if n != "diffusers")
+        lines.append(f"{r['dtype']:>4} {r['op']:<6} {r['resolution']:>5} b{r['batch']:<3} diffusers "
+                     f"{r['impls']['diffusers']['ms_per_img']:8.2f} ms/img  {cells}")
+    quick = report.doc.get("quick")
+    for dtype, op, side, batch, need in BARS:
+        key = (dtype, op, QUICK_SIDE[side], QUICK_BATCH[batch]) if quick else (dtype, op, side, batch)
+        r = by_key.get(key)
+        got = r["impls"]["vaecli"]["speedup_vs_diffusers"] if r else None
+        verdict = "not measured" if got is None else ("PASS" if got >= need else "FAIL")
+        lines.append(f"bar {dtype} {op} {side} b{batch}: default plan >= {need}x diffusers: "
+                     f"{'-' if got is None else f'{got:.2f}x'} {verdict}")
+    slow = [f"{r['dtype']} {r['op']} {r['resolution']} b{r['batch']}" for r in rows
+            if r["impls"]["vaecli"]["speedup_vs_diffusers"] < 1.0]
+    lines.append("rows where the default plan is slower than diffusers: " + (", ".join(slow) or "none"))
+    for name, sec in report.doc["sections"].items():
+        lines.append(f"section {name}: {sec.get('status')}" + (f" ({sec.get('reason') or sec.get('error')})"
+                                                                if sec.get("status") in ("skipped", "failed") else ""))
+    return lines
+
+
+def _git_rev() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return __import__(name).__version__
+    except ImportError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny model, small sizes, no compile section")
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds; later sections are skipped past it")
+    parser.add_argument("--iters", type=int, default=5, help="timed calls per implementation (batch 1)")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="rows section precisions, in this order")
+    parser.add_argument("--json", type=Path, default=None, help="write the report here (rewritten as it grows)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available here (use --device cpu --quick for a smoke run)")
+    args.config = "tiny" if args.quick else "sd"
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    report = Report(args.json, args.budget)
+    report.doc.update(quick=args.quick, device=args.device, config=args.config)
+    chosen = set(args.sections.split(","))
+    if not chosen <= set(SECTIONS):
+        parser.error(f"unknown sections: {', '.join(sorted(chosen - set(SECTIONS)))}")
+    for name, (make, need) in SECTIONS.items():
+        skip = "not asked for (--sections)" if name not in chosen else None
+        if name == "compile" and args.quick and skip is None:
+            skip = "--quick (a CPU compile takes minutes)"
+        report.section(name, make(args), need_s=need, skip=skip)
+    report.doc["summary"] = summary(report)
+    report.save()
+    print("\n".join(["== summary"] + report.doc["summary"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
