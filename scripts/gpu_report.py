@@ -21,6 +21,7 @@ The summary at the end prints each row's speedup over diffusers and the issue's 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -137,20 +138,23 @@ def rows_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]],
             ours, theirs = build_models(args.config, device, dtype)
             base = plan_for(device, ours.config, "auto")
             apply_layout(ours, base)
-            plans = {"vaecli": base, "vaecli-kernels": plan_for(device, ours.config, "on")}
-            if dtype_name == "bf16":
-                plans["vaecli-transposed"] = dataclasses.replace(base, name="transposed", upsample="transposed", wide_from=0)
+            kernels_on = plan_for(device, ours.config, "on")
+            variants = {"vaecli": (ours, base), "vaecli-kernels": (ours, kernels_on)}
+            if dtype_name == "bf16":  # candidates for the CUDA row of plans.TABLE, measured once in bf16
+                ours_cl = apply_layout(copy.deepcopy(ours), dataclasses.replace(base, layout=torch.channels_last))
+                variants["vaecli-transposed"] = (ours, dataclasses.replace(base, name="transposed", upsample="transposed", wide_from=0))
+                variants["vaecli-kernels-nhwc"] = (ours_cl, dataclasses.replace(kernels_on, name="kernels-nhwc", layout=torch.channels_last))
             for op, side, batch in ROWS:
                 side, batch = (QUICK_SIDE[side], QUICK_BATCH[batch]) if args.quick else (side, batch)
                 if report.left() < 10:
                     out["skipped_rows"].append(f"{dtype_name} {op} {side} b{batch}: time budget")
                     continue
-                row = _row(ours, theirs, plans, op, side, batch, device, dtype, args)
+                row = _row(variants, theirs, op, side, batch, device, dtype, args)
                 row.update(dtype=dtype_name)
                 out["rows"].append(row)
                 _print_row(row)
                 report.save()
-            del ours, theirs
+            del ours, theirs, variants
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if out["skipped_rows"]:
@@ -159,20 +163,22 @@ def rows_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]],
     return run
 
 
-def _row(ours: Any, theirs: Any, plans: dict, op: str, side: int, batch: int, device: torch.device,
+def _row(variants: dict[str, tuple[Any, Any]], theirs: Any, op: str, side: int, batch: int, device: torch.device,
          dtype: torch.dtype, args: argparse.Namespace) -> dict[str, Any]:
+    """One row: diffusers and each (model, plan) variant of ours, alternating; medians and differences."""
     gen = torch.Generator().manual_seed(1)
-    f = ours.config.downsample_factor
+    cfg = theirs.config
     if op == "encode":
         x = (torch.rand(batch, 3, side, side, generator=gen) * 2 - 1).to(device, dtype)
         calls = {"diffusers": inference(lambda: theirs.encode(x).latent_dist.mean)}
-        for name, p in plans.items():
-            calls[name] = inference(lambda p=p: ours.encode(x, plan=p).mean)
+        for name, (m, p) in variants.items():
+            calls[name] = inference(lambda m=m, p=p: m.encode(x, plan=p).mean)
     else:
-        z = torch.randn(batch, ours.config.latent_channels, side // f, side // f, generator=gen).to(device, dtype)
+        f = 2 ** (len(cfg.block_out_channels) - 1)
+        z = torch.randn(batch, cfg.latent_channels, side // f, side // f, generator=gen).to(device, dtype)
         calls = {"diffusers": inference(lambda: theirs.decode(z).sample)}
-        for name, p in plans.items():
-            calls[name] = inference(lambda p=p: ours.decode(z, plan=p))
+        for name, (m, p) in variants.items():
+            calls[name] = inference(lambda m=m, p=p: m.decode(z, plan=p))
     iters = 1 if args.quick else args.iters if batch == 1 else max(2, args.iters - 2)
     stats = bench_op(calls, op, device, warmup=1 if args.quick else 2, iters=iters)
     base = stats["diffusers"]["median_s"]

@@ -40,7 +40,7 @@ def test_quick_report_survives_a_failing_section(tmp_path, monkeypatch, capsys):
     assert [(r["op"], r["resolution"], r["batch"]) for r in rows] == [
         ("encode", 32, 1), ("decode", 32, 1), ("encode", 64, 1), ("decode", 64, 1), ("encode", 32, 2), ("decode", 32, 2)]
     for r in rows:
-        assert set(r["impls"]) == {"diffusers", "vaecli", "vaecli-kernels", "vaecli-transposed"}
+        assert set(r["impls"]) == {"diffusers", "vaecli", "vaecli-kernels", "vaecli-transposed", "vaecli-kernels-nhwc"}
         assert all(v["ms_per_img"] > 0 and math.isfinite(v["speedup_vs_diffusers"]) for v in r["impls"].values())
         # The tiny model is narrow: on the CPU its default plan is diffusers' exact sequence, also in bf16.
         assert r["impls"]["vaecli"]["max_abs_diff_vs_diffusers"] == 0.0

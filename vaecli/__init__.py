@@ -3,6 +3,7 @@
 from .config import FAMILY_PRESETS, LatentSpec, ModelInfo, VAEConfig
 from .errors import ConfigError, InputError, NonFiniteError, VaecliError, WeightsError
 from .model import AutoencoderKL, DiagonalGaussian
+from .plans import REFERENCE, Plan, apply_layout, plan_for
 from .weights import load_vae, save_vae
 
 __version__ = "0.1.0"
@@ -16,10 +17,14 @@ __all__ = [
     "LatentSpec",
     "ModelInfo",
     "NonFiniteError",
+    "Plan",
+    "REFERENCE",
     "VAEConfig",
     "VaecliError",
     "WeightsError",
     "__version__",
+    "apply_layout",
     "load_vae",
+    "plan_for",
     "save_vae",
 ]

@@ -15,8 +15,8 @@ state, re-checked dynamo's guards on every call, and silently ran eager from the
 
 An AOTInductor package is the compiled program itself: exported once per (op, input shape, dtype,
 device, plan, code version), compiled with its kernel choices baked in, and loaded by later processes in
-well under a second, with no tracing, guards or autotuning; the model's own weights are bound to it
-(no copy). A second process therefore runs exactly the code the first one compiled.
+seconds (mostly torch._inductor's imports), with no tracing, guards or autotuning; the model's own weights
+are bound to it (no copy). A second process therefore runs exactly the code the first one compiled.
 """
 
 from __future__ import annotations
@@ -122,20 +122,25 @@ def package_key(model: AutoencoderKL, op: str, example: torch.Tensor, plan: Plan
     """Everything the compiled program depends on except the weights' values (bound at load)."""
     w = model.encoder.conv_in.weight
     dev = example.device
+    gpu = [torch.cuda.get_device_name(dev), list(torch.cuda.get_device_capability(dev))] if dev.type == "cuda" else None
     facts = {
         "op": op,
         "shape": list(example.shape),
         "dtype": str(example.dtype),
-        "input_layout": "nhwc" if example.is_contiguous(memory_format=torch.channels_last) and not example.is_contiguous() else "nchw",
-        "weights": [str(w.dtype), "nhwc" if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() else "nchw"],
+        "input_layout": _layout_name(example),
+        "weights": [str(w.dtype), _layout_name(w)],
         "device": dev.type,
-        "gpu": [torch.cuda.get_device_name(dev), list(torch.cuda.get_device_capability(dev))] if dev.type == "cuda" else None,
+        "gpu": gpu,
         "config": model.config.to_dict(),
         "plan": plan.describe(),
         "torch": torch.__version__,
         "code": _code_hash(),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _layout_name(t: torch.Tensor) -> str:
+    return "nhwc" if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else "nchw"
 
 
 @lru_cache(maxsize=1)

@@ -1,5 +1,8 @@
 """AutoencoderKL in plain PyTorch. Attribute paths are diffusers' checkpoint keys; no I/O, no device policy.
 
+How layers compute (memory layout, GroupNorm and upsampling forms, kernels) is the `plan` argument of the
+forward methods (plans.py), chosen by the caller; the default is diffusers' own sequence of operations.
+
 Value conventions: images are (N, in_channels, H, W) in [-1, 1]; latents are raw (unnormalized) VAE latents.
 """
 

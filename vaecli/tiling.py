@@ -136,7 +136,8 @@ class _Sums:
             # Count, mean and centred sum of squares per group of the owned cells (fp32, no cancellation;
             # the plan's kernel where it has one, which wants a dense crop), combined into the image's
             # float64 sums (sum, sum of squares).
-            count, mean, m2 = (t.double().view(g) for t in plan.moments(part.contiguous(memory_format=layout), g))
+            stats = plan.moments(part.contiguous(memory_format=layout), g)  # (1, G) each
+            count, mean, m2 = (t.double().view(g) for t in stats)
             img = chunk.tiles[b].image
             self.total[img] += mean * count
             self.total_sq[img] += m2 + count * mean.square()

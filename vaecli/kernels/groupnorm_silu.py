@@ -123,13 +123,13 @@ def _moments(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, ..
         rows_per = -(-max(rows, CHUNK // c) // rows) * rows
         s = -(-hw // rows_per)
         part = torch.empty(3, n, s, c, dtype=torch.float32, device=x.device)
-        _moments_nhwc[(n, s)](x, part, hw, c, rows_per, s, ROWS=rows, COLS=cols)
+        _moments_nhwc[(n, s)](x, part, hw, c, rows_per, s, ROWS=rows, COLS=cols, num_warps=8)  # 3 fp32 tiles live
         strides = (s * c, cg, c, cg)
     pieces = s * strides[3] if layout(x) == "nhwc" else s
     _finalize[(n * groups,)](
         part, out, groups, pieces, part[0].numel(), *strides, eps, BLOCK=min(1024, _pow2(pieces))
     )
-    return tuple(out.view(4, n, groups))
+    return tuple(out.view(4, n, groups))  # 4 x (N, G)
 
 
 def _apply(
@@ -148,7 +148,7 @@ def _apply(
         cols = _pow2(c)
         rows = max(1, TILE // cols)
         _apply_nhwc[(n, -(-hw // rows))](
-            x, y, mean, rstd, wt, bs, hw, c, c // groups, groups, ROWS=rows, COLS=cols, **flags
+            x, y, mean, rstd, wt, bs, hw, c, c // groups, groups, ROWS=rows, COLS=cols, num_warps=8, **flags
         )
     return y
 

@@ -123,7 +123,8 @@ def fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     out = torch.empty((n, co, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=_layout_of(x))
     bm, bn, bk = (64, 64, 32) if x.device.type == "cuda" else (16, 16, 16)  # small tiles keep the interpreter quick
     grid = (-(-(n * h * w) // bm), -(-co // bn), 4)
-    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    # fp32 tiles: TF32 where cuDNN's convolutions use it too (torch's default), else exact products
+    precision = ("tf32" if torch.backends.cudnn.allow_tf32 else "ieee") if x.dtype == torch.float32 else None
     # Triton's interpreter multiplies bf16 tiles wrongly (NumPy has no bf16): there the tiles go to fp32 first.
     upcast = x.device.type == "cpu" and x.dtype == torch.bfloat16
     _phase_conv[grid](
