@@ -9,12 +9,12 @@ JSON is rewritten after every row; sections that would start past the time budge
   rows      encode/decode x 512/1024 x batch 1/16 (--quick: 64/128 x 1/2), bf16 then fp16 then fp32:
             diffusers, vaecli's default plan, the same with Triton kernels on, and (bf16) with the
             transposed-conv upsampling; alternating calls, medians, time ratio and max |diff| vs diffusers
-  tiling    tiled vs untiled encode/decode at 2048 and 4096 (bf16, default plan): time, peak memory,
-            max |diff| and PSNR of the tiled result against the untiled one
   accuracy  the embedded default model on the bundled photos: bf16 (default plan, kernels on) against
             diffusers fp32 on the same weights; latent max |diff|, 8-bit PSNR of decodes
-  compile   `vaecli bench --compile` in a cold then a warm process (fresh package cache), wall time,
-            load/compile time and ms/img, next to an eager process (skipped with --quick)
+  compile   --compile in a cold then a warm process (fresh package cache), decode 1024 bf16: seconds
+            from process start to the first compiled decode, compiled vs eager ms (skipped with --quick)
+  tiling    tiled vs untiled encode/decode at 2048 and 4096 (bf16, default plan): time, peak memory,
+            max |diff| and PSNR of the tiled result against the untiled one
 The summary at the end prints each row's speedup over diffusers and the issue's bars as pass/fail.
 """
 
@@ -130,8 +130,9 @@ def rows_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]],
     def run(report: Report, out: dict[str, Any]) -> None:
         device = torch.device(args.device)
         out["rows"], out["skipped_rows"] = [], []
+        reserve = 10 if args.quick else 160  # for the sections after this one (accuracy, compile, tiling)
         for dtype_name in args.dtypes.split(","):
-            if report.left() < 20:
+            if report.left() < reserve + 20:
                 out["skipped_rows"].append(f"{dtype_name}: time budget")
                 continue
             dtype = DTYPES[dtype_name]
@@ -146,7 +147,7 @@ def rows_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]],
                 variants["vaecli-kernels-nhwc"] = (ours_cl, dataclasses.replace(kernels_on, name="kernels-nhwc", layout=torch.channels_last))
             for op, side, batch in ROWS:
                 side, batch = (QUICK_SIDE[side], QUICK_BATCH[batch]) if args.quick else (side, batch)
-                if report.left() < 10:
+                if report.left() < reserve:
                     out["skipped_rows"].append(f"{dtype_name} {op} {side} b{batch}: time budget")
                     continue
                 row = _row(variants, theirs, op, side, batch, device, dtype, args)
@@ -297,40 +298,59 @@ def _to8(y: torch.Tensor) -> torch.Tensor:
     return ((y.float().clamp(-1, 1) + 1) * 127.5).round()
 
 
+COMPILE_WORKER = """
+import json, statistics, sys, time
+start = time.time()
+import torch, vaecli
+from vaecli.pipeline import Runner, RunOptions
+model, device, side = sys.argv[1], sys.argv[2], int(sys.argv[3])
+vae = vaecli.load_vae(model, device=device, dtype=torch.bfloat16)
+z = torch.randn(1, vae.config.latent_channels, side // 8, side // 8, generator=torch.Generator().manual_seed(0)).to(device)
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+compiled, eager = Runner(vae, RunOptions(dtype=torch.bfloat16, compile=True)), Runner(vae, RunOptions(dtype=torch.bfloat16))
+first = compiled.decode(z)
+sync()
+ready = time.time() - start  # process start -> first compiled decode done
+eager.decode(z)
+times = {"compiled": [], "eager": []}
+for _ in range(5):
+    for name, r in (("compiled", compiled), ("eager", eager)):
+        sync(); t = time.perf_counter(); r.decode(z); sync(); times[name].append(time.perf_counter() - t)
+print(json.dumps({"ready_s": ready, "events": first.events,
+                  **{f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()}}))
+"""
+
+
 def compile_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]], None]:
+    """--compile in a cold then a warm process (fresh package cache), decode at 1024 bf16: time from process
+    start to the first compiled decode, and compiled against eager ms in the same process."""
+
     def run(report: Report, out: dict[str, Any]) -> None:
         model_dir = Path(tempfile.mkdtemp(prefix="vaecli-report-model-"))
         _, theirs = build_models(args.config, torch.device("cpu"), torch.float32)
         theirs.save_pretrained(model_dir)
-        cache = Path(tempfile.mkdtemp(prefix="vaecli-report-cache-"))
-        side = 128 if args.quick else 1024
-        base = [sys.executable, "-m", "vaecli", "bench", "--model", str(model_dir), "-r", str(side), "--dtype", "bf16",
-                "--iters", "5", "--device", args.device, "--json"]
-        env = dict(os.environ, VAECLI_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
-        out["runs"] = []
-        for name, flags in (("eager", ["--no-compile"]), ("cold", ["--compile"]), ("warm", ["--compile"])):
-            limit = report.left() - 5
+        side = 64 if args.quick else 1024
+        env = dict(os.environ, VAECLI_CACHE_DIR=tempfile.mkdtemp(prefix="vaecli-report-cache-"), PYTHONPATH=str(ROOT))
+        out["op"], out["resolution"], out["runs"] = "decode", side, []
+        for name, cap in (("cold", 150), ("warm", 60)):
+            limit = min(cap, report.left() - (45 if name == "cold" else 5))  # leave the tiling section its time
             if limit < 30:
                 out["runs"].append({"process": name, "skipped": "time budget"})
                 out["status"] = "partial"
                 continue
             t = time.monotonic()
+            cmd = [sys.executable, "-c", COMPILE_WORKER, str(model_dir), args.device, str(side)]
             try:
-                proc = subprocess.run(base + flags, capture_output=True, text=True, env=env, timeout=limit)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=limit)
             except subprocess.TimeoutExpired:
                 out["runs"].append({"process": name, "timed_out_after_s": round(limit)})
                 out["status"] = "partial"
                 continue
             entry: dict[str, Any] = {"process": name, "wall_s": round(time.monotonic() - t, 1), "rc": proc.returncode}
-            try:
-                doc = json.loads(proc.stdout)
-                entry["rows"] = [{k: r.get(k) for k in ("op", "ms_per_img", "warmup_s", "events", "error")} for r in doc["results"]]
-            except (json.JSONDecodeError, KeyError):
-                entry["stderr_tail"] = proc.stderr[-2000:]
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            entry.update(json.loads(lines[-1]) if lines else {"stderr_tail": proc.stderr[-2000:]})
             out["runs"].append(entry)
-            print(f"   {name}: wall {entry['wall_s']} s " + "; ".join(
-                f"{r['op']} {r['ms_per_img']} ms/img (first call {r['warmup_s']:.1f} s)"
-                for r in entry.get("rows", []) if r.get("ms_per_img")), flush=True)
+            print(f"   {name}: {json.dumps(entry)[:400]}", flush=True)
             report.save()
 
     return run
@@ -339,9 +359,9 @@ def compile_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any
 # -- summary and helpers ------------------------------------------------------------------------------------
 
 
-SECTIONS = {  # name -> (section maker, seconds it needs at least to start)
-    "env": (env_section, 0), "rows": (rows_section, 30), "tiling": (tiling_section, 40),
-    "accuracy": (accuracy_section, 15), "compile": (compile_section, 120),
+SECTIONS = {  # name -> (section maker, seconds it needs at least to start), in the order they run
+    "env": (env_section, 0), "rows": (rows_section, 30), "accuracy": (accuracy_section, 15),
+    "compile": (compile_section, 90), "tiling": (tiling_section, 40),
 }
 
 
@@ -393,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=5, help="timed calls per implementation (batch 1)")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="rows section precisions, in this order")
     parser.add_argument("--json", type=Path, default=None, help="write the report here (rewritten as it grows)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; --quick: all but compile)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available here (use --device cpu --quick for a smoke run)")
@@ -403,13 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     diffusers.utils.logging.set_verbosity_error()
     report = Report(args.json, args.budget)
     report.doc.update(quick=args.quick, device=args.device, config=args.config)
-    chosen = set(args.sections.split(","))
+    chosen = set(args.sections.split(",")) if args.sections else set(SECTIONS) - ({"compile"} if args.quick else set())
     if not chosen <= set(SECTIONS):
         parser.error(f"unknown sections: {', '.join(sorted(chosen - set(SECTIONS)))}")
     for name, (make, need) in SECTIONS.items():
-        skip = "not asked for (--sections)" if name not in chosen else None
-        if name == "compile" and args.quick and skip is None:
-            skip = "--quick (a CPU compile takes minutes)"
+        skip = None
+        if name not in chosen:
+            skip = "--quick (a CPU compile takes minutes)" if args.quick and not args.sections else "not asked for (--sections)"
         report.section(name, make(args), need_s=need, skip=skip)
     report.doc["summary"] = summary(report)
     report.save()
