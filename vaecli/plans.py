@@ -39,10 +39,11 @@ TABLE: dict[str, dict[str, Choice]] = {
         "nhwc_from": Choice(256, "2-core x86 CPU, oneDNN: NHWC 3x3 convs ~15% faster than NCHW at SD widths "
                                  "(README Speed); narrow models gain little and keep NCHW"),
         "norm": Choice("native", "docs/performance.md, CPU 2026-11-27: bf16 GroupNorm 256x128x128 15 ms native vs "
-                                 "82 ms on an fp32 copy (fp16 17 vs 51); aten's CPU kernel already accumulates "
-                                 "in fp32 (see _group_norm)"),
-        "upsample": Choice("transposed", "docs/performance.md, CPU 2026-11-27: 512ch 64x64 fp32 NHWC: nearest+conv "
-                                         "2043 ms, subpixel 1369 ms, conv_transpose2d 855 ms"),
+                                 "82 ms on an fp32 copy (fp16 17 vs 51); SD bf16 decode 256^2 0.77 of diffusers' "
+                                 "time vs 0.90 before; aten's CPU kernel accumulates in fp32 (see _group_norm)"),
+        "upsample": Choice("transposed", "docs/performance.md, CPU 2026-11-27: one 512ch 64x64 fp32 NHWC layer: "
+                                         "nearest+conv 2043 ms, subpixel 1369 ms, conv_transpose2d 855 ms; SD decode "
+                                         "256^2 fp32: 0.73 of diffusers' time, 0.86 with subpixel (same run)"),
         "wide_from": Choice(256, "narrow layers: diffusers' exact sequence (bit-identical outputs)"),
         "attention": Choice("sdpa", "diffusers' call (AttnProcessor2_0); one head over all positions"),
         "kernels": Choice((), "Triton has no CPU backend; its interpreter (tests) is far slower than aten"),
