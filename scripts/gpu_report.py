@@ -150,7 +150,11 @@ def rows_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]],
                 if report.left() < reserve:
                     out["skipped_rows"].append(f"{dtype_name} {op} {side} b{batch}: time budget")
                     continue
-                row = _row(variants, theirs, op, side, batch, device, dtype, args)
+                try:
+                    row = _row(variants, theirs, op, side, batch, device, dtype, args)
+                except Exception as exc:  # e.g. out of memory: the other rows still run
+                    row = {"op": op, "resolution": side, "batch": batch, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    out["status"] = "partial"
                 row.update(dtype=dtype_name)
                 out["rows"].append(row)
                 _print_row(row)
@@ -180,6 +184,13 @@ def _row(variants: dict[str, tuple[Any, Any]], theirs: Any, op: str, side: int, 
         calls = {"diffusers": inference(lambda: theirs.decode(z).sample)}
         for name, (m, p) in variants.items():
             calls[name] = inference(lambda m=m, p=p: m.decode(z, plan=p))
+    failed = {}
+    for name in [n for n in calls if n != "diffusers"]:
+        try:  # one call first: an implementation that fails (a kernel that does not compile...) is dropped
+            calls[name]()
+        except Exception as exc:
+            failed[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            del calls[name]
     iters = 1 if args.quick else args.iters if batch == 1 else max(2, args.iters - 2)
     stats = bench_op(calls, op, device, warmup=1 if args.quick else 2, iters=iters)
     base = stats["diffusers"]["median_s"]
@@ -193,11 +204,15 @@ def _row(variants: dict[str, tuple[Any, Any]], theirs: Any, op: str, side: int, 
             "first_call_s": s["first_call_s"],
             "peak_memory_bytes": s["peak_memory_bytes"],
         }
-    return {"op": op, "resolution": side, "batch": batch, "iters": iters, "impls": impls}
+    return {"op": op, "resolution": side, "batch": batch, "iters": iters, "impls": {**impls, **failed}}
 
 
 def _print_row(row: dict[str, Any]) -> None:
-    parts = [f"{name} {v['ms_per_img']:.2f} ms ({v['speedup_vs_diffusers']:.2f}x, diff {v['max_abs_diff_vs_diffusers']:.1e})"
+    if "error" in row:
+        print(f"   {row['dtype']} {row['op']} {row['resolution']} b{row['batch']}: failed: {row['error']}", flush=True)
+        return
+    parts = [f"{name} failed: {v['error'][:120]}" if "error" in v else
+             f"{name} {v['ms_per_img']:.2f} ms ({v['speedup_vs_diffusers']:.2f}x, diff {v['max_abs_diff_vs_diffusers']:.1e})"
              for name, v in row["impls"].items()]
     print(f"   {row['dtype']} {row['op']} {row['resolution']} b{row['batch']}: " + "; ".join(parts), flush=True)
 
@@ -278,20 +293,30 @@ def accuracy_section(args: argparse.Namespace) -> Callable[[Report, dict[str, An
                 ref8 = _to8(theirs.decode(z_ref).sample)
                 entry: dict[str, Any] = {"image": path.name, "side": side}
                 for name, p in plans.items():
-                    z = ours.encode(x, plan=p).mean.float()
-                    y8 = _to8(ours.decode(z_ref.to(torch.bfloat16), plan=p).float())
-                    mse = (y8 - ref8).square().mean().item()
-                    entry[name] = {
-                        "latent_max_abs_diff": (z - z_ref).abs().max().item(),
-                        "latent_max_abs": z_ref.abs().max().item(),
-                        "decode_psnr_8bit_db": 10 * math.log10(255**2 / mse) if mse > 0 else float("inf"),
-                    }
+                    try:
+                        entry[name] = _accuracy(ours, p, x, z_ref, ref8)
+                    except Exception as exc:  # one plan failing keeps the other's figures
+                        entry[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                        out["status"] = "partial"
             out["images"].append(entry)
-            print(f"   {path.name}: " + "; ".join(f"{n} latent diff {entry[n]['latent_max_abs_diff']:.3g}, decode "
-                                                   f"{entry[n]['decode_psnr_8bit_db']:.1f} dB" for n in plans), flush=True)
+            print(f"   {path.name}: " + "; ".join(
+                f"{n} failed" if "error" in entry[n] else f"{n} latent diff {entry[n]['latent_max_abs_diff']:.3g}, "
+                f"decode {entry[n]['decode_psnr_8bit_db']:.1f} dB" for n in plans), flush=True)
             report.save()
 
     return run
+
+
+def _accuracy(ours: Any, plan: Any, x: torch.Tensor, z_ref: torch.Tensor, ref8: torch.Tensor) -> dict[str, float]:
+    """Our bf16 encode of x against diffusers' fp32 latents, and our decode of those latents in 8 bits."""
+    z = ours.encode(x, plan=plan).mean.float()
+    y8 = _to8(ours.decode(z_ref.to(torch.bfloat16), plan=plan).float())
+    mse = (y8 - ref8).square().mean().item()
+    return {
+        "latent_max_abs_diff": (z - z_ref).abs().max().item(),
+        "latent_max_abs": z_ref.abs().max().item(),
+        "decode_psnr_8bit_db": 10 * math.log10(255**2 / mse) if mse > 0 else float("inf"),
+    }
 
 
 def _to8(y: torch.Tensor) -> torch.Tensor:
@@ -367,22 +392,23 @@ SECTIONS = {  # name -> (section maker, seconds it needs at least to start), in 
 
 def summary(report: Report) -> list[str]:
     lines = []
-    rows = report.doc["sections"].get("rows", {}).get("rows", [])
+    rows = [r for r in report.doc["sections"].get("rows", {}).get("rows", []) if "impls" in r]
     by_key = {(r["dtype"], r["op"], r["resolution"], r["batch"]): r for r in rows}
     for r in rows:
-        cells = "  ".join(f"{n} {v['speedup_vs_diffusers']:5.2f}x" for n, v in r["impls"].items() if n != "diffusers")
+        cells = "  ".join(f"{n} {v['speedup_vs_diffusers']:5.2f}x" if "error" not in v else f"{n} failed"
+                          for n, v in r["impls"].items() if n != "diffusers")
         lines.append(f"{r['dtype']:>4} {r['op']:<6} {r['resolution']:>5} b{r['batch']:<3} diffusers "
                      f"{r['impls']['diffusers']['ms_per_img']:8.2f} ms/img  {cells}")
     quick = report.doc.get("quick")
     for dtype, op, side, batch, need in BARS:
         key = (dtype, op, QUICK_SIDE[side], QUICK_BATCH[batch]) if quick else (dtype, op, side, batch)
         r = by_key.get(key)
-        got = r["impls"]["vaecli"]["speedup_vs_diffusers"] if r else None
+        got = r["impls"]["vaecli"].get("speedup_vs_diffusers") if r else None
         verdict = "not measured" if got is None else ("PASS" if got >= need else "FAIL")
         lines.append(f"bar {dtype} {op} {side} b{batch}: default plan >= {need}x diffusers: "
                      f"{'-' if got is None else f'{got:.2f}x'} {verdict}")
     slow = [f"{r['dtype']} {r['op']} {r['resolution']} b{r['batch']}" for r in rows
-            if r["impls"]["vaecli"]["speedup_vs_diffusers"] < 1.0]
+            if r["impls"]["vaecli"].get("speedup_vs_diffusers", 0.0) < 1.0]
     lines.append("rows where the default plan is slower than diffusers: " + (", ".join(slow) or "none"))
     for name, sec in report.doc["sections"].items():
         lines.append(f"section {name}: {sec.get('status')}" + (f" ({sec.get('reason') or sec.get('error')})"
