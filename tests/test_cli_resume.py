@@ -56,15 +56,27 @@ def test_decode_resume(model, tmp_path):
 
 
 def test_temp_files_of_dead_runs_are_cleaned(tmp_path):
+    """Only provably dead writers' temp files go: same host and PID namespace, and the PID gone or reused;
+    others' (another container or host) only once a day old."""
     target = tmp_path / "sub" / "x.safetensors"
     target.parent.mkdir()
     mine = temp_path(target)
     mine.write_text("live")  # this process is alive: kept
-    dead = target.with_name(".x.safetensors.tmp-999999999-0123abcd")
-    dead.write_text("partial")
-    assert is_temp_name(dead.name) and is_temp_name(mine.name)
-    assert clean_temp_files(tmp_path) == [dead]
-    assert mine.exists() and not dead.exists()
+    host = mine.name.split(".tmp-")[1].split("-")[0]
+    parent = os.getppid()  # alive, but started at another time than a name can claim
+    dead = target.with_name(f".x.safetensors.tmp-{host}-999999999-123-0123abcd")
+    reused = target.with_name(f".x.safetensors.tmp-{host}-{parent}-1-0123abcd")
+    foreign = target.with_name(".x.safetensors.tmp-00000000-1-5-0123abcd")  # another container: cannot tell
+    legacy = target.with_name(".x.safetensors.tmp-999999999-0123abcd")  # vaecli 0.1: no host in the name
+    old = target.with_name(".y.safetensors.tmp-00000000-1-5-0123abcd")
+    for path in (dead, reused, foreign, legacy, old):
+        path.write_text("partial")
+        assert is_temp_name(path.name)
+    day = time.time() - 25 * 3600
+    os.utime(old, (day, day))
+    assert is_temp_name(mine.name)
+    assert sorted(clean_temp_files(tmp_path)) == sorted([dead, reused, old])
+    assert mine.exists() and foreign.exists() and legacy.exists()
 
 
 def test_kill_9_mid_run_then_resume(model, tmp_path):

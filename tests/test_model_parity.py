@@ -54,7 +54,7 @@ def test_parity(reference, name, size):
 
 
 def test_small_models_bit_identical_through_load_vae(reference, tmp_path):
-    """On the CPU, models narrower than WIDE_CHANNELS run diffusers' exact sequence of operations."""
+    """load_vae keeps diffusers' NCHW layout, and the default plan is diffusers' exact sequence of operations."""
     ref = reference(**CONFIGS["sd-like-groups8"])
     ref.save_pretrained(tmp_path)
     vae = vaecli.load_vae(tmp_path)

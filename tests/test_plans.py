@@ -36,10 +36,10 @@ def test_every_device_row_names_every_choice_and_its_measurement():
 
 
 def test_plan_for_devices_and_kernel_modes():
-    narrow, wide = VAEConfig(**{**NARROW, "down_block_types": ("DownEncoderBlock2D",) * 3,
-                                 "up_block_types": ("UpDecoderBlock2D",) * 3}), VAEConfig(
-        block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    narrow = VAEConfig(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                       up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8)
+    wide = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
+                     up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
     cuda = plan_for("cuda", wide)
     assert (cuda.layout, cuda.norm, cuda.upsample, cuda.kernels) == (torch.contiguous_format, "native", "nearest", frozenset())
     assert plan_for("cpu", wide).layout == torch.channels_last and plan_for("cpu", narrow).layout == torch.contiguous_format

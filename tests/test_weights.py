@@ -211,10 +211,31 @@ def test_unexpected_key_named(ref, tmp_path):
 
 
 def test_shape_mismatch_named(ref, tmp_path):
-    config = dict(ref.config)
-    config["latent_channels"] = 8
-    with pytest.raises(WeightsError, match=r"shape mismatches .*decoder.conv_in.weight"):
-        vaecli.load_vae(save(ref.state_dict(), tmp_path / "s.safetensors"), config=config)
+    state = ref.state_dict()
+    state["encoder.conv_norm_out.weight"] = torch.ones(7)
+    with pytest.raises(WeightsError, match=r"shape mismatches \(1\): encoder.conv_norm_out.weight \(7,\) != \(32,\)"):
+        vaecli.load_vae(save(state, tmp_path / "s.safetensors"), config=dict(ref.config))
+
+
+def test_config_not_describing_the_weights_fails_before_building(ref, tmp_path, monkeypatch):
+    path = save(ref.state_dict(), tmp_path / "w.safetensors")
+    built = []
+    monkeypatch.setattr(vaecli.weights, "AutoencoderKL", lambda *a, **k: built.append(1))
+    config = {**dict(ref.config), "latent_channels": 8, "layers_per_block": 3}
+    with pytest.raises(WeightsError, match=r"layers_per_block 3 in the config, 2 in the weights; latent_channels 8 in the config, 4"):
+        vaecli.load_vae(path, config=config)
+    assert built == []  # refused from shapes alone, before any module was constructed
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.fill_(float("nan")), r"1 tensor\(s\) hold NaN or Inf values \(a damaged file\?\): decoder.conv_out.weight"),
+    (lambda t: t.to(torch.int8), r"1 tensor\(s\) are not floating point \(quantized weights are not supported\): decoder.conv_out.weight"),
+])
+def test_non_finite_or_integer_weights_refused(ref, tmp_path, damage, message):
+    state = ref.state_dict()
+    state["decoder.conv_out.weight"] = damage(state["decoder.conv_out.weight"].clone())
+    with pytest.raises(WeightsError, match=message):
+        vaecli.load_vae(save(state, tmp_path / "d.safetensors"), config=dict(ref.config))
 
 
 def test_missing_path(tmp_path):

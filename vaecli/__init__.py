@@ -1,30 +1,59 @@
-"""vaecli: image <-> latent conversion with the KL autoencoder of latent diffusion."""
+"""vaecli: image <-> latent conversion with the KL autoencoder of latent diffusion.
 
-from .config import FAMILY_PRESETS, LatentSpec, ModelInfo, VAEConfig
-from .errors import ConfigError, InputError, NonFiniteError, VaecliError, WeightsError
-from .model import AutoencoderKL, DiagonalGaussian
-from .plans import REFERENCE, Plan, apply_layout, plan_for
-from .weights import load_vae, save_vae
+The public names below are imported on first use (PEP 562), so `vaecli --help` and argument errors answer
+without loading torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AutoencoderKL",
-    "ConfigError",
-    "DiagonalGaussian",
-    "FAMILY_PRESETS",
-    "InputError",
-    "LatentSpec",
-    "ModelInfo",
-    "NonFiniteError",
-    "Plan",
-    "REFERENCE",
-    "VAEConfig",
-    "VaecliError",
-    "WeightsError",
-    "__version__",
-    "apply_layout",
-    "load_vae",
-    "plan_for",
-    "save_vae",
-]
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "FAMILY_PRESETS": "config",
+    "LatentSpec": "config",
+    "ModelInfo": "config",
+    "VAEConfig": "config",
+    "ConfigError": "errors",
+    "InputError": "errors",
+    "NonFiniteError": "errors",
+    "VaecliError": "errors",
+    "WeightsError": "errors",
+    "AutoencoderKL": "model",
+    "DiagonalGaussian": "model",
+    "Plan": "plans",
+    "REFERENCE": "plans",
+    "apply_layout": "plans",
+    "plan_for": "plans",
+    "load_vae": "weights",
+    "save_vae": "weights",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:  # a submodule not imported yet (vaecli.weights, ...)
+        try:
+            return import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'vaecli' has no attribute {name!r}") from None
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # static checkers and IDEs see the real names
+    from .config import FAMILY_PRESETS, LatentSpec, ModelInfo, VAEConfig
+    from .errors import ConfigError, InputError, NonFiniteError, VaecliError, WeightsError
+    from .model import AutoencoderKL, DiagonalGaussian
+    from .plans import REFERENCE, Plan, apply_layout, plan_for
+    from .weights import load_vae, save_vae

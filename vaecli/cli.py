@@ -1,15 +1,19 @@
 """The `vaecli` command: parse flags, build options, call one core function, render with Rich, exit code.
 
 Exit codes: 0 every item ok (or skipped), 1 some item failed, 2 usage error (bad option, no inputs,
-a model that cannot be loaded). `--json` prints exactly one JSON document on stdout.
+an overlapping layout, a model that cannot be loaded), 130 interrupted. `--json` prints exactly one JSON
+document on stdout, also on parse errors and Ctrl-C; every line on stderr has its control characters escaped.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -35,6 +39,8 @@ err_console = Console(stderr=True, highlight=False)
 
 USAGE = 2
 ITEMS_FAILED = 1
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
+BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout was closed by its reader
 
 
 class Device(str, Enum):
@@ -87,6 +93,17 @@ class CacheFormat(str, Enum):
     comfyui = "comfyui"
 
 
+class Layout(str, Enum):
+    folder = "folder"
+    tar = "tar"
+    parquet = "parquet"
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class ImageFormat(str, Enum):
     png = "png"
     jpg = "jpg"
@@ -97,6 +114,7 @@ MODEL = "Model"
 RUN = "Precision and memory"
 OUTPUT = "Output"
 DATASET = "Dataset preparation (--dataset)"
+SHARDS = "Shards and engines (--dataset)"
 
 # -- options shared by several commands (Annotated aliases keep each signature readable) ------------------
 ModelOpt = Annotated[
@@ -173,13 +191,75 @@ SizePolicyOpt = Annotated[
 SampleOpt = Annotated[bool, typer.Option("--sample", help="Sample the posterior instead of taking its mode.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (implies it); noise depends on (seed, path).")]
 InputsArg = Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively).", show_default=False)]
+EncodeInputsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Files or folders (searched recursively); with --dataset also shards: .tar/.parquet files or URLs "
+        "(s3://, gs://, hf://), brace lists like 'data/{00000..00099}.tar', globs.",
+        show_default=False,
+    ),
+]
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
-def main() -> None:
-    """Entry point of the console script and `python -m vaecli`."""
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script and `python -m vaecli`.
+
+    Option-parsing errors and Ctrl-C outside a command body are handled here, so that they too print one
+    line on stderr, exit with their code, and under --json still print the one JSON document.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in (args[: args.index("--")] if "--" in args else args)
+    _route_warnings()
+    try:
+        code = app(args=args, prog_name="vaecli", standalone_mode=False)
+    except KeyboardInterrupt:
+        _interrupted(as_json, None)
+        code = INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (`vaecli ... --json | head -1`): nothing more goes there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = BROKEN_PIPE
+    except Exception as exc:  # noqa: BLE001 - parse errors (click's, or typer's vendored click), Abort
+        code = _parse_error(exc, as_json)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = BROKEN_PIPE
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _parse_error(exc: Exception, as_json: bool) -> int:
+    """Report an exception raised outside a command body (while parsing options) in one line."""
+    if type(exc).__name__ == "Abort":  # typer/click turn Ctrl-C during parsing into Abort
+        _interrupted(as_json, None)
+        return INTERRUPTED
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()  # type: ignore[attr-defined]
+        return int(getattr(exc, "exit_code", USAGE))
+    if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click.ClickException, either copy
+        message = exc.format_message()
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        code = int(exc.exit_code)
+    else:
+        message, hint, code = f"unexpected error ({type(exc).__name__}: {_one_line(str(exc))[:300]})", "", USAGE
+    err_console.print(f"[bold red]error:[/] {escape(printable(_one_line(message)))}{escape(hint)}", soft_wrap=True)
+    if as_json:
+        _print_json({"ok": 0, "failed": 0, "skipped": 0, "items": [], "error": message})
+    return code
+
+
+def _route_warnings() -> None:
+    """Warnings as one escaped line each (`warning: ...`), never Python's two-line source format; Pillow's
+    are dropped: what they warn about (corrupt metadata, truncation) is checked and reported per item."""
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        err_console.print(f"warning: {escape(printable(_one_line(str(message))))}", soft_wrap=True)
+
+    warnings.showwarning = show  # type: ignore[assignment]
 
 
 def _version(value: bool) -> None:
@@ -199,7 +279,7 @@ def _root(
 
 
 def _usage(message: str, as_json: bool) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {escape(_one_line(message))}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(printable(_one_line(message)))}", soft_wrap=True)
     if as_json:
         _print_json({"ok": 0, "failed": 0, "skipped": 0, "items": [], "error": message})
     return typer.Exit(USAGE)
@@ -209,13 +289,59 @@ def _one_line(text: str) -> str:
     return " ".join(text.split("\n")).strip()
 
 
+def printable(text: str) -> str:
+    """`text` safe to print on one terminal line: control and format characters (newline, carriage return,
+    escape sequences, bidirectional overrides) and undecodable bytes of file names become escapes, so a
+    file name can never forge a line or recolour the terminal."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}" if ch not in "\n\r\t" else repr(ch)[1:-1])
+        else:
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _interrupted(as_json: bool, results: list[Any] | None, command: str | None = None) -> None:
+    """The Ctrl-C report: one line on stderr, and under --json the document with the items finished so far."""
+    done = [r for r in results or [] if r.status in ("ok", "failed", "skipped")]
+    pending = len(results or []) - len(done)
+    if results is None:
+        err_console.print("interrupted: before any item ran", soft_wrap=True)
+    else:
+        err_console.print(
+            f"interrupted: {len(done)} item(s) finished and kept, {pending} not done; run the same command again "
+            "to finish",
+            soft_wrap=True,
+        )
+    if as_json:
+        doc: dict[str, Any] = {"command": command} if command else {}
+        doc.update(
+            ok=sum(r.status == "ok" for r in done),
+            failed=sum(r.status == "failed" for r in done),
+            skipped=sum(r.status == "skipped" for r in done),
+            items=[r.to_dict() for r in done],
+            pending=pending,
+            interrupted=True,
+            error="interrupted (Ctrl-C)",
+        )
+        _print_json(doc)
+
+
 def _print_json(doc: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 
 @contextmanager
-def _guard(as_json: bool, debug: bool) -> Iterator[None]:
+def _guard(as_json: bool, debug: bool, command: str | None = None) -> Iterator[None]:
     """Turn our errors into one line and exit 2; unexpected ones into one line (traceback with --debug)."""
     try:
         yield
@@ -225,14 +351,14 @@ def _guard(as_json: bool, debug: bool) -> Iterator[None]:
         if debug:
             traceback.print_exc()
         raise _usage(str(exc), as_json) from None
-    except KeyboardInterrupt:
-        err_console.print("interrupted: completed outputs are kept; run again to finish the rest")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        _interrupted(as_json, getattr(exc, "results", None), command)
+        raise typer.Exit(INTERRUPTED) from None
     except Exception as exc:  # noqa: BLE001 - a bug or an environment problem: still one line
         if debug:
             traceback.print_exc()
-        hint = "" if debug else " (--debug shows the traceback)"
-        raise _usage(f"{type(exc).__name__}: {exc}{hint}", as_json) from None
+        hint = "" if debug else "; --debug shows the traceback"
+        raise _usage(f"unexpected error ({type(exc).__name__}: {_one_line(str(exc))[:300]}){hint}", as_json) from None
 
 
 @contextmanager
@@ -303,7 +429,8 @@ def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None)
     """Print failures (stderr), then the JSON document or a summary; exit 1 when some item failed."""
     for r in report.items:
         if r.status == "failed":
-            err_console.print(f"[red]error:[/] {escape(r.input)}: {escape(_one_line(r.error or ''))}", soft_wrap=True)
+            line = f"{printable(r.input)}: {printable(_one_line(r.error or ''))}"
+            err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
             if debug and r.detail:
                 sys.stderr.write(r.detail)
     doc = report.to_dict()
@@ -333,7 +460,9 @@ def _summary(report: Any, doc: dict[str, Any]) -> None:
         kinds = sorted({f"{x['stage']} {x['from_dtype']}->{x['to_dtype']}" for _, x in retries})
         out_console.print(f"precision retries (non-finite output): {len(retries)} ({', '.join(kinds)})")
     for event in sorted(set(report.events)):
-        out_console.print(f"event: {escape(event)} (x{report.events.count(event)})")
+        out_console.print(f"event: {escape(printable(event))} (x{report.events.count(event)})")
+    for note in getattr(report, "notes", []):
+        out_console.print(f"note: {escape(printable(str(note)))}")
     if doc.get("tiles"):
         out_console.print(f"tiled: {doc['tiles']} tile calls")
     if doc.get("temp_files_removed"):
@@ -345,7 +474,7 @@ def _summary(report: Any, doc: dict[str, Any]) -> None:
 
 @app.command()
 def encode(
-    inputs: InputsArg,
+    inputs: EncodeInputsArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <rel>.safetensors latents.", show_default=False)],
     model: ModelOpt = None,
     family: FamilyOpt = None,
@@ -380,6 +509,11 @@ def encode(
     cache_format: Annotated[CacheFormat, typer.Option("--format", help="Cache files: vaecli (safetensors + metadata), kohya (.npz for sd-scripts), comfyui (.latent).", rich_help_panel=DATASET)] = CacheFormat.vaecli,
     kohya_next_to_images: Annotated[bool, typer.Option("--kohya-next-to-images", help="kohya format: write <stem>.npz beside each image instead of under OUT.", rich_help_panel=DATASET)] = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Take shard i of n (i/n, 0-based), e.g. for Slurm arrays; under torchrun RANK/WORLD_SIZE are used.", rich_help_panel=DATASET)] = None,
+    layout: Annotated[Optional[Layout], typer.Option("--layout", help="folder: a file per image (image inputs); tar (WebDataset) or parquet: one latent shard per input shard [default: by input].", rich_help_panel=SHARDS)] = None,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", help="Shards: the tar member suffix (jpg) or parquet column (image) holding the image [default: found].", rich_help_panel=SHARDS)] = None,
+    engine: Annotated[Engine, typer.Option("--engine", help="local: this process (with --shard or torchrun); ray: a Ray cluster, the VAE as an actor pool (pip install 'vaecli[ray]').", rich_help_panel=SHARDS)] = Engine.local,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to join (host:6379 or ray://host:10001) [default: RAY_ADDRESS, else a new local one].", rich_help_panel=SHARDS)] = None,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", min=0, help="Ray VAE actors; 0: one per GPU (--device cuda) or per CPU of the cluster.", rich_help_panel=SHARDS)] = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -389,12 +523,13 @@ def encode(
     With --dataset: prepare a latent cache for training (buckets, crops, flips, OUT/manifest.jsonl), reusing
     latents whose source, model and settings are unchanged; runs sharded under torchrun or with --shard.
     """
-    from .batch import EncodeOptions, encode_paths
+    from .batch import EncodeOptions, check_layout, encode_paths
 
-    with _guard(as_json, debug):
+    with _guard(as_json, debug, "encode"):
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
+        check_layout(inputs, out)  # before the model loads: an overlapping layout is refused at once
         if dataset:
-            from .dataset import DatasetOptions, bind_local_device, parse_shard, prepare_dataset
+            from .dataset import DatasetOptions, EngineOptions, bind_local_device, parse_shard, prepare_dataset
 
             ds = DatasetOptions(
                 bucket_resolution=bucket_resolution, bucket_step=bucket_step, min_bucket_size=min_bucket_size,
@@ -402,23 +537,31 @@ def encode(
                 crop_seed=crop_seed, flip=flip, moments=moments, format=cache_format.value,
                 kohya_next_to_images=kohya_next_to_images, raw=raw, sample=sample or seed is not None,
                 seed=seed or 0, latent_dtype=latent_dtype.value, alpha=alpha.value, max_pixels=max_pixels,
-                batch_size=batch_size, overwrite=overwrite,
+                batch_size=batch_size, overwrite=overwrite, layout=layout.value if layout else None,
+                image_column=image_column,
             )
             part = parse_shard(shard) if shard else None
+            spread = EngineOptions(engine.value, address, ray_workers, device.value)
             bind_local_device()  # under torchrun with CUDA: this rank's GPU
-            vae = _load(model, family, device, as_json, debug)
+            # With Ray the driver only holds the weights for the actors; each actor picks its own device.
+            vae = _load(model, family, Device.cpu if engine == Engine.ray else device, as_json, debug)
             with _progress("dataset", _show_progress(quiet)) as progress:
-                report = prepare_dataset(vae, inputs, out, ds, run, shard=part, progress=progress)
+                report = prepare_dataset(vae, inputs, out, ds, run, shard=part, progress=progress, engine=spread)
             if not as_json:
+                if report.shards:
+                    doc = report.to_dict()
+                    out_console.print(f"shards: {doc['shards_ok']} written, {doc['shards_skipped']} reused, "
+                                      f"{doc['shards_failed']} failed; index {escape(str(report.manifest))}")
                 for miss in getattr(report, "missing", []):
-                    out_console.print(f"missing source (latent kept, dropped from manifest): {escape(str(miss.get('source', miss)))}")
-                for note in getattr(report, "notes", []):
-                    out_console.print(f"note: {escape(str(note))}")
+                    source = printable(str(miss.get("source", miss)))
+                    out_console.print(f"missing source (latent kept, dropped from manifest): {escape(source)}")
             _finish(report, as_json, debug)
             return
         dataset_only = {"--shard": shard is not None, "--flip": flip, "--moments": moments, "--no-upscale": no_upscale,
                         "--random-crop": random_crop, "--format": cache_format != CacheFormat.vaecli,
-                        "--kohya-next-to-images": kohya_next_to_images}
+                        "--kohya-next-to-images": kohya_next_to_images, "--layout": layout is not None,
+                        "--image-column": image_column is not None, "--engine": engine != Engine.local,
+                        "--address": address is not None, "--ray-workers": ray_workers != 0}
         given = [name for name, on in dataset_only.items() if on]
         if given:
             raise VaecliError(f"{', '.join(given)} only apply with --dataset")
@@ -435,7 +578,7 @@ def encode(
         )
         vae = _load(model, family, device, as_json, debug)
         with _progress("encode", _show_progress(quiet)) as progress:
-            report = encode_paths(vae, inputs, out, options, run, progress)
+            report = encode_paths(vae, [Path(i) for i in inputs], out, options, run, progress)
         _finish(report, as_json, debug)
 
 
@@ -469,12 +612,15 @@ def decode(
     debug: DebugOpt = False,
 ) -> None:
     """Decode latent files (ours, bare .safetensors or .npy) to images at their original size."""
-    from .batch import DecodeOptions, decode_paths
+    from .batch import DecodeOptions, check_layout, decode_paths
 
-    with _guard(as_json, debug):
-        if scaling_factor is not None and scaling_factor == 0:
-            raise VaecliError("--scaling-factor must not be 0")
+    with _guard(as_json, debug, "decode"):
+        if scaling_factor is not None and (not math.isfinite(scaling_factor) or scaling_factor == 0):
+            raise VaecliError(f"--scaling-factor must be a finite, non-zero number, not {scaling_factor}")
+        if shift_factor is not None and not math.isfinite(shift_factor):
+            raise VaecliError(f"--shift-factor must be a finite number, not {shift_factor}")
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
+        check_layout(inputs, out)
         options = DecodeOptions(
             batch_size=batch_size,
             format=image_format.value,
@@ -522,12 +668,15 @@ def roundtrip(
     debug: DebugOpt = False,
 ) -> None:
     """Encode and decode in memory; per-image PSNR, SSIM and max abs error (8-bit RGB, original size)."""
-    from .batch import RoundtripOptions, roundtrip_paths
+    from .batch import RoundtripOptions, check_layout, roundtrip_paths
 
-    with _guard(as_json, debug):
+    with _guard(as_json, debug, "roundtrip"):
         if diff and out is None:
             raise VaecliError("--diff needs -o/--out: the error maps are written beside the reconstructions")
+        if not math.isfinite(diff_gain):
+            raise VaecliError(f"--diff-gain must be a finite number, not {diff_gain}")
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
+        check_layout(inputs, out)
         options = RoundtripOptions(
             batch_size=batch_size,
             sample=sample or seed is not None,
@@ -548,7 +697,7 @@ def roundtrip(
         for r in report.items:
             m = r.metrics
             table.add_row(
-                escape(r.input),
+                escape(printable(r.input)),
                 r.status,
                 f"{m['psnr']:.2f}" if "psnr" in m else "-",
                 f"{m['ssim']:.4f}" if "ssim" in m else "-",
@@ -577,7 +726,7 @@ def bench(
     debug: DebugOpt = False,
 ) -> None:
     """Time encode and decode per resolution: ms/image, images/s, peak memory."""
-    with _guard(as_json, debug):
+    with _guard(as_json, debug, "bench"):
         try:
             from .bench import run_bench
         except ImportError as exc:
@@ -609,7 +758,7 @@ def bench(
                 item.update(status="failed", error=str(r["error"]))
             items.append(item)
         for r in failed:
-            err_console.print(f"[red]error:[/] {r.get('op')} {r.get('resolution')}: {escape(str(r['error']))}", soft_wrap=True)
+            err_console.print(f"[red]error:[/] {r.get('op')} {r.get('resolution')}: {escape(printable(_one_line(str(r['error']))))}", soft_wrap=True)
         if as_json:
             _print_json(
                 {"results": rows, "ok": len(rows) - len(failed), "failed": len(failed), "skipped": 0, "items": items}
@@ -648,7 +797,7 @@ def info(
     debug: DebugOpt = False,
 ) -> None:
     """Show a model's layout, config, parameter count, latent normalization, weights sha256 and notes."""
-    with _guard(as_json, debug):
+    with _guard(as_json, debug, "info"):
         vae = _load(model, family, Device.cpu, as_json, debug)
         cfg = vae.config
         minfo = vae.info
@@ -674,7 +823,7 @@ def info(
         table.add_column(style="bold", no_wrap=True)
         table.add_column(overflow="fold")
         for key in ("model", "path", "layout", "config_source", "weights_sha256"):
-            table.add_row(key, escape(str(doc[key])))
+            table.add_row(key, escape(printable(str(doc[key]))))
         table.add_row("parameters", f"{doc['parameters']:,}")
         table.add_row("architecture", f"block_out_channels {list(cfg.block_out_channels)}, layers_per_block "
                       f"{cfg.layers_per_block}, groups {cfg.norm_num_groups}, latent channels {cfg.latent_channels}, f={cfg.downsample_factor}")
@@ -687,6 +836,6 @@ def info(
         table.add_row("latent normalization", norm)
         table.add_row("force_upcast", str(cfg.force_upcast))
         for note in minfo.notes:
-            table.add_row("note", escape(note))
+            table.add_row("note", escape(printable(note)))
         out_console.print(table)
         out_console.print_json(json.dumps(doc["config"]))

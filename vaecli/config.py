@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,7 +29,7 @@ class VAEConfig:
     act_fn: str = "silu"
     latent_channels: int = 4
     norm_num_groups: int = 32  # GroupNorm groups everywhere
-    sample_size: int = 32  # nominal image side; diffusers' tile size
+    sample_size: int | tuple[int, ...] = 32  # nominal image side; diffusers' tile size
     scaling_factor: float = 0.18215  # diffusion latents = (raw - shift) * scaling_factor
     shift_factor: float | None = None  # SD3/Flux: subtracted before scaling
     latents_mean: tuple[float, ...] | None = None  # per-channel, replaces shift_factor when given
@@ -39,32 +40,9 @@ class VAEConfig:
     mid_block_add_attention: bool = True  # self-attention between the two mid resnets
 
     def __post_init__(self) -> None:
-        levels = len(self.block_out_channels)
-        problems = []
-        if levels == 0:
-            problems.append("block_out_channels is empty")
-        if len(self.down_block_types) != levels or len(self.up_block_types) != levels:
-            problems.append(
-                f"down_block_types ({len(self.down_block_types)}), up_block_types ({len(self.up_block_types)}) "
-                f"and block_out_channels ({levels}) must have the same length"
-            )
-        for name in self.down_block_types:
-            if name != DOWN_BLOCK:
-                problems.append(f"unsupported down block {name!r} (only {DOWN_BLOCK})")
-        for name in self.up_block_types:
-            if name != UP_BLOCK:
-                problems.append(f"unsupported up block {name!r} (only {UP_BLOCK})")
-        for ch in self.block_out_channels:
-            if ch % self.norm_num_groups:
-                problems.append(f"block_out_channels {ch} is not divisible by norm_num_groups {self.norm_num_groups}")
-        if self.act_fn not in ACTIVATIONS:
-            problems.append(f"unsupported act_fn {self.act_fn!r} (one of {', '.join(ACTIVATIONS)})")
-        if self.layers_per_block < 1:
-            problems.append("layers_per_block must be >= 1")
-        for name in ("latents_mean", "latents_std"):
-            value = getattr(self, name)
-            if value is not None and len(value) != self.latent_channels:
-                problems.append(f"{name} has {len(value)} values for {self.latent_channels} latent channels")
+        problems = _field_problems(self)
+        if not problems:  # the cross-field checks below assume well-typed fields
+            problems = _consistency_problems(self)
         if problems:
             raise ConfigError("invalid VAE config: " + "; ".join(problems))
 
@@ -118,6 +96,104 @@ class VAEConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Bounds on sizes: far above every released VAE (SD/SDXL/SD3/Flux: 2 layers, 512 channels, 4 levels,
+# 16 latent channels), far below what would make building the model hang or exhaust memory.
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "in_channels": (1, 64),
+    "out_channels": (1, 64),
+    "layers_per_block": (1, 64),
+    "latent_channels": (1, 1024),
+    "norm_num_groups": (1, 4096),
+}
+MAX_LEVELS = 8  # downsample factor 2**7 = 128
+MAX_CHANNELS = 16384
+_BOOL_FIELDS = ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not sizes
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _field_problems(cfg: "VAEConfig") -> list[str]:
+    """Type and range of every field, each checked on its own (JSON from a file can hold anything)."""
+    problems = []
+    for name, (low, high) in _INT_RANGES.items():
+        value = getattr(cfg, name)
+        if not _is_int(value) or not low <= value <= high:
+            problems.append(f"{name} must be an integer in [{low}, {high}], not {value!r}")
+    chs = cfg.block_out_channels
+    if not isinstance(chs, tuple) or not 1 <= len(chs) <= MAX_LEVELS:
+        problems.append(f"block_out_channels must be a list of 1 to {MAX_LEVELS} integers, not {chs!r}")
+    elif not all(_is_int(c) and 1 <= c <= MAX_CHANNELS for c in chs):
+        problems.append(f"block_out_channels must hold integers in [1, {MAX_CHANNELS}], not {list(chs)!r}")
+    for name in ("down_block_types", "up_block_types"):
+        value = getattr(cfg, name)
+        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{name} must be a list of block names, not {value!r}")
+    if not isinstance(cfg.act_fn, str):
+        problems.append(f"act_fn must be a string, not {cfg.act_fn!r}")
+    size = cfg.sample_size
+    sizes = size if isinstance(size, tuple) else (size,)
+    if not sizes or not all(_is_int(v) and v >= 1 for v in sizes):
+        problems.append(f"sample_size must be a positive integer (or a list of them), not {size!r}")
+    for name in _BOOL_FIELDS:
+        value = getattr(cfg, name)
+        if not isinstance(value, bool):
+            problems.append(f"{name} must be true or false, not {value!r}")
+    problems += latent_spec_problems(cfg.scaling_factor, cfg.shift_factor, cfg.latents_mean, cfg.latents_std)
+    return problems
+
+
+def _consistency_problems(cfg: "VAEConfig") -> list[str]:
+    levels = len(cfg.block_out_channels)
+    problems = []
+    if len(cfg.down_block_types) != levels or len(cfg.up_block_types) != levels:
+        problems.append(
+            f"down_block_types ({len(cfg.down_block_types)}), up_block_types ({len(cfg.up_block_types)}) "
+            f"and block_out_channels ({levels}) must have the same length"
+        )
+    for name in cfg.down_block_types:
+        if name != DOWN_BLOCK:
+            problems.append(f"unsupported down block {name!r} (only {DOWN_BLOCK})")
+    for name in cfg.up_block_types:
+        if name != UP_BLOCK:
+            problems.append(f"unsupported up block {name!r} (only {UP_BLOCK})")
+    for ch in cfg.block_out_channels:
+        if ch % cfg.norm_num_groups:
+            problems.append(f"block_out_channels {ch} is not divisible by norm_num_groups {cfg.norm_num_groups}")
+    if cfg.act_fn not in ACTIVATIONS:
+        problems.append(f"unsupported act_fn {cfg.act_fn!r} (one of {', '.join(ACTIVATIONS)})")
+    for name in ("latents_mean", "latents_std"):
+        value = getattr(cfg, name)
+        if value is not None and len(value) != cfg.latent_channels:
+            problems.append(f"{name} has {len(value)} values for {cfg.latent_channels} latent channels")
+    return problems
+
+
+def latent_spec_problems(
+    scaling_factor: Any, shift_factor: Any, latents_mean: Any, latents_std: Any
+) -> list[str]:
+    """What makes a latent normalization unusable: a zero or non-finite scale (all-zero or NaN latents),
+    non-numeric values, a zero standard deviation."""
+    problems = []
+    if not _is_number(scaling_factor) or scaling_factor == 0:
+        problems.append(f"scaling_factor must be a finite non-zero number, not {scaling_factor!r}")
+    if shift_factor is not None and not _is_number(shift_factor):
+        problems.append(f"shift_factor must be a finite number or null, not {shift_factor!r}")
+    for name, value in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+        if value is None:
+            continue
+        if not isinstance(value, tuple) or not value or not all(_is_number(v) for v in value):
+            problems.append(f"{name} must be a list of finite numbers or null, not {value!r}")
+        elif name == "latents_std" and any(v <= 0 for v in value):
+            problems.append(f"latents_std must be positive, not {list(value)!r}")
+    return problems
+
+
 @dataclass(frozen=True)
 class LatentSpec:
     """How raw VAE latents map to the latents a diffusion model sees, and back.
@@ -129,6 +205,11 @@ class LatentSpec:
     shift_factor: float | None = None
     latents_mean: tuple[float, ...] | None = None
     latents_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        problems = latent_spec_problems(self.scaling_factor, self.shift_factor, self.latents_mean, self.latents_std)
+        if problems:
+            raise ConfigError("invalid latent normalization: " + "; ".join(problems))
 
     @classmethod
     def identity(cls) -> "LatentSpec":
@@ -180,21 +261,23 @@ class LatentSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LatentSpec":
-        mean = data.get("latents_mean")
-        std = data.get("latents_std")
-        shift = data.get("shift_factor")
-        return cls(
-            float(data.get("scaling_factor", 1.0)),
-            float(shift) if shift is not None else None,
-            tuple(float(v) for v in mean) if mean is not None else None,
-            tuple(float(v) for v in std) if std is not None else None,
-        )
+        """From `to_dict`'s form (e.g. a latent file's metadata); values are checked, never coerced."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"invalid latent normalization: expected an object, not {data!r}")
+
+        def seq(value: Any) -> Any:
+            return tuple(value) if isinstance(value, list) else value
+
+        return cls(data.get("scaling_factor", 1.0), data.get("shift_factor"), seq(data.get("latents_mean")),
+                   seq(data.get("latents_std")))
 
 
 # Latent normalization and precision policy of the released VAE families. Their weights cannot tell
 # SD from SDXL (identical shapes), so a single file without config takes one of these by name.
+# force_upcast follows each family's diffusers config.json, so a single file and the same weights as a
+# diffusers folder run alike: SD's configs predate the field and get diffusers' default, true.
 FAMILY_PRESETS: dict[str, dict[str, Any]] = {
-    "sd": dict(scaling_factor=0.18215, shift_factor=None, force_upcast=False, sample_size=512),  # SD 1.x/2.x
+    "sd": dict(scaling_factor=0.18215, shift_factor=None, force_upcast=True, sample_size=512),  # SD 1.x/2.x
     "sdxl": dict(scaling_factor=0.13025, shift_factor=None, force_upcast=True, sample_size=1024),  # fp16 overflow
     "sd3": dict(scaling_factor=1.5305, shift_factor=0.0609, force_upcast=True, sample_size=1024),
     "flux": dict(scaling_factor=0.3611, shift_factor=0.1159, force_upcast=True, sample_size=1024),

@@ -13,9 +13,17 @@ class WeightsError(VaecliError):
     """A weights file that cannot be read, or whose keys or shapes do not match the model."""
 
 
-class InputError(VaecliError):
-    """An image or latent file that cannot be used."""
+class InputError(VaecliError, ValueError):
+    """An image, tensor or latent file that cannot be used (a ValueError, for library callers)."""
 
 
 class NonFiniteError(VaecliError):
     """The model produced NaN or Inf at every precision tried."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: a KeyboardInterrupt that carries the items finished so far (`results`)."""
+
+    def __init__(self, results: list) -> None:
+        super().__init__("interrupted")
+        self.results = results

@@ -1,25 +1,32 @@
 """Images in and out (orientation, modes, alpha, 16-bit), latent files with metadata, atomic writes.
 
-Pixels are float32 arrays (H, W, 3) in [0, 1] at this module's edge. Every file is written to a hidden
-temporary name in its destination folder and renamed into place, so a killed run never leaves a partial
-output under the real name; `clean_temp_files` removes what such a run left behind.
+Pixels are float32 arrays (H, W, 3) in [0, 1] at this module's edge. Only regular files are read (files.py);
+declared sizes are checked against the caller's limit before any pixel or tensor is decoded, and a file cut
+short is an error (integrity.py). Every file is written to a hidden temporary name in its destination folder
+and renamed into place (files.atomic_write). Images we write carry a provenance record (what they were made
+from), so a later run can tell a current output from a stale or foreign one.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import math
 import os
 import re
-import secrets
-import warnings
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 import torch
 
-from .errors import InputError, VaecliError
+from .errors import InputError
+from .files import atomic_write, check_regular, clean_temp_files, is_temp_name, open_regular, sha256_of, temp_path
+from .integrity import check_complete
+
+__all__ = ["atomic_write", "clean_temp_files", "is_temp_name", "temp_path", "open_regular", "sha256_of"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 LATENT_SUFFIXES = (".safetensors", ".npy")
@@ -30,111 +37,82 @@ DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images need --max-pixels: one would t
 LATENT_KEY = "latent"  # the tensor name in our latent files
 LATENT_FORMAT = "vaecli.latent"
 LATENT_FORMAT_VERSION = "1"
-_TEMP = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
-
-
-# ------------------------------------------------------------------------------------------ atomic writes
-
-
-def temp_path(path: Path) -> Path:
-    """A hidden temporary name beside `path`, unique to this process: `.name.tmp-<pid>-<rand>`."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` then rename tmp to `path`: readers see the old file, the whole new one, or none."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VaecliError(
-            f"cannot create the output folder {path.parent}: {exc.strerror or exc} (a file in the way, or no permission?)"
-        ) from None
-    tmp = temp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise VaecliError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def clean_temp_files(root: Path) -> list[Path]:
-    """Delete temporary files left in `root` by runs that died; files of live processes are kept."""
-    removed: list[Path] = []
-    if not root.is_dir():
-        return removed
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            m = _TEMP.match(name)
-            if m and not _pid_alive(int(m.group(1))):
-                path = Path(dirpath) / name
-                try:
-                    path.unlink()
-                    removed.append(path)
-                except OSError:
-                    pass
-    return removed
-
-
-def is_temp_name(name: str) -> bool:
-    return _TEMP.match(name) is not None
+PROVENANCE_KEY = "vaecli"  # PNG text chunk; JPEG comment and WebP XMP hold the same JSON
+IMAGE_RECORD = "vaecli.image"  # the "format" of that record
+_PIL_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")  # what we read; no EPS (Ghostscript) or others
+_SUPPORTED = "supported: PNG, JPEG, WebP, TIFF, BMP, GIF"
 
 
 # ------------------------------------------------------------------------------------------------- images
 
 
-def read_image(path: Path, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An image file -> float32 (H, W, 3) RGB in [0, 1], EXIF orientation applied.
+def read_image(path: Path | BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image file (or its bytes in a BytesIO, e.g. a shard member) -> float32 (H, W, 3) RGB in [0, 1],
+    EXIF orientation applied.
 
     16-bit grayscale keeps its precision (divided by 65535, never clipped at 255); palette and RGB
     transparency become alpha; alpha is composited over white or black, or dropped (`alpha`).
+    Images above `max_pixels` (0: no limit) are refused before their pixels are decoded.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    if not isinstance(path, (str, os.PathLike)):
+        return decode_image(path, alpha, max_pixels)
+    with open_regular(Path(path)) as fh:
+        return decode_image(fh, alpha, max_pixels)
 
-    # PIL's decompression-bomb guard follows our limit; our own check below gives the actionable message.
-    Image.MAX_IMAGE_PIXELS = max_pixels if max_pixels > 0 else None
+
+def decode_image(fh: BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """read_image on an open file or in-memory bytes (e.g. a file whose bytes were just hashed)."""
+    from PIL import Image, ImageOps
+
+    with _open_pil(fh) as img:
+        w, h = img.size
+        if max_pixels > 0 and w * h > max_pixels:
+            raise InputError(_too_large(w, h, max_pixels))
+        check_complete(fh, img.format, img)
+        try:
+            img.seek(0)  # animated GIF/WebP/TIFF: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb01(img, alpha)
+        except InputError:
+            raise
+        except Image.DecompressionBombError:  # a frame larger than the first (we never change Pillow's limit)
+            raise InputError("an image frame is larger than Pillow's decompression-bomb limit") from None
+        except MemoryError:
+            raise InputError(f"out of memory while decoding this {w}x{h} image") from None
+        except Exception as exc:  # noqa: BLE001 - Pillow reports bad data with many types (OSError, ValueError, ...)
+            raise InputError(f"corrupt or truncated image ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _open_pil(fh: BinaryIO) -> Any:
+    """Identify and open (lazily: header only) one of our formats.
+
+    Pillow's plugin factories are called directly, as Image.open does minus its decompression-bomb check:
+    we apply our own limit (max_pixels) to the declared size, and never change Pillow's global
+    MAX_IMAGE_PIXELS, which stays in force for everything else the host process opens.
+    """
+    from PIL import BmpImagePlugin, GifImagePlugin, Image, JpegImagePlugin, PngImagePlugin, TiffImagePlugin  # noqa: F401
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                if max_pixels > 0 and w * h > max_pixels:
-                    raise InputError(_too_large(w, h, max_pixels))
-                img.seek(0)  # animated GIF/WebP/TIFF: the first frame
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb01(img, alpha)
-    except InputError:
-        raise
-    except Image.DecompressionBombError:
-        raise InputError(_too_large(*_size_or_zero(path), max_pixels)) from None
-    except FileNotFoundError:
-        raise InputError("no such file") from None
-    except IsADirectoryError:
-        raise InputError("is a folder, not an image") from None
-    except PermissionError:
-        raise InputError("permission denied: cannot read this file") from None
-    except UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
-        what = "empty file" if size == 0 else "not an image, or an unsupported format"
-        raise InputError(f"{what} (supported: PNG, JPEG, WebP, TIFF, BMP, GIF)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL reports truncation and bad data so
-        raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from None
+        from PIL import WebPImagePlugin  # noqa: F401
+    except ImportError:  # Pillow built without WebP
+        pass
+    fh.seek(0)
+    prefix = fh.read(16)
+    if not prefix:
+        raise InputError(f"empty file ({_SUPPORTED})")
+    for name in _PIL_FORMATS:
+        factory, accept = Image.OPEN.get(name, (None, None))
+        if factory is None or (accept is not None and accept(prefix) is not True):
+            continue
+        fh.seek(0)
+        try:
+            return factory(fh, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # not this format after all, as Image.open treats it
+        except Exception as exc:  # noqa: BLE001 - a header Pillow cannot parse, whatever the exception type
+            raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from None
+    raise InputError(f"not an image, or an unsupported format ({_SUPPORTED})")
 
 
 def _too_large(w: int, h: int, max_pixels: int) -> str:
@@ -142,17 +120,6 @@ def _too_large(w: int, h: int, max_pixels: int) -> str:
         f"image is {w}x{h} = {w * h / 1e6:.1f} MP, above the limit of {max_pixels / 1e6:.1f} MP; "
         f"pass --max-pixels {w * h} (or more) to process it"
     )
-
-
-def _size_or_zero(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        Image.MAX_IMAGE_PIXELS = None
-        with Image.open(path) as img:
-            return img.size
-    except Exception:  # noqa: BLE001 - only used to word a message
-        return 0, 0
 
 
 def _first_line(exc: BaseException) -> str:
@@ -163,16 +130,17 @@ def _first_line(exc: BaseException) -> str:
 def _to_rgb01(img: Any, alpha: str) -> np.ndarray:
     """A loaded PIL image in any mode -> float32 (H, W, 3) in [0, 1]."""
     mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a = np.asarray(img).astype(np.float32)  # (H, W) 16-bit (or 32-bit int) gray
-        peak = 65535.0 if (mode != "I" or a.max(initial=0) > 255) else 255.0
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img).astype(np.float32)  # (H, W) 16-bit, 32-bit int or float gray
+        if not np.isfinite(a).all():
+            raise InputError("image holds NaN or Inf pixel values (a floating-point TIFF?)")
+        top = float(a.max(initial=0))
+        if mode == "F":
+            peak = 1.0 if top <= 1.0 else (255.0 if top <= 255.0 else 65535.0)
+        else:
+            peak = 65535.0 if (mode != "I" or top > 255) else 255.0
         gray = np.clip(a / peak, 0.0, 1.0)
         return np.repeat(gray[:, :, None], 3, axis=2)  # (H, W) -> (H, W, 3)
-    if mode == "F":
-        a = np.asarray(img).astype(np.float32)
-        peak = 1.0 if a.max(initial=0) <= 1.0 else (255.0 if a.max() <= 255.0 else 65535.0)
-        gray = np.clip(a / peak, 0.0, 1.0)
-        return np.repeat(gray[:, :, None], 3, axis=2)
     has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
     if has_alpha:
         img = img.convert("RGBA")
@@ -193,25 +161,113 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
 
 
-def write_image(path: Path, pixels: np.ndarray, fmt: str = "png", quality: int = 95) -> None:
-    """Float (H, W, 3) in [0, 1] or uint8 -> an 8-bit RGB file, atomically."""
-    from PIL import Image
+def write_image(
+    path: Path, pixels: np.ndarray, fmt: str = "png", quality: int = 95, provenance: Mapping[str, Any] | None = None
+) -> None:
+    """Float (H, W, 3) in [0, 1] or uint8 -> an 8-bit RGB file, atomically, with an optional provenance record."""
+    from PIL import Image, PngImagePlugin
 
     data = pixels if pixels.dtype == np.uint8 else to_uint8(pixels)
     img = Image.fromarray(data, "RGB")
     kind = IMAGE_FORMATS[fmt]
+    record = {"format": IMAGE_RECORD, **provenance} if provenance is not None else None
+    text = json.dumps(record, sort_keys=True) if record is not None else None  # ensure_ascii: plain ASCII
     params: dict[str, Any] = {}
     if kind == "JPEG":
         params = dict(quality=quality, subsampling=0 if quality >= 90 else 2)
+        if text is not None:
+            params["comment"] = text.encode()
     elif kind == "WEBP":
         params = dict(quality=quality, lossless=quality >= 100)
+        if text is not None:
+            params["xmp"] = _XMP.format(html.escape(text, quote=False)).encode()
     elif kind == "PNG":
         params = dict(compress_level=1)  # lossless either way; level 1 writes 3-4x faster than 6 for ~10% more bytes
+        if text is not None:
+            info = PngImagePlugin.PngInfo()
+            info.add_text(PROVENANCE_KEY, text)
+            params["pnginfo"] = info
 
     atomic_write(path, lambda tmp: img.save(tmp, format=kind, **params))
 
 
+_XMP = (
+    '<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
+    '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+    'xmlns:vaecli="urn:vaecli:provenance:1/"><vaecli:provenance>{}</vaecli:provenance></rdf:Description>'
+    '</rdf:RDF></x:xmpmeta><?xpacket end="r"?>'
+)
+_XMP_VALUE = re.compile(rb"<vaecli:provenance>(.*?)</vaecli:provenance>", re.S)
+
+
+@dataclass
+class OutputState:
+    """What is at an output path before a run writes it.
+
+    status: missing, blocked (a folder, FIFO, device: cannot be replaced), incomplete (empty, truncated or
+    unreadable: remade), foreign (a complete file without our record: replaced only with --overwrite), ours.
+    """
+
+    status: str
+    record: dict[str, str] = field(default_factory=dict)  # our provenance (images) or metadata (latents)
+    detail: str = ""
+
+
+def _existing(path: Path) -> OutputState | None:
+    """The state of a path that is missing, not a regular file, or a symlink; None for a regular file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return OutputState("missing")
+    except OSError as exc:
+        return OutputState("blocked", detail=f"cannot inspect it: {exc.strerror or exc}")
+    import stat
+
+    if stat.S_ISLNK(st.st_mode):
+        return OutputState("foreign", detail="it is a symlink (vaecli never writes one)")
+    if not stat.S_ISREG(st.st_mode):
+        from .files import file_kind
+
+        return OutputState("blocked", detail=f"it is {file_kind(st.st_mode)}")
+    if st.st_size == 0:
+        return OutputState("incomplete", detail="empty file")
+    return None
+
+
+def image_output_state(path: Path) -> OutputState:
+    """The state of an image output: complete (whole file, structure checked) and carrying our record?"""
+    state = _existing(path)
+    if state is not None:
+        return state
+    try:
+        with open_regular(path) as fh, _open_pil(fh) as img:
+            check_complete(fh, img.format, img)
+            raw = img.info.get(PROVENANCE_KEY) or img.info.get("comment") or _xmp_record(img.info.get("xmp"))
+    except InputError as exc:
+        return OutputState("incomplete", detail=str(exc))
+    try:
+        record = json.loads(raw) if raw else None
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or record.get("format") != IMAGE_RECORD:
+        return OutputState("foreign", detail="it has no vaecli provenance record")
+    return OutputState("ours", {str(k): str(v) for k, v in record.items()})
+
+
+def _xmp_record(xmp: Any) -> str | None:
+    if not isinstance(xmp, (bytes, bytearray)):
+        return None
+    m = _XMP_VALUE.search(xmp)
+    return html.unescape(m.group(1).decode("ascii", "replace")) if m else None
+
+
 # ------------------------------------------------------------------------------------------------ latents
+
+# safetensors dtypes a latent may have (little-endian in the file), as numpy reads them.
+_FLOAT_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<i2"}
+_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+_MAX_HEADER = 16 << 20  # our headers are a few KB; safetensors itself allows 100 MB
 
 
 @dataclass
@@ -222,6 +278,61 @@ class LatentFile:
     meta: dict[str, str] | None  # None: a bare tensor without vaecli metadata
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header: dtype name, shape and byte range in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute file offsets
+    end: int
+
+
+def read_safetensors_header(fh: BinaryIO) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and check a safetensors header (tensor entries, metadata) without reading tensor data.
+
+    Every entry must have a known dtype, a shape whose byte size matches its range, and lie inside the file:
+    a file cut short fails here.
+    """
+    size = os.fstat(fh.fileno()).st_size
+    if size == 0:
+        raise InputError("empty file")
+    head = fh.read(8)
+    if len(head) < 8:
+        raise InputError("not a readable safetensors file (shorter than its header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(_MAX_HEADER, size - 8):
+        raise InputError("not a readable safetensors file (header length beyond the file: cut short?)")
+    try:
+        header = json.loads(fh.read(n))
+    except (ValueError, UnicodeDecodeError):
+        raise InputError("not a readable safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise InputError("not a readable safetensors file (its header is not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise InputError("safetensors metadata must map strings to strings")
+    entries = {name: _entry(name, info, 8 + n, size) for name, info in header.items()}
+    return entries, meta
+
+
+def _entry(name: str, info: Any, base: int, size: int) -> TensorEntry:
+    try:
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"safetensors entry {name!r} is malformed")
+    if dtype not in _DTYPE_SIZES:
+        raise InputError(f"tensor {name!r} has an unknown dtype {dtype!r}")
+    if end - begin != math.prod(shape) * _DTYPE_SIZES[dtype]:
+        raise InputError(f"tensor {name!r}: its byte range does not match its shape {list(shape)} and dtype {dtype}")
+    if base + end > size:
+        raise InputError(f"not a whole safetensors file: tensor {name!r} ends at byte {base + end} of {size} (cut short?)")
+    return TensorEntry(dtype, shape, base + begin, base + end)
+
+
 def write_latent(path: Path, latent: torch.Tensor, meta: Mapping[str, str]) -> None:
     """Save a (C, h, w) latent as safetensors {'latent': tensor} with string metadata, atomically."""
     from safetensors.torch import save_file
@@ -230,60 +341,106 @@ def write_latent(path: Path, latent: torch.Tensor, meta: Mapping[str, str]) -> N
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(meta)))
 
 
-def latent_is_complete(path: Path) -> dict[str, str] | None:
-    """The metadata of a readable vaecli latent file at `path`, or None (missing, partial, or foreign)."""
-    from safetensors import safe_open
-
+def latent_output_state(path: Path) -> OutputState:
+    """The state of a latent output: a whole vaecli latent file (its metadata as the record), or not."""
+    state = _existing(path)
+    if state is not None:
+        return state
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != LATENT_FORMAT or LATENT_KEY not in f.keys():
-                return None
-            f.get_slice(LATENT_KEY).get_shape()
-            return meta
-    except Exception:  # noqa: BLE001 - any failure means "not a complete output": it is recomputed
-        return None
+        with open_regular(path) as fh:
+            entries, meta = read_safetensors_header(fh)
+    except InputError as exc:
+        return OutputState("incomplete", detail=str(exc))
+    if meta.get("format") != LATENT_FORMAT or LATENT_KEY not in entries:
+        return OutputState("foreign", detail="it is not a vaecli latent file")
+    return OutputState("ours", dict(meta))
 
 
-def read_latent(path: Path) -> LatentFile:
+def latent_is_complete(path: Path) -> dict[str, str] | None:
+    """The metadata of a whole vaecli latent file at `path`, or None (missing, partial, or foreign)."""
+    state = latent_output_state(path)
+    return state.record if state.status == "ours" else None
+
+
+ShapeCheck = Callable[[tuple[int, int, int]], None]  # called with (C, h, w) before tensor data is read
+
+
+def read_latent(path: Path, check: ShapeCheck | None = None) -> LatentFile:
     """A latent file -> (C, h, w) float32 tensor and metadata.
 
     Accepted: our files ('latent' + metadata); bare safetensors with exactly one tensor (or ComfyUI's
-    'latent_tensor'); .npy arrays. Shapes (C, h, w) or (1, C, h, w).
+    'latent_tensor'); .npy arrays. Shapes (C, h, w) or (1, C, h, w); dtypes fp16, bf16, fp32, fp64.
+    `check` sees the shape (e.g. against a pixel limit) before any tensor data is read.
     """
     suffix = path.suffix.lower()
-    if not path.exists():
-        raise InputError("no such file")
-    if path.is_dir():
-        raise InputError("is a folder, not a latent file")
-    if suffix == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"not a readable .npy array ({_first_line(exc)})") from None
-        if not np.issubdtype(array.dtype, np.floating):
-            raise InputError(f".npy array has dtype {array.dtype}; a latent must be floating point")
-        return LatentFile(_as_chw(torch.from_numpy(np.ascontiguousarray(array)).float()), None)
-    if suffix != ".safetensors":
+    if suffix not in LATENT_SUFFIXES:
+        check_regular(path)
         raise InputError(f"unsupported latent format {suffix!r} (use .safetensors or .npy)")
-    from safetensors import safe_open
+    with open_regular(path) as fh:
+        return load_latent(fh, suffix, check)
 
+
+def load_latent(fh: BinaryIO, suffix: str, check: ShapeCheck | None = None) -> LatentFile:
+    """read_latent on an open file (e.g. one whose bytes were just hashed)."""
+    fh.seek(0)
+    if suffix == ".npy":
+        return LatentFile(_as_chw(_read_npy(fh, check)), None)
+    entries, meta = read_safetensors_header(fh)
+    ours = meta.get("format") == LATENT_FORMAT
+    if ours and LATENT_KEY not in entries:
+        raise InputError(f"vaecli latent file without its '{LATENT_KEY}' tensor (found: {sorted(entries)})")
+    name = LATENT_KEY if ours else _bare_tensor_name(list(entries))
+    entry = entries[name]
+    if entry.dtype not in _FLOAT_DTYPES:
+        raise InputError(f"tensor {name!r} has dtype {entry.dtype}; a latent must be fp16, bf16, fp32 or fp64")
+    shape = _check_shape(entry.shape, check)
+    fh.seek(entry.begin)
+    data = fh.read(entry.end - entry.begin)
+    if len(data) < entry.end - entry.begin:
+        raise InputError("cut short while reading (the file changed?)")
+    array = np.frombuffer(data, dtype=_FLOAT_DTYPES[entry.dtype]).reshape(shape)
+    if entry.dtype == "BF16":
+        tensor = torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16).float()
+    else:
+        tensor = torch.from_numpy(array.astype(np.float32))
+    return LatentFile(_as_chw(tensor), dict(meta) if ours else None)
+
+
+def _read_npy(fh: BinaryIO, check: ShapeCheck | None) -> torch.Tensor:
+    """A .npy array of floats, its header checked before its data is read (no pickles, ever)."""
+    fmt = np.lib.format
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
-            if meta.get("format") == LATENT_FORMAT:
-                if LATENT_KEY not in keys:
-                    raise InputError(f"vaecli latent file without its '{LATENT_KEY}' tensor (found: {keys})")
-                return LatentFile(_as_chw(f.get_tensor(LATENT_KEY).float()), dict(meta))
-            name = _bare_tensor_name(keys)
-            return LatentFile(_as_chw(f.get_tensor(name).float()), None)
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            raise InputError(f"unsupported .npy version {version[0]}.{version[1]}")
     except InputError:
         raise
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for truncated/garbled files
-        if path.stat().st_size == 0:
-            raise InputError("empty file") from None
-        raise InputError(f"not a readable safetensors file ({_first_line(exc)})") from None
+    except (ValueError, OSError, struct.error) as exc:
+        raise InputError(f"not a readable .npy array ({_first_line(exc)})") from None
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise InputError(f".npy array has dtype {dtype}; a latent must be fp16, fp32 or fp64")
+    shape = _check_shape(tuple(shape), check)
+    count = math.prod(shape) * dtype.itemsize
+    data = fh.read(count)
+    if len(data) < count:
+        raise InputError(f".npy array is cut short ({len(data)} of {count} bytes)")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # a writable copy
+
+
+def _check_shape(shape: tuple[int, ...], check: ShapeCheck | None) -> tuple[int, ...]:
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[0] == 1)):
+        raise InputError(f"latent has shape {shape}; expected (C, h, w) or (1, C, h, w)")
+    if min(shape) == 0:
+        raise InputError(f"latent has an empty shape {shape}")
+    if check is not None:
+        c, h, w = shape[-3:]
+        check((c, h, w))
+    return shape
 
 
 def _bare_tensor_name(keys: list[str]) -> str:
@@ -302,10 +459,6 @@ def _bare_tensor_name(keys: list[str]) -> str:
 def _as_chw(t: torch.Tensor) -> torch.Tensor:
     if t.ndim == 4 and t.shape[0] == 1:
         t = t[0]  # (1, C, h, w) -> (C, h, w)
-    if t.ndim != 3:
-        raise InputError(f"latent has shape {tuple(t.shape)}; expected (C, h, w) or (1, C, h, w)")
-    if min(t.shape) == 0:
-        raise InputError(f"latent has an empty shape {tuple(t.shape)}")
     return t
 
 

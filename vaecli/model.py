@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .config import ModelInfo, VAEConfig
+from .errors import InputError
 from .plans import REFERENCE, NormStats, Plan
 
 GroupNorm = nn.GroupNorm  # how it computes is the plan's choice (Plan.norm_act)
@@ -253,6 +254,20 @@ class DiagonalGaussian:
         )
 
 
+# Inputs beyond this are not [-1, 1] images (resampling overshoot stays far below it): [0, 255] pixels,
+# or unnormalized data, which the model would turn into plausible-looking garbage without an error.
+IMAGE_RANGE_LIMIT = 1.5
+
+
+def _check_image_range(x: torch.Tensor) -> None:
+    low, high = (float(v) for v in torch.aminmax(x.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise InputError("the image tensor holds NaN or Inf values")
+    if low < -IMAGE_RANGE_LIMIT or high > IMAGE_RANGE_LIMIT:
+        hint = " ([0, 255] pixels: use x / 127.5 - 1)" if high > 2.0 else ""
+        raise InputError(f"images must be in [-1, 1], these range over [{low:g}, {high:g}]{hint}")
+
+
 class AutoencoderKL(nn.Module):
     """The KL autoencoder of latent diffusion; `state_dict()` keys are diffusers' keys."""
 
@@ -266,8 +281,20 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.encoder.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' precision (inputs are cast to it)."""
+        return self.encoder.conv_in.weight.dtype
+
     def _prepare(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         """The input in the weights' dtype and the plan's memory layout."""
+        if not x.is_floating_point():  # uint8 pixels, bool masks, ints, complex: never meaningful to convert
+            raise InputError(f"expected a floating-point tensor, got {x.dtype} (images: float in [-1, 1])")
         return x.to(dtype=self.encoder.conv_in.weight.dtype).contiguous(memory_format=plan.layout)
 
     def encode_moments(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
@@ -277,13 +304,19 @@ class AutoencoderKL(nn.Module):
             m = self.quant_conv(m)
         return m
 
-    def encode(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> DiagonalGaussian:
+    def encode(
+        self, x: torch.Tensor, checkpointing: bool = False, check_range: bool = True, plan: Plan = REFERENCE
+    ) -> DiagonalGaussian:
         """Image in [-1, 1] (N, in, H, W) -> posterior over raw latents (N, latent, H/f, W/f).
 
         H and W should be multiples of the downsample factor (8 for every released VAE); other sizes are
         computed like diffusers does (the stride-2 convs floor), which loses the last rows and columns.
+        Raises InputError for non-float input, NaN/Inf, or values far outside [-1, 1] (e.g. [0, 255]
+        pixels); `check_range=False` skips the value check (it costs one device sync per call).
         plan: how the layers run (vaecli.plans); the default is diffusers' own sequence of operations.
         """
+        if check_range and x.is_floating_point():
+            _check_image_range(x)
         return DiagonalGaussian(self.encode_moments(x, checkpointing, plan))
 
     def decode(self, z: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
@@ -302,6 +335,6 @@ class AutoencoderKL(nn.Module):
         plan: Plan = REFERENCE,
     ) -> torch.Tensor:
         """Encode, take the posterior mode (or a sample), decode."""
-        posterior = self.encode(x, checkpointing, plan)
+        posterior = self.encode(x, checkpointing, plan=plan)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, checkpointing, plan)

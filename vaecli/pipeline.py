@@ -245,7 +245,7 @@ class Runner:
             result.tensor[bad] = redo
             bad = [i for i, ok in zip(bad, _finite_rows(redo).tolist()) if not ok]
         for i in bad:
-            result.failed[i] = "model output is NaN/Inf even in fp32 (weights or input out of range)"
+            result.failed[i] = _non_finite_message(x[i])
         assert result.tensor.shape[0] == n
         return result
 
@@ -289,6 +289,17 @@ class Runner:
                 outs.append(y.float().cpu())
                 start += part.shape[0]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _non_finite_message(x: torch.Tensor) -> str:
+    """Why a sample's output is NaN/Inf in fp32: its input (NaN/Inf, or huge values), or else the weights."""
+    finite = torch.isfinite(x)
+    if not finite.all():
+        return "the input holds NaN or Inf values (not a model problem)"
+    peak = float(x.abs().max())
+    if peak > 1e4:
+        return f"model output is NaN/Inf even in fp32: input values are far out of range (max |x| = {peak:.3g})"
+    return "model output is NaN/Inf even in fp32 for a finite, in-range input: the model's weights are probably broken"
 
 
 def _free_cache(device: torch.device) -> None:

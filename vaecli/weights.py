@@ -215,54 +215,76 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
 # ------------------------------------------------------------------------------------------ config inference
 
 
-def infer_config(state: Mapping[str, torch.Tensor], family: str | None = None) -> tuple[VAEConfig, list[str]]:
-    """Config from the shapes of diffusers-keyed tensors; the latent normalization from `family`.
-
-    Returns the config and notes on what was assumed rather than read.
-    """
-    notes: list[str] = []
+def architecture_from_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The config fields that tensor shapes determine (diffusers keys); raises WeightsError if a needed
+    tensor is missing. Cheap: reads shapes only, allocates nothing."""
 
     def shape(key: str) -> torch.Size:
         if key not in state:
-            raise WeightsError(f"cannot infer the model config: tensor {key!r} is missing")
+            raise WeightsError(f"cannot read the architecture from the weights: tensor {key!r} is missing")
         return state[key].shape
 
     levels = 0
     while f"encoder.down_blocks.{levels}.resnets.0.conv1.weight" in state:
         levels += 1
     if levels == 0:
-        raise WeightsError("cannot infer the model config: no 'encoder.down_blocks.0.resnets.0.conv1.weight'")
-    block_out = tuple(int(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]) for i in range(levels))
+        raise WeightsError("cannot read the architecture from the weights: no 'encoder.down_blocks.0.resnets.0.conv1.weight'")
     layers = 0
     while f"encoder.down_blocks.0.resnets.{layers}.conv1.weight" in state:
         layers += 1
-    latent = int(shape("decoder.conv_in.weight")[1])
-    groups = 32  # every released LDM VAE; GroupNorm's group count leaves no trace in the weights
-    if any(c % groups for c in block_out):
-        import math
-
-        groups = math.gcd(*block_out, 32)
-        notes.append(f"norm_num_groups cannot be read from weights; 32 does not divide the channels, using {groups}")
-    cfg = VAEConfig(
+    return dict(
         in_channels=int(shape("encoder.conv_in.weight")[1]),
         out_channels=int(shape("decoder.conv_out.weight")[0]),
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=block_out,
+        block_out_channels=tuple(int(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]) for i in range(levels)),
         layers_per_block=layers,
-        latent_channels=latent,
-        norm_num_groups=groups,
+        latent_channels=int(shape("decoder.conv_in.weight")[1]),
         use_quant_conv="quant_conv.weight" in state,
         use_post_quant_conv="post_quant_conv.weight" in state,
         mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in state,
+    )
+
+
+def infer_config(state: Mapping[str, torch.Tensor], family: str | None = None) -> tuple[VAEConfig, list[str]]:
+    """Config from the shapes of diffusers-keyed tensors; the latent normalization from `family`.
+
+    Returns the config and notes on what was assumed rather than read.
+    """
+    notes: list[str] = []
+    arch = architecture_from_shapes(state)
+    levels = len(arch["block_out_channels"])
+    groups = 32  # every released LDM VAE; GroupNorm's group count leaves no trace in the weights
+    if any(c % groups for c in arch["block_out_channels"]):
+        import math
+
+        groups = math.gcd(*arch["block_out_channels"], 32)
+        notes.append(f"norm_num_groups cannot be read from weights; 32 does not divide the channels, using {groups}")
+    cfg = VAEConfig(
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        norm_num_groups=groups,
+        **arch,
     )
     if family is None:
         family = DEFAULT_FAMILY
         notes.append(
             f"no config and no family given: assuming the {family.upper()} latent normalization "
-            "(pass family='sdxl', 'sd3' or 'flux', or a config.json, if this is another VAE)"
+            "(if this is another VAE, name its family: --family sdxl, sd3 or flux on the command line, "
+            "family='sdxl' etc. in Python; or give its config.json)"
         )
     return apply_family(cfg, family), notes
+
+
+def check_architecture(config: VAEConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Compare the config with what the weights' shapes say before any model is built, so a config that
+    does not describe these weights (or a hostile one) fails at once with the fields that differ."""
+    try:
+        arch = architecture_from_shapes(state)
+    except WeightsError:
+        return  # too incomplete to tell: the strict key check names what is missing
+    diffs = [f"{k} {getattr(config, k)!r} in the config, {v!r} in the weights"
+             for k, v in arch.items() if getattr(config, k) != v]
+    if diffs:
+        raise WeightsError(f"{source}: the config does not describe these weights: " + "; ".join(diffs))
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -294,6 +316,18 @@ def check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source
     raise WeightsError(f"{source}: weights do not match the model config; " + "; ".join(parts))
 
 
+def check_values(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse integer (quantized) or non-finite weights at load time: converted or used silently, they would
+    give garbage or NaN for every image, blamed later on the inputs."""
+    for kind, bad in (
+        ("are not floating point (quantized weights are not supported)", [k for k, v in state.items() if not v.is_floating_point()]),
+        ("hold NaN or Inf values (a damaged file?)", [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]),
+    ):
+        if bad:
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise WeightsError(f"{source}: {len(bad)} tensor(s) {kind}: {', '.join(sorted(bad)[:3])}{more}")
+
+
 def _resolve_config(config: VAEConfig | Mapping[str, Any] | str | Path | None) -> VAEConfig | None:
     if config is None or isinstance(config, VAEConfig):
         return config
@@ -314,42 +348,51 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("vaecli") / "default_model"))
 
 
-def locate(source: str | Path) -> tuple[Path, Path | None]:
-    """The weights file to read for `source`, and the config.json beside it when there is one."""
+def locate(
+    source: str | Path, subfolder: str | None = None, variant: str | None = None, revision: str | None = None
+) -> tuple[Path, Path | None]:
+    """The weights file to read for `source`, and the config.json beside it when there is one.
+
+    subfolder and variant select a model folder and its weights (`diffusion_pytorch_model.<variant>.*`) in a
+    local folder or Hub repo; revision applies to Hub repos.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
-        folder = path / "vae" if not (path / "config.json").is_file() and (path / "vae").is_dir() else path
-        for name in FOLDER_WEIGHTS:
-            if (folder / name).is_file():
-                cfg = folder / "config.json"
-                return folder / name, cfg if cfg.is_file() else None
-        raise WeightsError(
-            f"{path}: no diffusers weights found (expected {FOLDER_WEIGHTS[0]} or {FOLDER_WEIGHTS[2]}, "
-            "in the folder or its vae/ subfolder)"
-        )
+        return _in_folder(path, subfolder, variant)
     if path.is_file():
+        if subfolder or variant:
+            raise ConfigError(f"{source} is a single file: subfolder and variant apply to folders and Hub repos")
         return path, None
-    hub = _from_hub(str(source))
-    if hub is not None:
-        return locate(hub)
-    raise WeightsError(f"{source}: no such file or folder")
+    from . import hub
 
-
-def _from_hub(repo_id: str) -> Path | None:
-    """A local snapshot of a Hub repo's VAE, when huggingface_hub is installed and the id looks like one."""
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        return None
+    src = hub.parse(str(source), subfolder, revision, variant)
+    if src is None:
+        raise WeightsError(f"{source}: no such file or folder")
     try:
-        from huggingface_hub import snapshot_download  # optional extra 'hub'
-    except ImportError:
-        return None
-    patterns = ["config.json", "*.safetensors", "vae/config.json", "vae/*.safetensors"]
-    for offline in (True, False):
-        try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
-        except Exception:  # noqa: BLE001 - not cached / no network: both mean "not available"
-            continue
-    return None
+        fetched = hub.fetch(src)
+    except WeightsError as exc:
+        raise WeightsError(f"{source}: no such local file or folder, and as a Hub id: {exc}") from None
+    if fetched.is_dir():
+        return _in_folder(fetched, None, variant)
+    return fetched, None
+
+
+def _in_folder(path: Path, subfolder: str | None, variant: str | None) -> tuple[Path, Path | None]:
+    if subfolder:
+        folder = path / subfolder
+        if not folder.is_dir():
+            raise WeightsError(f"{path}: no subfolder {subfolder!r}")
+    else:  # a model folder, or a pipeline folder whose VAE is in vae/
+        folder = path / "vae" if not (path / "config.json").is_file() and (path / "vae").is_dir() else path
+    from .hub import weights_names
+
+    names = weights_names(variant) if variant else FOLDER_WEIGHTS
+    for name in names:
+        if (folder / name).is_file():
+            cfg = folder / "config.json"
+            return folder / name, cfg if cfg.is_file() else None
+    where = "" if subfolder or folder != path else ", in the folder or its vae/ subfolder"
+    raise WeightsError(f"{folder}: no diffusers weights found (expected {' or '.join(names)}{where})")
 
 
 def load_vae(
@@ -358,20 +401,26 @@ def load_vae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     family: str | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
 ) -> AutoencoderKL:
     """Load an AutoencoderKL in eval mode.
 
     source: None for vaecli's embedded default model; a diffusers model folder (config.json + weights), a
         pipeline folder with a vae/ subfolder, a single .safetensors/.ckpt/.pt/.bin file in diffusers or
         original LDM layout (a `first_stage_model.` or `vae.` prefix is stripped, so a whole SD checkpoint
-        works), or a Hub repo id when huggingface_hub is installed and the files are cached or reachable.
+        works), or a Hub id when huggingface_hub is installed (extra `hub`) and the files are cached or
+        reachable: `owner/name` (a VAE repo or a pipeline repo's vae/) or `owner/name/path/file.safetensors`.
+    subfolder, variant, revision: as diffusers' from_pretrained (e.g. subfolder="vae", variant="fp16").
     config: a VAEConfig, a config dict, a config.json path or a diffusers folder. Without one (and without a
         config.json beside the weights) the architecture is inferred from tensor shapes and the latent
         normalization taken from `family` ("sd", "sdxl", "sd3", "flux"; SD when not given, with a note).
-    The model's `.info` (ModelInfo) names the file, layout, weights sha256 and every assumption made.
+    The model's `.info` (ModelInfo) names the file, layout, weights sha256 and every assumption made. It is
+    returned in eval mode with frozen weights (`requires_grad` false): call `.requires_grad_(True)` to train.
     """
     name = str(source) if source is not None else DEFAULT_MODEL
-    weights_path, beside = locate(default_model_dir() if source is None else source)
+    weights_path, beside = locate(default_model_dir() if source is None else source, subfolder, variant, revision)
     raw = read_state_dict(weights_path)
     state, layout = to_diffusers_layout(raw)
     del raw
@@ -389,6 +438,8 @@ def load_vae(
     else:
         cfg, notes = infer_config(state, family)
         config_source = "inferred from shapes" + (f" + {family} preset" if family else "")
+    check_architecture(cfg, state, str(weights_path))
+    check_values(state, str(weights_path))
     sha = weights_sha256(state)
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
@@ -396,9 +447,13 @@ def load_vae(
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.info = ModelInfo(name, str(weights_path), layout, sha, config_source, tuple(notes))
+    model = model.to(device=torch.device(device))
+    # Frozen, in eval mode: encode/decode build no autograd graph (no memory held for a backward pass)
+    # unless the input requires grad or the caller unfreezes the weights to fine-tune.
+    model.requires_grad_(False)
     # Weights stay NCHW (diffusers' layout); a plan's layout is applied by whoever runs the model with
     # that plan (plans.apply_layout, Runner).
-    return model.to(device=torch.device(device)).eval()
+    return model.eval()
 
 
 def save_vae(model: AutoencoderKL, folder: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -1,0 +1,636 @@
+"""A corpus of hostile inputs, one row per case, generated at test time (nothing binary is checked in).
+
+Each Case builds its files in an empty folder (the working directory of the run), names the command,
+and states what must hold afterwards: the exit code, a message (regex on stderr), the files that must and
+must not exist. The runner (test_hostile.py) also checks, for every case: no input file changed (bytes,
+mtime, mode: everything under `in/` and every path in `protect`), stdout is exactly one JSON document
+(--json is added), no traceback or raw Python error on stderr, one `error:` line per failed item, and the
+run ends within `timeout` seconds.
+
+To add a case: write a builder `def build_x(root: Path, ctx: Ctx) -> None` that creates `in/...` (and
+anything else), and append a Case. `{model}` in args is the tiny test model; paths are relative to the
+case folder. `isolate=True` runs it in a subprocess (needed for signals, memory ceilings, umask).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from cli_support import noise_image
+
+
+@dataclass
+class Ctx:
+    """What builders may use: the tiny model and a way to run the CLI (in-process) while building."""
+
+    model: str
+    model_sha256: str
+    run: Callable[..., int]  # run(*args) -> exit code
+
+
+@dataclass
+class Case:
+    name: str
+    klass: str  # the class of issue 11 it belongs to
+    build: Callable[[Path, Ctx], None]
+    args: tuple[str, ...]
+    code: int
+    message: str = ""  # regex that must match stderr ("" = no check)
+    exists: tuple[str, ...] = ()  # glob patterns that must match
+    absent: tuple[str, ...] = ()  # glob patterns that must not match (hidden temp files included)
+    protect: tuple[str, ...] = ()  # more files (globs) that must be left unchanged, beside everything under in/
+    isolate: bool = False
+    max_rss_mb: int = 0  # with isolate: ceiling on the run's peak resident memory
+    timeout: float = 60.0
+    check: Callable[[Path, dict[str, Any], str], None] | None = None  # extra assertions (root, json doc, stderr)
+    signal_after: str = ""  # with isolate: send SIGINT once this glob matches (or after 20 s)
+    umask: int | None = None  # the run's umask
+    env: dict[str, str] = field(default_factory=dict)  # with isolate
+
+
+# ------------------------------------------------------------------------------------------- file makers
+
+
+def img(root: Path, rel: str, w: int = 24, h: int = 24, seed: int = 0, **save: Any) -> Path:
+    return noise_image(root / rel, w, h, seed=seed, **save)
+
+
+def png_bytes(w: int, h: int, raw: bytes, iend: bool = True, idat: bool = True) -> bytes:
+    """A hand-made 8-bit RGB PNG around the filtered rows `raw` (which may hold fewer rows than declared)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    if idat:
+        data += chunk(b"IDAT", zlib.compress(raw))
+    return data + (chunk(b"IEND", b"") if iend else b"")
+
+
+def encoded(fmt: str, w: int = 96, h: int = 64, **save: Any) -> bytes:
+    """A smooth random image in `fmt`, as bytes."""
+    import io
+
+    rng = np.random.default_rng(7)
+    small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
+    if fmt == "GIF":
+        small = small.convert("P")
+    buf = io.BytesIO()
+    small.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def our_latent(path: Path, ctx: Ctx, h: int = 3, w: int = 3, values: torch.Tensor | None = None, **meta: str) -> Path:
+    """A vaecli latent file for the tiny model (4 channels): pad policy, original size h*8 x w*8 unless overridden."""
+    z = torch.randn(4, h, w, generator=torch.Generator().manual_seed(0)) if values is None else values
+    base = {
+        "format": "vaecli.latent",
+        "format_version": "1",
+        "model_name": ctx.model,
+        "model_sha256": ctx.model_sha256,
+        "latent_spec": json.dumps({"scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None, "latents_std": None}),
+        "size_policy": "pad",
+        "original_width": str(w * 8),
+        "original_height": str(h * 8),
+        "encoded_width": str(w * 8),
+        "encoded_height": str(h * 8),
+        "size_params": json.dumps({"pad_right": 0, "pad_bottom": 0, "mode": "replicate"}),
+    }
+    base.update(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latent": z}, str(path), metadata=base)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+def two_images(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png", seed=1)
+    img(root, "in/sub/b.png", seed=2)
+
+
+def encoded_folder(root: Path, ctx: Ctx) -> None:
+    """in/ holds images; lat/ their latents (the layout of `encode in -o lat`)."""
+    two_images(root, ctx)
+    assert ctx.run("encode", "in", "-o", "lat", "--model", ctx.model) == 0
+
+
+def symlinked_out(root: Path, ctx: Ctx) -> None:
+    two_images(root, ctx)
+    (root / "link").symlink_to(root / "in", target_is_directory=True)
+
+
+def link_into_out(root: Path, ctx: Ctx) -> None:
+    img(root, "out/x.png")
+    img(root, "in/a.png")
+    (root / "in" / "link.png").symlink_to(root / "out" / "x.png")
+
+
+def hard_link_output(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png")
+    (root / "out").mkdir()
+    os.link(root / "in" / "a.png", root / "out" / "a.png")
+
+
+def diff_name_clash(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png", seed=1)
+    img(root, "in/a.diff.png", seed=2)
+
+
+def flipped_name_clash(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png", 64, 64, seed=1)
+    img(root, "in/a.flipped.png", 64, 64, seed=2)
+
+
+def same_stem_two_folders(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png", seed=1)
+    img(root, "in/sub/a.png", seed=2)
+
+
+def metadata(**meta: str) -> Callable[[Path, Ctx], None]:
+    def build(root: Path, ctx: Ctx) -> None:
+        our_latent(root / "in" / "z.safetensors", ctx, **meta)
+
+    return build
+
+
+def crop_meta(root: Path, ctx: Ctx) -> None:
+    our_latent(
+        root / "in" / "z.safetensors", ctx, size_policy="crop", original_width="30", original_height="30",
+        size_params=json.dumps({"crop_ltrb": [0, 0, 8, 8]}),
+    )
+
+
+def bomb_png(root: Path, ctx: Ctx) -> None:
+    (root / "in").mkdir()
+    (root / "in" / "bomb.png").write_bytes(png_bytes(8192, 8192, b"\x00" * 100))
+
+
+def huge_declared(root: Path, ctx: Ctx) -> None:
+    """Small files whose headers declare enormous images."""
+    (root / "in").mkdir()
+    gif = bytearray(encoded("GIF", 16, 16))
+    gif[6:10] = struct.pack("<HH", 65535, 65535)  # logical screen
+    (root / "in" / "screen.gif").write_bytes(bytes(gif))
+    jpg = bytearray(encoded("JPEG", 16, 16))
+    sof = jpg.index(b"\xff\xc0")
+    jpg[sof + 5 : sof + 9] = struct.pack(">HH", 60000, 60000)
+    (root / "in" / "big.jpg").write_bytes(bytes(jpg))
+    (root / "in" / "wide.png").write_bytes(png_bytes(100000, 1000, b"\x00" * 10))
+    (root / "in" / "bomb.png").write_bytes(png_bytes(8192, 8192, b"\x00" * 100))  # within the default limit
+
+
+def fifo_in_folder(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png")
+    os.mkfifo(root / "in" / "pipe.png")
+
+
+def fifo_latent(root: Path, ctx: Ctx) -> None:
+    (root / "in").mkdir()
+    os.mkfifo(root / "in" / "pipe.safetensors")
+    os.mkfifo(root / "in" / "pipe.npy")
+
+
+def fifo_at_output(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png")
+    (root / "out").mkdir()
+    os.mkfifo(root / "out" / "a.safetensors")
+
+
+def special_files(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png")
+    (root / "in" / "dangling.png").symlink_to(root / "nowhere.png")
+    (root / "in" / "dev.png").symlink_to("/dev/zero")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(os.path.relpath(root / "in" / "sock.png"))  # relative: AF_UNIX paths are limited to ~108 bytes
+    sock.close()
+
+
+def symlinks(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png")
+    img(root, "elsewhere/b.png", seed=3)
+    img(root, "elsewhere/dir/c.png", seed=4)
+    (root / "in" / "b.png").symlink_to(root / "elsewhere" / "b.png")
+    (root / "in" / "dir").symlink_to(root / "elsewhere" / "dir", target_is_directory=True)
+    (root / "in" / "loop").symlink_to(root / "in", target_is_directory=True)
+
+
+def many_images(root: Path, ctx: Ctx) -> None:
+    for i in range(40):
+        img(root, f"in/{i:02d}.png", 192, 192, seed=i)
+
+
+def truncated_images(root: Path, ctx: Ctx) -> None:
+    (root / "in").mkdir()
+    rows = b"".join(b"\x00" + bytes([128] * 3 * 64) for _ in range(5))  # 5 of 64 rows, in a complete zlib stream
+    files = {
+        "short_rows.png": png_bytes(64, 64, rows),
+        "no_iend.png": encoded("PNG")[:-12],
+        "no_idat.png": png_bytes(64, 64, b"", idat=False),
+        "cut_jpeg.jpg": encoded("JPEG", quality=90)[:-300],
+        "no_eoi.jpg": encoded("JPEG", quality=90)[:-2],
+        "cut_then_eoi.jpg": encoded("JPEG", 512, 512, quality=90)[:700] + b"\xff\xd9",
+        "cut_webp.webp": encoded("WEBP")[:-40],
+        "cut_gif.gif": encoded("GIF")[:-60],
+        "cut_tiff.tif": encoded("TIFF")[:-100],
+        "cut_bmp.bmp": encoded("BMP")[:-100],
+    }
+    for name, data in files.items():
+        (root / "in" / name).write_bytes(data)
+    img(root, "in/good.png")
+
+
+def decoded_then_source_changed(root: Path, ctx: Ctx) -> None:
+    encoded_folder(root, ctx)
+    assert ctx.run("decode", "lat", "-o", "out", "--model", ctx.model) == 0
+    img(root, "in/a.png", seed=99)  # the image changes, so does its latent
+    assert ctx.run("encode", "in", "-o", "lat", "--model", ctx.model) == 0
+
+
+def decoded_then_damaged(root: Path, ctx: Ctx) -> None:
+    encoded_folder(root, ctx)
+    assert ctx.run("decode", "lat", "-o", "out", "--model", ctx.model) == 0
+    (root / "out" / "a.png").write_bytes(b"")
+    data = (root / "out" / "sub" / "b.png").read_bytes()
+    (root / "out" / "sub" / "b.png").write_bytes(data[: len(data) // 2])
+
+
+def foreign_output(root: Path, ctx: Ctx) -> None:
+    encoded_folder(root, ctx)
+    img(root, "out/a.png", seed=5)  # the user's own picture where decode would write
+
+
+def roundtrip_then_source_changed(root: Path, ctx: Ctx) -> None:
+    two_images(root, ctx)
+    assert ctx.run("roundtrip", "in", "-o", "out", "--model", ctx.model) == 0
+    img(root, "in/a.png", seed=42)
+
+
+def roundtrip_without_diff(root: Path, ctx: Ctx) -> None:
+    two_images(root, ctx)
+    assert ctx.run("roundtrip", "in", "-o", "out", "--model", ctx.model) == 0
+
+
+def foreign_latent_output(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png")
+    (root / "out").mkdir()
+    save_file({"weights": torch.zeros(3)}, str(root / "out" / "a.safetensors"))
+
+
+def bad_dtypes(root: Path, ctx: Ctx) -> None:
+    z = torch.randn(4, 3, 3)
+    d = root / "in"
+    our_latent(d / "int8.safetensors", ctx, values=(z * 10).to(torch.int8))
+    our_latent(d / "bool.safetensors", ctx, values=z > 0)
+    our_latent(d / "uint8.safetensors", ctx, values=(z.abs() * 50).to(torch.uint8))
+    save_file({"x": torch.complex(z, z)}, str(d / "complex.safetensors"))
+    np.save(d / "ints.npy", np.zeros((4, 3, 3), np.int8))
+    np.save(d / "cplx.npy", np.zeros((4, 3, 3), np.complex64))
+    np.save(d / "bools.npy", np.zeros((4, 3, 3), bool))
+    nan = z.clone()
+    nan[0, 0, 0] = float("nan")
+    np.save(d / "nan.npy", nan.numpy())
+    our_latent(d / "inf.safetensors", ctx, values=torch.full((4, 3, 3), float("inf")))
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 100000, 100000), }"
+    header += " " * (118 - len(header)) + "\n"
+    (d / "huge.npy").write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + bytes(64))
+
+
+def nan_tiff(root: Path, ctx: Ctx) -> None:
+    a = np.full((16, 16), 0.5, np.float32)
+    a[3, 3] = np.nan
+    (root / "in").mkdir()
+    Image.fromarray(a, "F").save(root / "in" / "nan.tif")
+    img(root, "in/ok.png")
+
+
+def stale_temp_files(root: Path, ctx: Ctx) -> None:
+    """Temp files of: a dead process of this host (removed), a live one of another container (kept),
+    a day-old one of another host (removed)."""
+    img(root, "in/a.png")
+    from vaecli.files import temp_path
+
+    (root / "out").mkdir()
+    host = temp_path(root / "out" / "x").name.split(".tmp-")[1].split("-")[0]
+    (root / "out" / f".a.safetensors.tmp-{host}-999999999-1-0123abcd").write_text("dead")
+    (root / "out" / ".b.safetensors.tmp-0badf00d-1-1-0123abcd").write_text("in flight elsewhere")
+    old = root / "out" / ".c.safetensors.tmp-0badf00d-2-1-0123abcd"
+    old.write_text("abandoned elsewhere")
+    day = time.time() - 2 * 86400
+    os.utime(old, (day, day))
+
+
+def hostile_names(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png")
+    (root / "in" / "x\nerror: forged.png").write_bytes(b"not an image")
+    (root / "in" / "\x1b[31mred\x1b[0m.png").write_bytes(b"not an image")
+    (root / os.fsdecode(b"in/bad\xffbyte.png")).write_bytes(b"not an image")
+
+
+def long_names(root: Path, ctx: Ctx) -> None:
+    from vaecli.files import name_max
+
+    limit = name_max(root)  # 255 on most file systems
+    img(root, "in/" + "n" * (limit - 15) + ".png")  # output limit - 3 bytes: fits, its temp name is shortened
+    img(root, "in/" + "m" * (limit - 8) + ".png", seed=2)  # output limit + 4 bytes: too long
+
+
+def out_is_a_file(root: Path, ctx: Ctx) -> None:
+    two_images(root, ctx)
+    (root / "out").write_text("a file where the output folder should be")
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def hostile_model(config: dict[str, Any] | None = None, damage: str = "") -> Callable[[Path, Ctx], None]:
+    """A copy of the tiny model in `m/` with config.json fields replaced (raw JSON text, so NaN and strings
+    go through as a file would hold them) or a weight damaged, beside two images in `in/`."""
+
+    def build(root: Path, ctx: Ctx) -> None:
+        import shutil
+
+        from safetensors.torch import load_file
+
+        shutil.copytree(ctx.model, root / "m")
+        if config:
+            cfg = json.loads((root / "m" / "config.json").read_text())
+            cfg.update(config)
+            (root / "m" / "config.json").write_text(json.dumps(cfg, allow_nan=True))
+        if damage:
+            path = root / "m" / "diffusion_pytorch_model.safetensors"
+            state = load_file(str(path))
+            key = "decoder.conv_out.weight"
+            state[key] = state[key].fill_(float("nan")) if damage == "nan" else state[key].to(torch.int8)
+            save_file(state, str(path))
+        two_images(root, ctx)
+
+    return build
+
+
+def _notes(doc: dict[str, Any]) -> str:
+    return json.dumps([i.get("notes", []) for i in doc.get("items", [])] + [doc.get("notes", [])])
+
+
+def check_second_run_skips(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc["skipped"] == 0 and doc["ok"] == 2
+    assert not (root / "in" / "recon" / "recon").exists()
+
+
+def check_stale_note(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert (doc["ok"], doc["skipped"]) == (1, 1) and "stale" in _notes(doc)
+
+
+def check_damaged_remade(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc["ok"] == 2 and "incomplete" in _notes(doc)
+    for rel in ("out/a.png", "out/sub/b.png"):
+        assert Image.open(root / rel).size == (24, 24)
+
+
+def check_foreign_kept(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert (doc["ok"], doc["failed"]) == (1, 1)
+
+
+def check_diff_added(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc["skipped"] == 2 and "error map" in _notes(doc)
+
+
+def check_symlinks(root: Path, doc: dict[str, Any], err: str) -> None:
+    notes = _notes(doc)
+    assert doc["ok"] == 2 and "symlink" in notes and "not followed" in notes
+
+
+def check_escaped(root: Path, doc: dict[str, Any], err: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == doc["failed"] == 3, lines
+    assert all(line.startswith("error: in/") for line in lines), lines
+    assert "\x1b" not in err and "\\x1b" in err and "\\n" in err and "\\xff" in err
+
+
+def check_interrupted(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc.get("interrupted") is True and doc["pending"] > 0
+    from vaecli.io import latent_is_complete
+
+    finals = [p for p in (root / "out").iterdir() if not p.name.startswith(".")]
+    assert len(finals) >= doc["ok"] > 0
+    assert all(latent_is_complete(p) for p in finals)
+
+
+def _errors(doc: dict[str, Any]) -> dict[str, str]:
+    return {Path(i["input"]).name: i.get("error", "") for i in doc["items"]}
+
+
+def check_special(root: Path, doc: dict[str, Any], err: str) -> None:
+    errors = _errors(doc)
+    assert "character device" in errors["dev.png"] and "socket" in errors["sock.png"]
+    assert "broken symlink" in errors["dangling.png"] and doc["ok"] == 1
+
+
+def check_truncated(root: Path, doc: dict[str, Any], err: str) -> None:
+    errors = _errors(doc)
+    assert doc["ok"] == 1 and doc["failed"] == len(errors) - 1 == 10
+    for name, error in errors.items():
+        assert name == "good.png" or "truncated" in error or "corrupt" in error, (name, error)
+
+
+def check_declared(root: Path, doc: dict[str, Any], err: str) -> None:
+    errors = _errors(doc)
+    assert "above the limit" in errors["screen.gif"] and "above the limit" in errors["big.jpg"]
+    assert "above the limit" in errors["wide.png"] and "truncated" in errors["bomb.png"]
+
+
+def check_dtypes(root: Path, doc: dict[str, Any], err: str) -> None:
+    errors = _errors(doc)
+    expect = {
+        "int8.safetensors": "dtype I8", "bool.safetensors": "dtype BOOL", "uint8.safetensors": "dtype U8",
+        "complex.safetensors": "dtype C64", "ints.npy": "dtype int8", "cplx.npy": "dtype complex64",
+        "bools.npy": "dtype bool", "nan.npy": "NaN or Inf", "inf.safetensors": "NaN or Inf",
+        "huge.npy": "above the limit",
+    }
+    assert set(errors) == set(expect)
+    for name, words in expect.items():
+        assert words in errors[name], (name, errors[name])
+
+
+def check_modes(root: Path, doc: dict[str, Any], err: str) -> None:
+    for path in (root / "out").rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == 0o664, (path, oct(path.stat().st_mode))
+
+
+M = ("--model", "{model}")
+
+CASES: list[Case] = [
+    # 1. data loss: output folder = input folder, one inside the other, any spelling
+    Case("roundtrip_into_input", "overlap", two_images, ("roundtrip", "in", "-o", "in", "--overwrite", *M), 2,
+         "output folder in is the input folder"),
+    Case("roundtrip_into_input_respelled", "overlap", two_images, ("roundtrip", "in", "-o", "./in/../in/", "--diff", *M), 2,
+         "is the input folder", absent=("in/*.diff.png",)),
+    Case("roundtrip_into_symlink_of_input", "overlap", symlinked_out, ("roundtrip", "in", "-o", "link", "--overwrite", *M), 2,
+         "is the input folder"),
+    Case("decode_into_latent_folder", "overlap", encoded_folder, ("decode", "lat", "-o", "lat", "--overwrite", *M), 2,
+         "is the input folder", protect=("lat/**/*",), absent=("lat/*.png",)),
+    Case("encode_into_input_folder", "overlap", two_images, ("encode", "in", "-o", "in", *M), 2,
+         "is the input folder", absent=("in/*.safetensors",)),
+    Case("encode_input_inside_output", "overlap", two_images, ("encode", "in/sub", "-o", "in", *M), 2,
+         "lies inside the output folder", absent=("in/*.safetensors",)),
+    Case("roundtrip_file_inside_output", "overlap", two_images, ("roundtrip", "in/a.png", "-o", "in", "--overwrite", *M), 2,
+         "lies inside the output folder"),
+    Case("dataset_into_input_folder", "overlap", two_images, ("encode", "--dataset", "in", "-o", "in", *M), 2,
+         "is the input folder", absent=("in/manifest.jsonl",)),
+    Case("output_inside_input_is_left_out", "overlap", two_images,
+         ("roundtrip", "in", "-o", "in/recon", "--diff", *M), 0, exists=("in/recon/a.png", "in/recon/sub/b.diff.png"),
+         absent=("in/recon/recon",), check=check_second_run_skips),
+    Case("symlink_into_output", "overlap", link_into_out, ("roundtrip", "in", "-o", "out", "--overwrite", *M), 1,
+         r"in/link\.png: is a symlink into the output folder", protect=("out/x.png",)),
+    Case("output_is_a_hard_link_of_input", "overlap", hard_link_output,
+         ("roundtrip", "in", "-o", "out", "--overwrite", *M), 1, r"is the input file in/a\.png", protect=("out/a.png",)),
+    # 2. two inputs, one output (side files included)
+    Case("diff_map_claimed_twice", "claims", diff_name_clash, ("roundtrip", "in", "-o", "out", "--diff", *M), 1,
+         r"in/a\.png: its output out/a\.diff\.png is also an output of in/a\.diff\.png",
+         exists=("out/a.diff.png", "out/a.diff.diff.png"), absent=("out/a.png",)),
+    Case("same_stem_two_suffixes", "claims", lambda r, c: (img(r, "in/x.png"), img(r, "in/x.jpg", seed=3)),
+         ("encode", "in", "-o", "out", *M), 1, "is also an output of"),
+    Case("same_name_named_twice", "claims", same_stem_two_folders, ("encode", "in/a.png", "in/sub/a.png", "-o", "out", *M), 1,
+         "is also an output of"),
+    Case("dataset_flipped_file_claimed_twice", "claims", flipped_name_clash,
+         ("encode", "--dataset", "in", "-o", "out", "--format", "comfyui", "--flip", "--bucket-resolution", "64",
+          "--bucket-step", "64", *M), 1, r"out/a\.flipped\.latent is also an output of"),
+    # 3. sizes from latent metadata
+    Case("metadata_resize_12000", "metadata sizes", metadata(size_policy="resize", original_width="12000", original_height="12000"),
+         ("decode", "in", "-o", "out", *M), 1, r"original was 12000x12000 \(resize\), which does not give", absent=("out/*",),
+         isolate=True, max_rss_mb=1500),
+    Case("metadata_negative_size", "metadata sizes", metadata(original_width="-24"), ("decode", "in", "-o", "out", *M), 1,
+         "'original_width' must be a positive whole number", absent=("out/*",)),
+    Case("metadata_size_not_a_number", "metadata sizes", metadata(original_height="2.4e1"), ("decode", "in", "-o", "out", *M), 1,
+         "'original_height' must be a positive whole number", absent=("out/*",)),
+    Case("metadata_pad_size_inconsistent", "metadata sizes", metadata(original_width="40"), ("decode", "in", "-o", "out", *M), 1,
+         "does not give the latent's", absent=("out/*",)),
+    Case("metadata_encoded_size_inconsistent", "metadata sizes", metadata(encoded_width="2400"), ("decode", "in", "-o", "out", *M), 1,
+         "'encoded_width' is 2400", absent=("out/*",)),
+    Case("metadata_unknown_policy", "metadata sizes", metadata(size_policy="stretch"), ("decode", "in", "-o", "out", *M), 1,
+         "unknown size policy", absent=("out/*",)),
+    Case("metadata_crop_box_inconsistent", "metadata sizes", crop_meta, ("decode", "in", "-o", "out", *M), 1,
+         "crop_ltrb", absent=("out/*",)),
+    Case("metadata_size_above_max_pixels", "metadata sizes", metadata(), ("decode", "in", "-o", "out", "--max-pixels", "500", *M), 1,
+         "above the limit", absent=("out/*",)),
+    # 4. declared image sizes
+    Case("png_bomb_175_bytes", "declared sizes", bomb_png, ("encode", "in", "-o", "out", *M), 1,
+         "truncated image", absent=("out/*",)),
+    Case("declared_sizes_above_max_pixels", "declared sizes", huge_declared, ("encode", "in", "-o", "out", *M), 1,
+         "above the limit", absent=("out/*",), isolate=True, max_rss_mb=1500, check=check_declared),
+    Case("image_above_max_pixels", "declared sizes", lambda r, c: img(r, "in/a.png", 100, 100),
+         ("roundtrip", "in", "-o", "out", "--max-pixels", "5000", *M), 1, "--max-pixels 10000", absent=("out/*",)),
+    # 6. special files, hangs, Ctrl-C
+    Case("fifo_among_images", "special files", fifo_in_folder, ("encode", "in", "-o", "out", *M), 1,
+         r"in/pipe\.png: is a FIFO \(named pipe\), not a regular file", exists=("out/a.safetensors",), timeout=30),
+    Case("fifo_named_directly", "special files", fifo_in_folder, ("roundtrip", "in/pipe.png", *M), 1, "FIFO", timeout=30),
+    Case("fifo_latents", "special files", fifo_latent, ("decode", "in", "-o", "out", "--scaling-factor", "1", *M), 1,
+         "FIFO", absent=("out/*",), timeout=30),
+    Case("fifo_at_output_path", "special files", fifo_at_output, ("encode", "in", "-o", "out", *M), 1,
+         r"out/a\.safetensors is a FIFO", timeout=30),
+    Case("device_socket_dangling", "special files", special_files, ("encode", "in", "-o", "out", *M), 1,
+         "broken symlink", exists=("out/a.safetensors",), timeout=30, check=check_special),
+    Case("fifo_as_model", "special files", lambda r, c: os.mkfifo(r / "model.safetensors"),
+         ("info", "model.safetensors"), 2, "FIFO", timeout=30),
+    Case("symlink_policy", "special files", symlinks, ("encode", "in", "-o", "out", *M), 0,
+         exists=("out/a.safetensors", "out/b.safetensors"), absent=("out/dir", "out/loop"), check=check_symlinks,
+         protect=("elsewhere/**/*",)),
+    # Both runs hold a read that never returns (a stalled mount) at a later image, so they cannot finish first.
+    Case("ctrl_c_during_run", "special files", many_images, ("encode", "in", "-o", "out", "-b", "1", *M), 130,
+         "interrupted:", isolate=True, signal_after="out/05.safetensors", check=check_interrupted,
+         env={"VAECLI_TEST_BLOCK_READ": "35.png"}),
+    Case("ctrl_c_while_a_read_blocks", "special files", many_images, ("encode", "in", "-o", "out", "-b", "1", *M), 130,
+         "interrupted:", isolate=True, signal_after="out/04.safetensors", check=check_interrupted,
+         env={"VAECLI_TEST_BLOCK_READ": "05.png"}),
+    # 7. truncated images
+    Case("truncated_images", "truncated", truncated_images, ("encode", "in", "-o", "out", *M), 1,
+         "truncated image", exists=("out/good.safetensors",), check=check_truncated,
+         absent=tuple(f"out/{n}.safetensors" for n in ("short_rows", "no_iend", "no_idat", "cut_jpeg", "no_eoi", "cut_then_eoi"))),
+    # 8. stale outputs
+    Case("decode_source_changed", "stale", decoded_then_source_changed, ("decode", "lat", "-o", "out", *M), 0,
+         check=check_stale_note),
+    Case("decode_damaged_outputs", "stale", decoded_then_damaged, ("decode", "lat", "-o", "out", *M), 0,
+         check=check_damaged_remade),
+    Case("decode_foreign_output_kept", "stale", foreign_output, ("decode", "lat", "-o", "out", *M), 1,
+         r"out/a\.png already exists and it has no vaecli provenance record; pass --overwrite",
+         protect=("out/a.png",), check=check_foreign_kept),
+    Case("roundtrip_source_changed", "stale", roundtrip_then_source_changed, ("roundtrip", "in", "-o", "out", *M), 0,
+         check=check_stale_note),
+    Case("roundtrip_diff_added_later", "stale", roundtrip_without_diff, ("roundtrip", "in", "-o", "out", "--diff", *M), 0,
+         exists=("out/a.diff.png", "out/sub/b.diff.png"), check=check_diff_added),
+    Case("encode_foreign_file_kept", "stale", foreign_latent_output, ("encode", "in", "-o", "out", *M), 1,
+         "is not a vaecli latent file; pass --overwrite", protect=("out/a.safetensors",)),
+    # 9. values
+    Case("latent_dtypes_and_values", "values", bad_dtypes, ("decode", "in", "-o", "out", "--scaling-factor", "1", *M), 1,
+         "dtype I8; a latent must be", absent=("out/*",), check=check_dtypes),
+    Case("nan_pixels", "values", nan_tiff, ("encode", "in", "-o", "out", *M), 1,
+         r"in/nan\.tif: image holds NaN or Inf pixel values", exists=("out/ok.safetensors",)),
+    Case("metadata_scaling_factor_zero", "values", metadata(latent_spec=json.dumps({"scaling_factor": 0})),
+         ("decode", "in", "-o", "out", *M), 1, "scaling_factor must be a finite non-zero number", absent=("out/*",)),
+    Case("metadata_scaling_factor_nan", "values", metadata(latent_spec='{"scaling_factor": NaN, "shift_factor": Infinity}'),
+         ("decode", "in", "-o", "out", *M), 1, "scaling_factor must be a finite non-zero number", absent=("out/*",)),
+    Case("metadata_latents_std_zero", "values",
+         metadata(latent_spec=json.dumps({"scaling_factor": 1, "latents_mean": [0, 0, 0, 0], "latents_std": [1, 0, 1, 1]})),
+         ("decode", "in", "-o", "out", *M), 1, "latents_std must be positive", absent=("out/*",)),
+    Case("metadata_latent_spec_string", "values", metadata(latent_spec='{"scaling_factor": "0.18"}'),
+         ("decode", "in", "-o", "out", *M), 1, "scaling_factor must be", absent=("out/*",)),
+    Case("scaling_factor_flag_nan", "values", metadata(), ("decode", "in", "-o", "out", "--scaling-factor", "nan", *M), 2,
+         "--scaling-factor must be a finite, non-zero number", absent=("out",)),
+    # 5 and 9. model configs and weights: refused before any model is built or any file written
+    Case("config_layers_per_block_1e9", "model config", hostile_model({"layers_per_block": 1_000_000_000}),
+         ("info", "m"), 2, r"layers_per_block must be an integer in \[1, 64\], not 1000000000", timeout=30),
+    Case("config_layers_per_block_1e9_encode", "model config", hostile_model({"layers_per_block": 1_000_000_000}),
+         ("encode", "in", "-o", "out", "--model", "m"), 2, "layers_per_block must be an integer", absent=("out/*",),
+         timeout=30),
+    Case("config_force_upcast_no", "model config", hostile_model({"force_upcast": "no"}),
+         ("encode", "in", "-o", "out", "--model", "m", "--dtype", "fp16"), 2,
+         "force_upcast must be true or false, not 'no'", absent=("out/*",)),
+    Case("config_scaling_factor_zero", "model config", hostile_model({"scaling_factor": 0}),
+         ("encode", "in", "-o", "out", "--model", "m"), 2, "scaling_factor must be a finite non-zero number, not 0",
+         absent=("out/*",)),
+    Case("config_nan_and_strings", "model config", hostile_model({"shift_factor": float("nan"), "latent_channels": "4"}),
+         ("roundtrip", "in", "--model", "m"), 2, r"latent_channels must be an integer in \[1, 1024\], not '4'.*"
+         r"shift_factor must be a finite number or null, not nan"),
+    Case("config_not_these_weights", "model config", hostile_model({"layers_per_block": 3}),
+         ("decode", "in", "-o", "out", "--model", "m", "--scaling-factor", "1"), 2,
+         "the config does not describe these weights: layers_per_block 3 in the config, 1 in the weights",
+         absent=("out/*",)),
+    Case("weights_with_nan", "model config", hostile_model(damage="nan"), ("encode", "in", "-o", "out", "--model", "m"), 2,
+         r"1 tensor\(s\) hold NaN or Inf values \(a damaged file\?\): decoder\.conv_out\.weight", absent=("out/*",)),
+    Case("weights_quantized", "model config", hostile_model(damage="int8"), ("roundtrip", "in", "--model", "m"), 2,
+         r"are not floating point \(quantized weights are not supported\)"),
+    # 10. temp files of other runs
+    Case("temp_files_of_other_runs", "temp files", stale_temp_files, ("encode", "in", "-o", "out", *M), 0,
+         exists=("out/a.safetensors", "out/.b.safetensors.tmp-0badf00d-1-1-0123abcd"),
+         absent=("out/.a.safetensors.tmp-*", "out/.c.safetensors.tmp-*")),
+    # 11. messages
+    Case("hostile_file_names", "messages", hostile_names, ("encode", "in", "-o", "out", *M), 1, check=check_escaped),
+    Case("names_near_the_limit", "messages", long_names, ("encode", "in", "-o", "out", *M), 1,
+         "longer than the file system allows", exists=("out/nnnn*.safetensors",), absent=("out/mmm*", "out/.*")),
+    Case("output_folder_is_a_file", "messages", out_is_a_file, ("encode", "in", "-o", "out", *M), 1,
+         "cannot create the output folder out"),
+    Case("unknown_option", "messages", two_images, ("encode", "in", "-o", "out", "--bogus", *M), 2,
+         "No such option: --bogus", absent=("out",)),
+    Case("missing_argument", "messages", two_images, ("decode", *M), 2, "Missing argument"),
+    Case("bad_option_value", "messages", two_images, ("encode", "in", "-o", "out", "--batch-size", "x", *M), 2,
+         "neither a positive integer nor 'auto'", absent=("out",)),
+    Case("outputs_follow_umask", "messages", two_images, ("roundtrip", "in", "-o", "out", "--diff", *M), 0,
+         umask=0o002, check=check_modes, exists=("out/a.png",)),
+    Case("latents_follow_umask", "messages", two_images, ("encode", "in", "-o", "out", *M), 0,
+         umask=0o002, check=check_modes, exists=("out/a.safetensors",)),
+]

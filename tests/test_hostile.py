@@ -1,0 +1,186 @@
+"""Runs every case of the hostile-input corpus (hostile_corpus.CASES) and checks what each promises, plus
+what every run must do: inputs untouched, one JSON document, one escaped line per failed item, no
+traceback, no hang."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from cli_support import make_model, subprocess_env
+from hostile_corpus import CASES, Case, Ctx
+
+LINE_PREFIXES = ("error: ", "note: ", "warning: ", "interrupted: ")
+
+# Subprocess entry: the CLI's main(), optionally with one read that never returns (a stalled mount).
+BOOT = textwrap.dedent(
+    """
+    import os, sys, threading
+    block = os.environ.get("VAECLI_TEST_BLOCK_READ")
+    if block:
+        import vaecli.batch as batch
+        real = batch.open_regular
+        def stalled(path):
+            if str(path).endswith(block):
+                threading.Event().wait()
+            return real(path)
+        batch.open_regular = stalled
+    from vaecli.cli import main
+    main(sys.argv[1:])
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return make_model(tmp_path_factory.mktemp("tiny-vae"))
+
+
+@pytest.fixture(scope="module")
+def model_sha256(model) -> str:
+    from vaecli.weights import load_vae
+
+    return load_vae(model).info.weights_sha256
+
+
+def invoke(args: list[str], timeout: float) -> tuple[int, str, str]:
+    """The CLI's main() in this process (cwd = the case folder), in a thread so that a hang fails the test."""
+    from vaecli.cli import main
+
+    out, err, box = io.StringIO(), io.StringIO(), {}
+
+    def target() -> None:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                main(args)
+            except SystemExit as exc:
+                box["code"] = exc.code
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                box["raised"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"vaecli {' '.join(args)} did not finish within {timeout} s")
+    assert "raised" not in box, f"main() raised {box.get('raised')!r}"
+    return int(box.get("code") or 0), out.getvalue(), err.getvalue()
+
+
+def spawn(case: Case, root: Path, args: list[str]) -> tuple[int, str, str, int]:
+    """The CLI in a subprocess: (exit code, stdout, stderr, peak RSS in MiB); SIGINT when case.signal_after
+    appears; killed (and the test failed) at case.timeout."""
+    env = dict(subprocess_env(), **case.env)
+    outs = [open(root.parent / f"{root.name}.{kind}", "w+") for kind in ("stdout", "stderr")]
+    preexec = (lambda: os.umask(case.umask)) if case.umask is not None else None
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BOOT, *args], cwd=root, env=env, stdout=outs[0], stderr=outs[1], preexec_fn=preexec
+    )
+    start, signalled = time.monotonic(), False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        elapsed = time.monotonic() - start
+        if case.signal_after and not signalled and (list(root.glob(case.signal_after)) or elapsed > 20):
+            proc.send_signal(signal.SIGINT)
+            signalled = True
+        if elapsed > case.timeout:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            proc.returncode = -9
+            pytest.fail(f"vaecli {' '.join(args)} did not finish within {case.timeout} s")
+        time.sleep(0.002)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    texts = []
+    for f in outs:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    rss_mib = usage.ru_maxrss // 1024 if sys.platform != "darwin" else usage.ru_maxrss // 2**20
+    return proc.returncode, texts[0], texts[1], rss_mib
+
+
+def snapshot(root: Path, case: Case) -> dict[str, tuple[str, int, int]]:
+    """sha256, mtime (ns) and mode of every regular file under in/ and of the protected files."""
+    paths = []
+    for top in [root / "in"]:
+        for dirpath, _, names in os.walk(top):
+            paths += [Path(dirpath) / n for n in names]
+    for pattern in case.protect:
+        paths += list(root.glob(pattern))
+    state = {}
+    for path in paths:
+        st = os.lstat(path)
+        if path.is_symlink() or not path.is_file():
+            continue  # FIFOs, sockets, links: never opened here
+        state[os.fsdecode(path.relative_to(root))] = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_mode)
+    return state
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_case(case: Case, model: str, model_sha256: str, tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "case"
+    root.mkdir()
+    monkeypatch.chdir(root)
+    ctx = Ctx(model, model_sha256, lambda *args: invoke([*args, "--quiet"], 120)[0])
+    case.build(root, ctx)
+    before = snapshot(root, case)
+    args = [a.replace("{model}", model) for a in case.args] + ["--json"]
+    if case.isolate:
+        code, stdout, stderr, rss = spawn(case, root, args)
+        if case.max_rss_mb:
+            assert rss < case.max_rss_mb, f"peak RSS {rss} MiB"
+    else:
+        old_umask = os.umask(case.umask) if case.umask is not None else None
+        try:
+            code, stdout, stderr = invoke(args, case.timeout)
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
+
+    assert code == case.code, (code, stderr)
+    doc = json.loads(stdout)  # exactly one document, nothing else on stdout
+    assert isinstance(doc, dict) and {"ok", "failed", "skipped", "items"} <= set(doc), doc
+    assert "Traceback" not in stderr and "terminate called" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert all(line.startswith(LINE_PREFIXES) for line in lines), lines
+    if case.code == 1:
+        assert doc["failed"] >= 1 and sum(line.startswith("error: ") for line in lines) == doc["failed"], lines
+    if case.code == 0:
+        assert doc["failed"] == 0 and not any(line.startswith("error: ") for line in lines), lines
+    if case.code == 2:
+        assert doc.get("error") and sum(line.startswith("error: ") for line in lines) == 1, lines
+    if case.message:
+        import re
+
+        assert re.search(case.message, stderr), stderr
+    for pattern in case.exists:
+        assert list(root.glob(pattern)), f"missing {pattern}"
+    for pattern in case.absent:
+        assert not list(root.glob(pattern)), f"unexpected {list(root.glob(pattern))}"
+    after = snapshot(root, case)
+    changed = [k for k, v in before.items() if after.get(k) != v]
+    assert not changed, f"inputs modified or removed: {changed}"
+    if case.check is not None:
+        case.check(root, doc, stderr)
+
+
+def test_every_class_of_issue_11_has_cases() -> None:
+    classes = {c.klass for c in CASES}
+    assert classes >= {
+        "overlap", "claims", "metadata sizes", "declared sizes", "special files", "truncated", "stale", "values",
+        "temp files", "messages",
+    }

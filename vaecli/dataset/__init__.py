@@ -1,0 +1,76 @@
+"""Dataset preparation: aspect-ratio buckets, resize and crop, latent caches with a manifest, sharding.
+
+`prepare_dataset` encodes a folder of images into bucket-sized latents under OUT and writes
+OUT/manifest.jsonl (one JSON object per image). One module per concern:
+
+  options.py      DatasetOptions (one CLI flag per field), their checks, constants
+  buckets.py      kohya's bucket list, bucket choice, resize-to-cover and crop windows
+  encoder.py      the per-image steps all pipelines share: place, encode, record, file metadata
+  folder.py       the folder layout: one vaecli/kohya/comfyui file per image, each embedding its record
+  manifest.py     manifest.jsonl, shard manifests and their merge
+  distributed.py  --shard i/n (Slurm arrays) and torchrun: dealing work, barriers, local devices
+  core.py         prepare_dataset: folders here, shards dispatched to the shard pipeline
+  locations.py    shard lists: brace expansion, globs, local paths and fsspec URLs, input identity
+  sample.py       a sample in, an encoded sample out, latent file bytes
+  webdataset.py   WebDataset tars: reading samples, writing latent shards
+  parquet.py      parquet shards: reading an image column, writing latent rows
+  formats.py      which reader and writer a shard kind and a layout take
+  shards.py       one input shard -> one published output shard and its index; OUT/index.json
+  shard_run.py    one process's share of the shards (all, --shard i/n, a torchrun rank)
+  ray_engine.py   --engine ray: shards as a Ray Dataset, the VAE as an actor pool (map_batches)
+"""
+
+from .buckets import BucketChoice, crop_box, kohya_crop_ltrb, make_buckets, select_bucket
+from .core import DatasetReport, prepare_dataset
+from .distributed import bind_local_device, parse_shard, resolve_shard, shard_items, torchrun_env
+from .encoder import DatasetEncoder, Placement, settings_sha256
+from .folder import output_paths, read_record, write_outputs
+from .manifest import MergeResult, merge_manifests, read_manifest, shard_manifest_name, write_manifest
+from .options import (
+    DATASET_VERSION,
+    FORMAT_SUFFIX,
+    FORMATS,
+    LOGVAR_RANGE,
+    MANIFEST,
+    RECORD_KEY,
+    RESAMPLE,
+    DatasetOptions,
+    EngineOptions,
+    check_options,
+)
+
+__all__ = [
+    "BucketChoice",
+    "DATASET_VERSION",
+    "DatasetEncoder",
+    "DatasetOptions",
+    "DatasetReport",
+    "EngineOptions",
+    "FORMATS",
+    "FORMAT_SUFFIX",
+    "LOGVAR_RANGE",
+    "MANIFEST",
+    "MergeResult",
+    "Placement",
+    "RECORD_KEY",
+    "RESAMPLE",
+    "bind_local_device",
+    "check_options",
+    "crop_box",
+    "kohya_crop_ltrb",
+    "make_buckets",
+    "merge_manifests",
+    "output_paths",
+    "parse_shard",
+    "prepare_dataset",
+    "read_manifest",
+    "read_record",
+    "resolve_shard",
+    "select_bucket",
+    "settings_sha256",
+    "shard_items",
+    "shard_manifest_name",
+    "torchrun_env",
+    "write_manifest",
+    "write_outputs",
+]

@@ -1,0 +1,348 @@
+"""`prepare_dataset`: a folder of images -> bucketed latents under OUT with OUT/manifest.jsonl.
+
+Every latent file embeds its own manifest record, so a re-run (or a run resumed after a kill) reuses
+exactly the files whose source bytes, model and settings are unchanged, and the manifest is rebuilt from
+the files: there is no journal that could disagree with them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..batch import (
+    Item,
+    Loaded,
+    Progress,
+    Report,
+    Skip,
+    _Engine,
+    _sha256_file,
+    batch_sizer,
+    check_output_root,
+    discover,
+)
+from ..errors import ConfigError, VaecliError
+from ..io import IMAGE_SUFFIXES, clean_temp_files, read_image
+from ..model import AutoencoderKL
+from ..pipeline import BatchResult, RunOptions
+from .distributed import (
+    barrier_after_error,
+    finish_distributed,
+    init_distributed,
+    owner_shard,
+    resolve_shard,
+    shard_items,
+    to_local_device,
+)
+from .encoder import DatasetEncoder
+from .folder import flipped_path, output_paths, read_record, write_outputs
+from .manifest import (
+    merge_lock,
+    merge_manifests,
+    prior_records,
+    shard_manifest_name,
+    shard_manifests,
+    write_manifest,
+)
+from .locations import ShardInput, shard_inputs
+from .options import ENGINES, FORMAT_SUFFIX, MANIFEST, DatasetOptions, EngineOptions, check_options
+
+
+@dataclass
+class DatasetReport(Report):
+    """A Report (ok = encoded now, skipped = reused, failed) plus what only dataset mode knows."""
+
+    missing: list[dict[str, Any]] = field(default_factory=list)  # sources in the old manifest that are gone
+    shard: tuple[int, int] = (0, 1)
+    manifest: str | None = None  # manifest.jsonl when this process wrote it, else its shard manifest
+    merged: bool = False  # manifest.jsonl is complete and current after this run
+    notes: list[str] = field(default_factory=list)
+    shards: list[dict[str, Any]] = field(default_factory=list)  # shard inputs: what became of each
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.update(
+            missing=self.missing,
+            shard=f"{self.shard[0]}/{self.shard[1]}",
+            manifest=self.manifest,
+            merged=self.merged,
+            notes=self.notes,
+        )
+        if self.shards:
+            d["shards"] = self.shards
+            d["shards_ok"] = sum(s["status"] == "ok" for s in self.shards)
+            d["shards_skipped"] = sum(s["status"] == "skipped" for s in self.shards)
+            d["shards_failed"] = sum(s["status"] == "failed" for s in self.shards)
+        return d
+
+
+def prepare_dataset(
+    vae: AutoencoderKL,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    options: DatasetOptions = DatasetOptions(),
+    run: RunOptions = RunOptions(),
+    shard: tuple[int, int] | None = None,
+    progress: Progress | None = None,
+    engine: EngineOptions = EngineOptions(),
+) -> DatasetReport:
+    """Encode images into a bucketed latent dataset under `out` with OUT/manifest.jsonl.
+
+    inputs: image files and folders (searched recursively), or shards: WebDataset .tar or .parquet files,
+    local or fsspec URLs, brace lists and globs (one output shard each, see shards.py; OUT/index.json
+    instead of the manifest). shard: (i, n) for this process's share; under torchrun (WORLD_SIZE > 1)
+    RANK/WORLD_SIZE decide it, and rank 0 merges after a barrier. engine: local, or a Ray cluster.
+    An item whose latent file embeds the same source sha256, model sha256 and settings sha256 is reused
+    (skipped); everything else is encoded (ok) or fails with a message (failed); the run never stops for
+    one bad image. Sources listed in the previous manifest but no longer found are returned in `missing`
+    and dropped from the new manifest (their latent files are left on disk).
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    check_options(options, vae.config.downsample_factor)
+    shards = shard_inputs(inputs)
+    _check_layout(options, engine, shards is not None)
+    if engine.engine == "ray":
+        from .ray_engine import prepare_with_ray
+
+        report = prepare_with_ray(vae, shards or [], out, options, run, shard, progress, engine)
+    else:
+        report = _prepare_here(vae, inputs, shards, out, options, run, shard, progress)
+    report.elapsed_s = time.perf_counter() - start
+    return report
+
+
+def _prepare_here(
+    vae: AutoencoderKL,
+    inputs: Sequence[str | Path],
+    shards: list[ShardInput] | None,
+    out: Path,
+    options: DatasetOptions,
+    run: RunOptions,
+    shard: tuple[int, int] | None,
+    progress: Progress | None,
+) -> DatasetReport:
+    """This process's share (all, --shard i/n, or its torchrun rank's), then the merge of all shares."""
+    index, count, distributed = resolve_shard(shard)
+    created_group = init_distributed() if distributed else False
+    if distributed:
+        vae = to_local_device(vae)
+    try:
+        if shards is None:
+            report = _prepare_share(vae, inputs, out, options, run, (index, count), progress)
+            merge: Callable[[DatasetReport, bool], None] = lambda r, done: _merge_folder(r, out, count, done)
+        else:
+            from .shard_run import ShardShare
+
+            share = ShardShare(vae, shards, out, options, run)
+            report, merge = share.run((index, count), progress), share.merge
+    except BaseException:
+        if distributed:
+            barrier_after_error()
+        raise
+    if distributed:
+        finish_distributed(lambda: merge(report, True) if index == 0 else None, created_group)
+    elif count > 1:
+        merge(report, False)
+    return report
+
+
+def _check_layout(options: DatasetOptions, engine: EngineOptions, shards: bool) -> None:
+    """Layouts and engines the inputs allow: images write folders; shards write tar or parquet shards."""
+    if engine.engine not in ENGINES:
+        raise ConfigError(f"unknown --engine {engine.engine!r}; choose one of {', '.join(ENGINES)}")
+    if shards and options.layout == "folder":
+        raise ConfigError("shard inputs write shards: --layout tar or parquet (one output shard per input shard)")
+    if not shards and options.layout in ("tar", "parquet"):
+        raise ConfigError(f"--layout {options.layout} needs shard inputs (.tar or .parquet files or URLs)")
+    if not shards and engine.engine == "ray":
+        raise ConfigError("--engine ray runs over shards (.tar or .parquet inputs); folders: --shard or torchrun")
+
+
+def _prepare_share(
+    vae: AutoencoderKL,
+    inputs: Sequence[str | Path],
+    out: Path,
+    options: DatasetOptions,
+    run: RunOptions,
+    shard: tuple[int, int],
+    progress: Progress | None,
+) -> DatasetReport:
+    """Encode this process's share of the images and write its manifest (the whole one when unsharded)."""
+    index, count = shard
+    siblings = (lambda main: (flipped_path(main),)) if options.flip and options.format == "comfyui" else None
+    all_items = discover(inputs, IMAGE_SUFFIXES, out, FORMAT_SUFFIX[options.format], siblings)  # outputs claimed once
+    check_output_root(all_items, out)
+    items = shard_items(all_items, index, count)
+    # Temp files of killed runs are removed only when no other process can be writing (one shard, or after
+    # a merge): a process id seen from another node says nothing about that node's live writers.
+    removed = len(clean_temp_files(out)) if count == 1 else 0
+    prior = prior_records(out)
+    enc = DatasetEncoder(vae, options, run)
+    size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
+    engine = _Engine(items, size, options.workers, progress, batch_for)
+    records = _encode_items(enc, engine, out)
+    seen = {it.rel for it in all_items}
+    missing = [
+        {"source": s, "latent": rec.get("latent")}
+        for s, rec in sorted(prior.items())
+        if s not in seen and (count == 1 or owner_shard(s, count) == index)
+    ]
+    report = DatasetReport(
+        "encode",
+        engine.results,
+        model=enc.info,
+        events=engine.events,
+        computed=engine.computed,
+        temp_files_removed=removed,
+        missing=missing,
+        shard=(index, count),
+    )
+    kept = [records[i] for i, r in enumerate(engine.results) if r.status in ("ok", "skipped") and i in records]
+    _write_share_manifest(report, out, kept, count)
+    return report
+
+
+def _encode_items(enc: DatasetEncoder, engine: _Engine, out: Path) -> dict[int, dict[str, Any]]:
+    """Run the engine over its items: reuse up-to-date files, encode the rest; records by item index."""
+    o = enc.options
+    records: dict[int, dict[str, Any]] = {}
+
+    def load(i: int, item: Item) -> Loaded | Skip:
+        source_sha = _sha256_file(item.input) if item.input.is_file() else ""
+        reused = _reusable(enc, item, out, source_sha)
+        if isinstance(reused, dict):
+            records[i] = reused
+            return Skip()
+        if reused is not None:
+            engine.results[i].notes.append(reused)
+        pixels = read_image(item.input, o.alpha, o.max_pixels)
+        crop, placement = enc.place(pixels, item.rel)
+        return Loaded(i, item, crop, {"source_sha256": source_sha, "placement": placement})
+
+    def save(loaded: Loaded, tensors: dict[str, torch.Tensor]) -> None:
+        records[loaded.index] = _save_item(enc, loaded, tensors, out)
+
+    engine.run(load, lambda b: b.x.shape, encode_step(enc, engine), save)
+    for i, r in enumerate(engine.results):
+        if i in records:
+            r.output = str(out / records[i]["latent"])
+    return records
+
+
+def _reusable(enc: DatasetEncoder, item: Item, out: Path, source_sha: str) -> dict[str, Any] | str | None:
+    """The record of an up-to-date output to reuse, or a note saying why it is re-encoded, or None."""
+    o = enc.options
+    main, flipped = output_paths(item, out, o)
+    if o.overwrite or not main.exists():
+        return None
+    rec = read_record(main, o.format)
+    if rec is None:
+        return None
+    want = {
+        "source": item.rel,
+        "source_sha256": source_sha,
+        "model_sha256": enc.model_sha,
+        "settings_sha256": enc.settings_sha,
+    }
+    changed = [k for k, v in want.items() if rec.get(k) != v]
+    if not changed and (flipped is None or flipped.exists()):
+        return {**rec, "source_path": str(item.input.resolve())}  # the folder may have moved
+    return f"re-encoded: changed {', '.join(changed) or 'flipped file missing'}"
+
+
+def _save_item(enc: DatasetEncoder, loaded: Loaded, tensors: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:
+    """Write one image's file(s) under OUT; its manifest record."""
+    main, flipped = output_paths(loaded.item, out, enc.options)
+
+    def rel(path: Path) -> str:
+        return Path(os.path.relpath(path, out)).as_posix()
+
+    e = loaded.extra
+    record = enc.record(
+        loaded.item.rel,
+        str(loaded.item.input.resolve()),
+        e["source_sha256"],
+        e["placement"],
+        tensors,
+        rel(main),
+        rel(flipped) if flipped is not None else None,
+    )
+    write_outputs(record, tensors, main, flipped, enc.options.format, enc.file_meta(record))
+    return record
+
+
+def encode_step(enc: DatasetEncoder, engine: _Engine) -> Callable[[list[Loaded]], list[Any]]:
+    """The engine's compute step: one model call per batch of crops, retries and events noted per item."""
+
+    def compute(batch: list[Loaded]) -> list[Any]:
+        outs, result = enc.encode([b.x for b in batch], [b.item.rel for b in batch])  # type: ignore[misc]
+        note_retries(engine, [b.index for b in batch], result)
+        return outs
+
+    return compute
+
+
+def note_retries(engine: _Engine, indices: list[int], result: BatchResult) -> None:
+    """Record retries and events; rows of flipped copies (row >= len(indices)) count for their original."""
+    n = len(indices)
+    for retry in result.retries:
+        engine.results[indices[retry.index % n]].retries.append(
+            {"stage": "encode", "from_dtype": retry.from_dtype, "to_dtype": retry.to_dtype}
+        )
+    engine.events.extend(f"encode: {e}" for e in result.events)
+
+
+def _write_share_manifest(report: DatasetReport, out: Path, kept: list[dict[str, Any]], count: int) -> None:
+    """The complete manifest when unsharded (superseding shard manifests), else this shard's manifest."""
+    if count == 1:
+        write_manifest(out / MANIFEST, kept)
+        for path in shard_manifests(out).values():
+            path.unlink(missing_ok=True)  # superseded by the complete manifest just written
+        report.manifest, report.merged = str(out / MANIFEST), True
+    else:
+        shard_path = out / shard_manifest_name(report.shard[0], count)
+        write_manifest(shard_path, kept)
+        report.manifest = str(shard_path)
+
+
+def _merge_folder(report: DatasetReport, out: Path, count: int, after_barrier: bool) -> None:
+    """Merge the shard manifests: torchrun's rank 0 after every rank passed the barrier; with --shard i/n the
+    shard that finds all n shard manifests (under a file lock)."""
+    if after_barrier:
+        _await_shard_manifests(out, count)
+        _merge_into(report, out, count, clean=True)
+        return
+    with merge_lock(out):
+        if all((i, count) in shard_manifests(out) for i in range(count)):
+            _merge_into(report, out, count, clean=False)
+        else:
+            report.notes.append(
+                f"manifest.jsonl not merged yet: waiting for the other shards of {count} "
+                "(the last shard to finish merges; or call merge_manifests)"
+            )
+
+
+def _await_shard_manifests(out: Path, count: int, timeout_s: float = 120.0) -> None:
+    """Wait until all shard manifests are visible: on network file systems another node's file can show up
+    in a directory listing seconds after its writer has passed the barrier."""
+    deadline = time.monotonic() + timeout_s
+    while len([k for k in shard_manifests(out) if k[1] == count]) < count and time.monotonic() < deadline:
+        time.sleep(2.0)
+
+
+def _merge_into(report: DatasetReport, out: Path, count: int, clean: bool) -> None:
+    try:
+        merged = merge_manifests(out, count)
+    except VaecliError as exc:
+        report.notes.append(str(exc))
+        return
+    report.manifest, report.merged = str(merged.path), True
+    if clean:  # every writer has finished (after torchrun's barrier)
+        report.temp_files_removed += len(clean_temp_files(out))

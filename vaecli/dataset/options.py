@@ -1,0 +1,102 @@
+"""What a dataset run writes: DatasetOptions (one CLI flag per field), their checks, and fixed constants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..io import DEFAULT_MAX_PIXELS
+from ..pipeline import DTYPES
+
+FORMATS = ("vaecli", "kohya", "comfyui")
+LAYOUTS = ("folder", "tar", "parquet")
+ENGINES = ("local", "ray")
+FORMAT_SUFFIX = {"vaecli": ".safetensors", "kohya": ".npz", "comfyui": ".latent"}
+MANIFEST = "manifest.jsonl"
+DATASET_VERSION = 1  # bump when the meaning of a manifest field or of a setting changes
+RECORD_KEY = "vaecli_record"  # the manifest record embedded in every latent file
+RESAMPLE = "bicubic-antialias"
+LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """What `prepare_dataset` writes; every field has a CLI flag of the same name (dashes for underscores)."""
+
+    bucket_resolution: int = 512  # side of the square whose area every bucket shares (SD 1.x; SDXL: 1024)
+    bucket_step: int = 64  # bucket sides are multiples of this (a multiple of the VAE's factor, 8)
+    min_bucket_size: int | None = None  # shortest bucket side; None: bucket_resolution // 2
+    max_bucket_size: int | None = None  # longest bucket side; None: bucket_resolution * 2
+    no_upscale: bool = False  # never enlarge: a small image gets a bucket that fits inside it (kohya's)
+    random_crop: bool = False  # crop at a random offset (from crop_seed and the path) instead of the centre
+    crop_seed: int = 0
+    flip: bool = False  # also store the latent of the horizontally flipped crop
+    moments: bool = False  # also store the posterior mean and logvar (raw), for sampling at training time
+    format: str = "vaecli"  # vaecli (safetensors + metadata), kohya (.npz), comfyui (.latent)
+    kohya_next_to_images: bool = False  # kohya format: write <image stem>.npz beside each image, not under OUT
+    raw: bool = False  # vaecli format: store raw latents instead of normalized ones (kohya/comfyui: always raw)
+    sample: bool = False  # store a posterior sample (noise from seed and path) instead of the mode
+    seed: int = 0
+    latent_dtype: str = "fp32"  # vaecli format only; kohya and comfyui files are float32
+    alpha: str = "white"  # transparent pixels: composite over white or black, or drop alpha
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    batch_size: int = 4  # images of one bucket per model call; 0: sized from free memory
+    workers: int = 0  # reader threads; 0 = min(4, CPUs)
+    overwrite: bool = False  # re-encode even when an up-to-date latent exists
+    layout: str | None = None  # folder (a file per image), tar or parquet shards; None: folder or tar by input
+    image_column: str | None = None  # shards: the tar suffix or parquet column holding the image; None: found
+
+    def bucket_bounds(self) -> tuple[int, int]:
+        """(min, max) bucket side after defaults (half and twice the resolution, kept on the step grid)."""
+        step = max(1, self.bucket_step)
+        lo, hi = self.min_bucket_size, self.max_bucket_size
+        if lo is None:
+            lo = -(-self.bucket_resolution // 2 // step) * step  # rounded up to the step
+        if hi is None:
+            hi = self.bucket_resolution * 2 // step * step
+        return lo, hi
+
+
+def check_options(options: DatasetOptions, factor: int) -> None:
+    """Raise one ConfigError listing every inconsistent option."""
+    o = options
+    lo, hi = o.bucket_bounds()
+    problems = []
+    if o.format not in FORMATS:
+        problems.append(f"unknown --format {o.format!r}; choose one of {', '.join(FORMATS)}")
+    if o.bucket_step < 1 or o.bucket_step % factor:
+        problems.append(f"--bucket-step {o.bucket_step} must be a positive multiple of the VAE's factor {factor}")
+    if o.bucket_resolution < o.bucket_step:
+        problems.append(f"--bucket-resolution {o.bucket_resolution} is smaller than --bucket-step {o.bucket_step}")
+    if not (o.bucket_step <= lo <= o.bucket_resolution <= hi):
+        problems.append(f"bucket sizes must satisfy bucket-step <= min ({lo}) <= resolution <= max ({hi})")
+    if o.bucket_step >= 1 and (lo % o.bucket_step or hi % o.bucket_step):
+        problems.append(
+            f"--min-bucket-size {lo} and --max-bucket-size {hi} must be multiples of --bucket-step {o.bucket_step}"
+        )
+    if o.latent_dtype not in DTYPES:
+        problems.append(f"unknown latent dtype {o.latent_dtype!r}; choose one of {', '.join(DTYPES)}")
+    elif o.format != "vaecli" and o.latent_dtype != "fp32":
+        problems.append(f"--format {o.format} stores float32 latents (what its reader expects); drop --latent-dtype")
+    if o.format == "comfyui" and o.moments:
+        problems.append("--moments needs --format vaecli or kohya (a ComfyUI .latent holds one tensor)")
+    if o.kohya_next_to_images and o.format != "kohya":
+        problems.append("--kohya-next-to-images needs --format kohya")
+    if o.layout is not None and o.layout not in LAYOUTS:
+        problems.append(f"unknown --layout {o.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if o.layout in ("tar", "parquet") and o.format != "vaecli":
+        problems.append(f"--layout {o.layout} stores vaecli latents; drop --format {o.format} (its readers read folders)")
+    if o.batch_size < 0:
+        problems.append("--batch-size must be at least 1 (or 0 / auto: sized from free memory)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the work is spread over processes and machines (what is written does not depend on it)."""
+
+    engine: str = "local"  # local: this process (--shard i/n and torchrun split the work); ray: a Ray cluster
+    address: str | None = None  # Ray cluster (host:6379, ray://host:10001); None: RAY_ADDRESS, else a new local one
+    workers: int = 0  # Ray: VAE actors; 0: one per GPU of the cluster (device cuda) or per CPU
+    device: str = "auto"  # Ray: where each actor runs the VAE: cpu, cuda (one GPU per actor) or auto

@@ -1,0 +1,236 @@
+"""A run's inputs and outputs: the layout check, the folder walk, and one claim per output path.
+
+Rules (docs/cli.md, "Inputs, outputs and overlap"):
+- No input lies inside the output folder and the output folder is no input folder; the output folder may
+  lie inside an input folder, and is then left out of the walk. Folders are compared by identity (device
+  and inode), so symlinks, bind mounts and other spellings of one folder count as that folder.
+- Only regular files are read. Symlinks to files are followed (with a note); symlinked folders met while
+  walking are not (a note names each), which keeps walks finite; a folder named on the command line is
+  followed. A file reached twice (two spellings, hard links) is one item.
+- Every output path (diff maps and other side files included) is claimed by one item; a second item
+  that would write it fails with a message, as does an output name longer than the file system allows,
+  or an output path that is a folder, a FIFO or the same file as an input.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from .errors import ConfigError
+from .files import file_kind, is_temp_name, name_max, probe_writable
+
+Siblings = Callable[[Path], Sequence[Path]]  # an item's main output -> the other files it writes
+
+
+@dataclass
+class Item:
+    """One input file and where its outputs go."""
+
+    input: Path
+    rel: str  # path relative to the folder it was found in (or its name), posix: names outputs, seeds noise
+    output: Path | None
+    error: str | None = None  # known before reading: missing path, output collision, not a regular file
+    outputs: tuple[Path, ...] = ()  # every file this item writes: output first, then its siblings
+    notes: list[str] = field(default_factory=list)
+
+
+Identity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def _identity(path: Path | str) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_layout(inputs: Sequence[str | Path], out: Path | None) -> None:
+    """Refuse, before any work, a layout in which an output could replace an input or be read as one."""
+    if out is None:
+        return
+    out_id = _identity(out)
+    if out_id is None or not out.is_dir():
+        return  # a folder that does not exist yet holds no input
+    folder_id = lru_cache(maxsize=None)(_identity)
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if not os.path.lexists(path):
+            continue
+        if path.is_dir() and folder_id(str(path)) == out_id:
+            raise ConfigError(
+                f"the output folder {out} is the input folder {path}: outputs would replace inputs or be read "
+                "as inputs; choose an output folder outside the inputs"
+            )
+        # Both the folders the name lies in and those its target lies in (a symlink may point into OUT).
+        spellings = {Path(os.path.abspath(path)), path.resolve()}
+        for folder in {p for s in spellings for p in s.parents}:
+            if folder_id(str(folder)) == out_id:
+                raise ConfigError(
+                    f"input {path} lies inside the output folder {out}: outputs would replace inputs or be read "
+                    "as inputs; choose an output folder outside the inputs"
+                )
+
+
+def discover(
+    inputs: Sequence[str | Path],
+    suffixes: Sequence[str],
+    out: Path | None,
+    out_suffix: str,
+    siblings: Siblings | None = None,
+    notes: list[str] | None = None,
+) -> list[Item]:
+    """Expand files and folders (recursively, by suffix, hidden names skipped) into items with outputs.
+
+    `D/a/b.jpg` found in folder D -> `out/a/b<out_suffix>`; a file named directly -> `out/<stem><out_suffix>`.
+    Refuses an overlapping layout (check_layout); files under `out` are never inputs. `siblings` names the
+    other files an item writes beside its output; run-level notes (folders not followed) go to `notes`.
+    """
+    check_layout(inputs, out)
+    out_id = _identity(out) if out is not None else None
+    claims = _Claims(out) if out is not None else None
+    items: list[Item] = []
+    seen: set[Identity] = set()
+
+    def add(path: Path, rel: str) -> None:
+        ident = _identity(path)
+        if ident is not None:
+            if ident in seen:
+                return  # named twice, or a hard link: one item
+            seen.add(ident)
+        stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+        target = out / (stem + out_suffix) if out is not None else None
+        outputs = (target, *(siblings(target) if siblings else ())) if target is not None else ()
+        item = Item(path, rel, target, outputs=outputs)
+        item.error = _input_problem(path, out_id) or (claims.claim(item) if claims is not None else None)
+        if item.error is None and path.is_symlink():
+            item.notes.append(f"read through a symlink to {path.resolve()}")
+        items.append(item)
+
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            for found in _walk(path, suffixes, out_id, notes):
+                add(found, found.relative_to(path).as_posix())
+        elif os.path.lexists(path):
+            add(path, path.name)
+        else:
+            items.append(Item(path, path.name, None, "no such file or folder"))
+    _refuse_outputs_that_are_inputs(items)
+    return items
+
+
+def _input_problem(path: Path, out_id: Identity | None) -> str | None:
+    """Why `path` cannot be read as an input (without opening it), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "broken symlink" if path.is_symlink() else "no such file"
+    except OSError as exc:
+        return f"cannot read this file: {exc.strerror or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is {file_kind(st.st_mode)}, not a regular file; only regular files are read"
+    if out_id is not None and path.is_symlink():
+        if any(_identity(p) == out_id for p in path.resolve().parents):
+            return "is a symlink into the output folder: an output is never read as an input"
+    return None
+
+
+def _refuse_outputs_that_are_inputs(items: list[Item]) -> None:
+    """An existing output path that is an input file (a hard or symbolic link to it) fails its item."""
+    by_identity = {ident: it for it in items if (ident := _identity(it.input)) is not None}
+    for item in items:
+        for target in item.outputs:
+            ident = _identity(target) if os.path.lexists(target) else None
+            source = by_identity.get(ident) if ident is not None else None
+            if source is not None and item.error is None:
+                item.error = f"its output {target} is the input file {source.input}; choose another output folder"
+
+
+def _walk(root: Path, suffixes: Sequence[str], exclude: Identity | None, notes: list[str] | None) -> Iterator[Path]:
+    for dirpath, dirnames, names in os.walk(root):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue  # hidden folders: .git, .cache, our .vaecli
+            if (here / d).is_symlink():
+                if notes is not None:
+                    notes.append(f"not followed: {here / d} is a symlink to a folder (name it to include it)")
+                continue
+            if exclude is not None and _identity(here / d) == exclude:
+                continue  # the output folder inside an input folder
+            keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(names):
+            if name.startswith(".") or is_temp_name(name):
+                continue  # hidden files: .DS_Store, macOS '._x.jpg' resource forks, our temp files
+            if Path(name).suffix.lower() in suffixes:
+                yield here / name
+
+
+class _Claims:
+    """Output paths claimed so far, compared as the output file system compares names."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.limit = name_max(out)
+        self.fold = _case_insensitive(out)
+        self.owner: dict[str, Item] = {}
+
+    def claim(self, item: Item) -> str | None:
+        """Claim every output of `item`; the reason it cannot have them, or None."""
+        keys = []
+        for target in item.outputs:
+            for part in target.relative_to(self.out).parts:
+                if len(os.fsencode(part)) > self.limit:
+                    return f"its output name {part!r} is longer than the file system allows ({self.limit} bytes)"
+            key = str(target).casefold() if self.fold else str(target)
+            if key in self.owner:
+                return f"its output {target} is also an output of {self.owner[key].input}; rename one of them"
+            if os.path.lexists(target):
+                mode = os.lstat(target).st_mode
+                if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                    return f"its output {target} is {file_kind(mode)}; move it away or choose another output folder"
+            keys.append(key)
+        for key in keys:
+            self.owner[key] = item
+        return None
+
+
+def _case_insensitive(folder: Path) -> bool:
+    """Whether names on folder's file system ignore case: the nearest existing path with letters in its
+    name, spelled with the case swapped, names the same file."""
+    for p in (folder, *folder.parents):
+        if p.name and p.name != p.name.swapcase() and p.exists():
+            swapped = p.with_name(p.name.swapcase())
+            try:
+                return swapped.exists() and os.path.samefile(p, swapped)
+            except OSError:
+                return False
+    return False
+
+
+def check_output_root(items: list[Item], out: Path | None) -> None:
+    """Create the output folder and try a file in it: when that fails, every item fails up front, before
+    the model runs on any."""
+    if out is None:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"cannot create the output folder {out}: {exc.strerror or exc} (a file in the way, or no permission?)"
+    else:
+        try:
+            probe_writable(out)
+            return
+        except OSError as exc:
+            message = f"cannot write in the output folder {out}: {exc.strerror or exc} (read-only, full, or no permission?)"
+    for item in items:
+        item.error = item.error or message
+
