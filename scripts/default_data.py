@@ -598,7 +598,7 @@ def items(root: Path) -> Iterator[Item]:
             yield Item(f"comic-{k}", role, "art", 1.0, "generated", OWN + "; Open Clip Art (public domain)",
                        _seeded(next(seeds), lambda g, role=role: comic_page(g, root, COMIC_FONT[role], text[role], clip_imgs[role])))
         for k in range(npat):
-            yield Item(f"pattern-{k}", role, "art", 0.5, "generated", OWN, _seeded(next(seeds), pattern))
+            yield Item(f"pattern-{k}", role, "art", 1.5, "generated", OWN, _seeded(next(seeds), pattern))
         # degraded photographs and documents: training degrades training photos, validation the base photos
         srcs = photos if role == "train" else bases
         nscan, ndoc, nnoisy = (24, 12, 30) if role == "train" else (4, 2, 6)
