@@ -254,14 +254,11 @@ def pastel(rng: Rng, dark: bool = False) -> tuple[int, int, int]:
 def corpus() -> tuple[list[str], list[str]]:
     """Prose (docstrings) and code lines from Python's standard library, the text of rendered pages."""
     import inspect
-    import json as j
-    import textwrap as t
-    import argparse as a
-    import csv as c
-    import pathlib as p
+    import json
+    import pathlib
 
     prose, code = [], []
-    for mod in (a, c, j, p, t, subprocess, io, inspect):
+    for mod in (argparse, csv, json, pathlib, textwrap, subprocess, io, inspect):
         src = inspect.getsource(mod)
         code += [ln for ln in src.splitlines() if ln.strip()]
         for obj in vars(mod).values():
