@@ -73,6 +73,7 @@ class Job:
     revision: str | None
     variant: str | None
     threads: int  # torch CPU threads, so a worker computes with the parent's setting
+    kernels: str = "auto"  # plans.KERNEL_MODES
 
 
 def run_bench(
@@ -90,6 +91,7 @@ def run_bench(
     isolate: bool | None = None,
     compile: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    kernels: str = "auto",
     subfolder: str | None = None,
     revision: str | None = None,
     variant: str | None = None,
@@ -103,7 +105,7 @@ def run_bench(
     latents of the model's latent shape, both seeded. Inputs start on the device; outputs are returned to
     the CPU in float32 as Runner does, so that copy is part of the time.
     isolate: run each (op, resolution) in a fresh worker process; None means yes on the CPU (the only way
-    to measure its peak memory per op) and no on GPUs. compile: RunOptions.compile. Row keys: ROW_KEYS.
+    to measure its peak memory per op) and no on GPUs. compile, kernels: RunOptions'. Row keys: ROW_KEYS.
     Raises a VaecliError for unusable arguments or models; a measurement that runs out of memory yields a
     row with `error` set instead. progress: called with each row as soon as it is measured.
     """
@@ -118,7 +120,7 @@ def run_bench(
             model=None if model is None else str(model), op=op, resolution=res, batch_size=batch_size, dtype=dtype,
             tiling=tiling, device=str(dev), warmup=warmup, iters=iters, tile_size=tile_size,
             tile_overlap=tile_overlap, compile=compile, family=family, subfolder=subfolder, revision=revision,
-            variant=variant, threads=torch.get_num_threads(),
+            variant=variant, threads=torch.get_num_threads(), kernels=kernels,
         )
         for res in resolutions
         for op in OPS
@@ -201,7 +203,7 @@ def _prepare(vae: AutoencoderKL, job: Job) -> tuple[Runner, Callable[[], Any]]:
         raise InputError(f"resolution {job.resolution} is not a multiple of the model's downsample factor {f}")
     options = RunOptions(
         dtype=DTYPES[job.dtype], tiling=job.tiling, tile_size=job.tile_size, tile_overlap=job.tile_overlap,
-        compile=job.compile,
+        compile=job.compile, kernels=job.kernels,
     )
     runner = Runner(vae, options)
     gen = torch.Generator().manual_seed(0)

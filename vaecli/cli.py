@@ -107,6 +107,12 @@ class Tiling(str, Enum):
     off = "off"
 
 
+class Kernels(str, Enum):  # plans.KERNEL_MODES
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class SizePolicy(str, Enum):
     pad = "pad"
     crop = "crop"
@@ -182,10 +188,15 @@ CompileOpt = Annotated[
     bool,
     typer.Option(
         "--compile/--no-compile",
-        help="torch.compile encoder and decoder: faster steady state, a one-time compile (cached on disk "
-        "under ~/.cache/vaecli/inductor, so later runs start fast).",
+        help="Run encode/decode as compiled programs (AOTInductor): one compile per input shape, cached "
+        "under ~/.cache/vaecli/aoti, so later runs load it in about a second.",
         rich_help_panel=RUN,
     ),
+]
+KernelsOpt = Annotated[
+    Kernels,
+    typer.Option("--kernels", help="Triton kernels (fused GroupNorm+SiLU, upsample+conv): auto = where measured "
+                 "faster (docs/performance.md), on = wherever they can run, off = never.", rich_help_panel=RUN),
 ]
 SlicingOpt = Annotated[
     Optional[int], typer.Option("--slicing", metavar="N", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
@@ -514,13 +525,14 @@ def _buckets(
 
 def _run_options(
     dtype: DType, upcast: bool | None, tiling: Tiling, tile_size: int, tile_overlap: int, slicing: int | None,
-    compile: bool = False,
+    compile: bool = False, kernels: Kernels = Kernels.auto,
 ) -> Any:
     from .pipeline import DTYPES, RunOptions
 
     if tile_overlap >= tile_size:
         raise VaecliError(f"--tile-overlap {tile_overlap} must be smaller than --tile-size {tile_size}")
-    return RunOptions(DTYPES[dtype.value], upcast, tiling.value, tile_size, tile_overlap, slicing, compile=compile)
+    return RunOptions(DTYPES[dtype.value], upcast, tiling.value, tile_size, tile_overlap, slicing, compile=compile,
+                      kernels=kernels.value)
 
 
 def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None) -> None:
@@ -589,6 +601,7 @@ def encode(
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     batch_size: BatchOpt = 4,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
@@ -633,7 +646,7 @@ def encode(
     from .discovery import check_inputs_exist
 
     with _guard(as_json, debug, "encode"):
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
         # Before the model loads: a missing path or an overlapping layout is refused at once (shards: later).
         check_inputs_exist([i for i in inputs if not (is_url(i) or shard_kind(i))])
         if kohya_config is not None:
@@ -717,6 +730,7 @@ def decode(
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     batch_size: BatchOpt = 4,
     image_format: Annotated[ImageFormat, typer.Option("--format", help="Image format written.", rich_help_panel=OUTPUT)] = ImageFormat.png,
     quality: Annotated[int, typer.Option("--quality", metavar="Q", min=1, max=100, help="JPEG/WebP quality (WebP 100: lossless).", rich_help_panel=OUTPUT)] = 95,
@@ -741,7 +755,7 @@ def decode(
             raise VaecliError(f"--scaling-factor must be a finite, non-zero number, not {scaling_factor}")
         if shift_factor is not None and not math.isfinite(shift_factor):
             raise VaecliError(f"--shift-factor must be a finite number, not {shift_factor}")
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
         check_inputs_exist(inputs)
         check_layout(inputs, out, image_names(image_format.value))
         options = DecodeOptions(
@@ -779,6 +793,7 @@ def roundtrip(
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     batch_size: BatchOpt = 4,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
@@ -802,7 +817,7 @@ def roundtrip(
             raise VaecliError("--diff needs -o/--out: the error maps are written beside the reconstructions")
         if not math.isfinite(diff_gain):
             raise VaecliError(f"--diff-gain must be a finite number, not {diff_gain}")
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
         check_inputs_exist(inputs)
         check_layout(inputs, out, image_names("png"))
         options = RoundtripOptions(
@@ -849,6 +864,7 @@ def bench(
     tile_overlap: TileOverlapOpt = 64,
     device: DeviceOpt = Device.auto,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed runs first (the first one's time is reported).")] = 1,
     iters: Annotated[int, typer.Option("--iters", metavar="N", min=1, help="Timed runs.")] = 3,
     as_json: JsonOpt = False,
@@ -879,6 +895,7 @@ def bench(
             tile_overlap=tile_overlap,
             family=family.value if family else None,
             compile=compile_model,
+            kernels=kernels.value,
             subfolder=subfolder,
             revision=revision,
             variant=variant,

@@ -13,7 +13,7 @@ import torch
 
 from .config import DEFAULT_FAMILY, ModelInfo, VAEConfig, apply_family
 from .errors import ConfigError, WeightsError
-from .model import WIDE_CHANNELS, AutoencoderKL
+from .model import AutoencoderKL
 
 DEFAULT_MODEL = "vaecli-default"
 SAFE_SUFFIXES = (".safetensors",)
@@ -472,16 +472,9 @@ def load_vae(
     # Frozen, in eval mode: encode/decode build no autograd graph (no memory held for a backward pass)
     # unless the input requires grad or the caller unfreezes the weights to fine-tune.
     model.requires_grad_(False)
-    return model.to(memory_format=preferred_layout(cfg, torch.device(device))).eval()
-
-
-def preferred_layout(config: VAEConfig, device: torch.device) -> torch.memory_format:
-    """NHWC where it pays: with cuDNN (its tensor-core kernels are NHWC), and on CPUs for wide models
-    (oneDNN's NHWC kernels are ~15% faster there). Narrow models on CPUs keep NCHW, which reproduces
-    diffusers' numbers bit for bit."""
-    if device.type == "cuda" or (device.type == "cpu" and max(config.block_out_channels) >= WIDE_CHANNELS):
-        return torch.channels_last
-    return torch.contiguous_format
+    # Weights stay NCHW (diffusers' layout); a plan's layout is applied by whoever runs the model with
+    # that plan (plans.apply_layout, Runner).
+    return model.eval()
 
 
 def save_vae(model: AutoencoderKL, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
