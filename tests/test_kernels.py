@@ -143,6 +143,38 @@ def test_upsample_kernel_fallbacks_and_gradients(monkeypatch):
     torch.testing.assert_close(grads[2], grads[0], atol=1e-4, rtol=1e-5)
 
 
+class _Launches:
+    """Stands in for a Triton kernel: records each launch grid, runs nothing."""
+
+    def __init__(self, grids):
+        self.grids = grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 256, 1024, 1024), (1, 128, 8192, 8192), (64, 512, 512, 512)])
+def test_launch_grids_fit_cuda_limits(monkeypatch, layout, shape):
+    """CUDA caps grid axes y and z at 65535 programs (x at 2^31 - 1): SD's decoder at 1024^2 in NHWC once
+    asked for 65536 on y ('invalid argument' on an H100). Meta tensors: the launch arithmetic of large
+    images runs here without memory or a GPU."""
+    grids = []
+    for name in ("_moments_nchw", "_moments_nhwc", "_finalize", "_apply_nchw", "_apply_nhwc"):
+        monkeypatch.setattr(gn, name, _Launches(grids))
+    monkeypatch.setattr(uc, "_phase_conv", _Launches(grids))
+    monkeypatch.setattr(uc, "supported", lambda *a: True)
+    x = torch.empty(shape, device="meta", dtype=torch.bfloat16).contiguous(memory_format=LAYOUTS[layout])
+    c = shape[1]
+    _, mean, _, rstd = gn._moments(x, 32, 1e-6)
+    gn._apply(x, mean, rstd, torch.empty(c, device="meta"), torch.empty(c, device="meta"), True)
+    uc.fused(x, torch.empty(c, c, 3, 3, device="meta", dtype=torch.bfloat16), None)
+    assert len(grids) == 4
+    for grid in grids:
+        assert 1 <= grid[0] < 2**31 and all(1 <= g <= 65535 for g in grid[1:]), grid
+
+
 COMPILE_FOR_GPU = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -152,8 +184,8 @@ from vaecli.kernels import groupnorm_silu as gn, upsample_conv as uc
 def sig(names, types):
     return dict(zip(names.split(), types))
 
-apply_sig = sig("x_ptr y_ptr mean_ptr rstd_ptr w_ptr b_ptr hw C cg G",
-                ["*bf16", "*bf16", "*fp32", "*fp32", "*bf16", "*bf16", "i32", "i32", "i32", "i32"])
+apply_sig = sig("x_ptr y_ptr mean_ptr rstd_ptr w_ptr b_ptr hw C cg G NB",
+                ["*bf16", "*bf16", "*fp32", "*fp32", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32"])
 conv_sig = sig("x_ptr k_ptr b_ptr y_ptr M H W Ci Co sxn sxc sxh sxw syn syc syh syw",
                ["*bf16"] * 4 + ["i32"] * 5 + ["i64"] * 8)
 flags = dict(HAS_W=True, HAS_B=True, SILU=True)

@@ -115,7 +115,7 @@ def _moments(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, ..
         span = max(BLOCK, -(-min(CHUNK, length) // BLOCK) * BLOCK)
         s = -(-length // span)
         part = torch.empty(3, n * groups, s, dtype=torch.float32, device=x.device)
-        _moments_nchw[(n * groups, s)](x, part, length, span, s, BLOCK=BLOCK)
+        _moments_nchw[(n * groups * s,)](x, part, length, span, s, BLOCK=BLOCK)
         strides = (groups * s, s, 1, 1)  # (image, group, chunk, channel-in-group) in `part`
     else:
         cols = _pow2(c)
@@ -123,7 +123,7 @@ def _moments(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, ..
         rows_per = -(-max(rows, CHUNK // c) // rows) * rows
         s = -(-hw // rows_per)
         part = torch.empty(3, n, s, c, dtype=torch.float32, device=x.device)
-        _moments_nhwc[(n, s)](x, part, hw, c, rows_per, s, ROWS=rows, COLS=cols, num_warps=8)  # 3 fp32 tiles live
+        _moments_nhwc[(n * s,)](x, part, hw, c, rows_per, s, ROWS=rows, COLS=cols, num_warps=8)  # 3 fp32 tiles live
         strides = (s * c, cg, c, cg)
     pieces = s * strides[3] if layout(x) == "nhwc" else s
     _finalize[(n * groups,)](
@@ -143,12 +143,14 @@ def _apply(
     bs = bias if bias is not None else mean
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu)
     if layout(x) == "nchw":
-        _apply_nchw[(n * c, -(-hw // BLOCK))](x, y, mean, rstd, wt, bs, hw, c, c // groups, groups, BLOCK=BLOCK, **flags)
+        blocks = -(-hw // BLOCK)
+        _apply_nchw[(n * c * blocks,)](x, y, mean, rstd, wt, bs, hw, c, c // groups, groups, blocks, BLOCK=BLOCK, **flags)
     else:
         cols = _pow2(c)
         rows = max(1, TILE // cols)
-        _apply_nhwc[(n, -(-hw // rows))](
-            x, y, mean, rstd, wt, bs, hw, c, c // groups, groups, ROWS=rows, COLS=cols, num_warps=8, **flags
+        blocks = -(-hw // rows)
+        _apply_nhwc[(n * blocks,)](
+            x, y, mean, rstd, wt, bs, hw, c, c // groups, groups, blocks, ROWS=rows, COLS=cols, num_warps=8, **flags
         )
     return y
 
@@ -177,8 +179,8 @@ if triton_installed():
     @triton.jit
     def _moments_nchw(x_ptr, part_ptr, length, span, S, BLOCK: tl.constexpr):
         # program (image*group, chunk): elements [chunk*span, +span) of a contiguous group of `length`
-        ng = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1)
+        ng = (tl.program_id(0) // S).to(tl.int64)
+        chunk = tl.program_id(0) % S
         base = x_ptr + ng * length
         lanes = tl.arange(0, BLOCK)
         mean = tl.zeros((BLOCK,), tl.float32)
@@ -195,7 +197,7 @@ if triton_installed():
             m2 = tl.where(valid, m2 + delta * (v - mean), m2)
         mean_t, m2_t, cnt_t = _merge_lanes(mean, m2, cnt, 0)
         slot = ng * S + chunk
-        plane = tl.num_programs(0).to(tl.int64) * S
+        plane = tl.num_programs(0).to(tl.int64)  # N*G*S partials per quantity
         tl.store(part_ptr + slot, cnt_t)
         tl.store(part_ptr + plane + slot, mean_t)
         tl.store(part_ptr + 2 * plane + slot, m2_t)
@@ -203,8 +205,8 @@ if triton_installed():
     @triton.jit
     def _moments_nhwc(x_ptr, part_ptr, hw, C, rows_per, S, ROWS: tl.constexpr, COLS: tl.constexpr):
         # program (image, chunk): rows [chunk*rows_per, +rows_per) of the (hw, C) plane, moments per channel
-        n = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1)
+        n = (tl.program_id(0) // S).to(tl.int64)
+        chunk = tl.program_id(0) % S
         cols = tl.arange(0, COLS)
         lanes = tl.arange(0, ROWS)
         col_ok = cols < C
@@ -222,7 +224,7 @@ if triton_installed():
             m2 = tl.where(valid, m2 + delta * (v - mean), m2)
         mean_c, m2_c, cnt_c = _merge_lanes(mean, m2, cnt, 0)
         slot = (n * S + chunk) * C + cols
-        plane = tl.num_programs(0).to(tl.int64) * S * C
+        plane = tl.num_programs(0).to(tl.int64) * C  # N*S*C partials per quantity
         tl.store(part_ptr + slot, cnt_c, mask=col_ok)
         tl.store(part_ptr + plane + slot, mean_c, mask=col_ok)
         tl.store(part_ptr + 2 * plane + slot, m2_c, mask=col_ok)
@@ -260,15 +262,15 @@ if triton_installed():
         return y
 
     @triton.jit
-    def _apply_nchw(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, hw, C, cg, G, BLOCK: tl.constexpr,
+    def _apply_nchw(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, hw, C, cg, G, NB, BLOCK: tl.constexpr,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr):
         # program (image*channel, block of hw): one channel's scale and shift for the whole block
-        nc = tl.program_id(0)
+        nc = tl.program_id(0) // NB
         c = nc % C
         ng = (nc // C) * G + c // cg
         w = tl.load(w_ptr + c).to(tl.float32) if HAS_W else 1.0
         b = tl.load(b_ptr + c).to(tl.float32) if HAS_B else 0.0
-        idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        idx = (tl.program_id(0) % NB) * BLOCK + tl.arange(0, BLOCK)
         ok = idx < hw
         at = nc.to(tl.int64) * hw + idx
         v = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
@@ -276,10 +278,10 @@ if triton_installed():
         tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _apply_nhwc(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, hw, C, cg, G, ROWS: tl.constexpr,
+    def _apply_nhwc(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, hw, C, cg, G, NB, ROWS: tl.constexpr,
                     COLS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr):
         # program (image, block of rows): a (rows, channels) tile with per-channel statistics as vectors
-        n = tl.program_id(0)
+        n = tl.program_id(0) // NB
         cols = tl.arange(0, COLS)
         col_ok = cols < C
         ng = n * G + cols // cg
@@ -287,7 +289,7 @@ if triton_installed():
         rstd = tl.load(rstd_ptr + ng, mask=col_ok, other=0.0)
         w = tl.load(w_ptr + cols, mask=col_ok, other=1.0).to(tl.float32) if HAS_W else tl.full((COLS,), 1.0, tl.float32)
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) if HAS_B else tl.zeros((COLS,), tl.float32)
-        r = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        r = (tl.program_id(0) % NB) * ROWS + tl.arange(0, ROWS)
         ok = (r < hw)[:, None] & col_ok[None, :]
         at = (n.to(tl.int64) * hw + r.to(tl.int64))[:, None] * C + cols[None, :]
         v = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
