@@ -7,9 +7,10 @@ Sections, in order (each guarded: one that fails is recorded with its error and 
 JSON is rewritten after every row; sections that would start past the time budget are skipped, saying so):
   env       device, driver/library versions, the plan table (vaecli.plans) with its measurements
   rows      encode/decode x 512/1024 x batch 1/16 (--quick: 64/128 x 1/2), bf16 then fp16 then fp32:
-            diffusers, vaecli's default plan, the same with Triton kernels on, and (bf16) with the
-            transposed-conv upsampling; alternating calls, medians, time ratio and max |diff| vs diffusers
-  accuracy  the embedded default model on the bundled photos: bf16 (default plan, kernels on) against
+            diffusers, vaecli's default plan, the same with every Triton kernel and with none (where that
+            differs from the default), and the kernels on channels-last weights and activations;
+            alternating calls, medians, time ratio and max |diff| vs diffusers
+  accuracy  the embedded default model on the bundled photos: bf16 (default plan, kernels on/off) against
             diffusers fp32 on the same weights; latent max |diff|, 8-bit PSNR of decodes
   compile   --compile in a cold then a warm process (fresh package cache), decode 1024 bf16: seconds
             from process start to the first compiled decode, compiled vs eager ms (skipped with --quick)
@@ -139,12 +140,16 @@ def rows_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]],
             ours, theirs = build_models(args.config, device, dtype)
             base = plan_for(device, ours.config, "auto")
             apply_layout(ours, base)
+            variants = {"vaecli": (ours, base)}  # the default plan (TABLE's row for the device)
+            for mode in ("on", "off"):  # the default with every kernel, and with none (diffusers' sequence)
+                plan = plan_for(device, ours.config, mode)
+                if plan != base:
+                    variants[f"vaecli-kernels-{mode}"] = (ours, plan)
+            # candidate for the CUDA row of plans.TABLE: channels-last weights and activations with the kernels
             kernels_on = plan_for(device, ours.config, "on")
-            variants = {"vaecli": (ours, base), "vaecli-kernels": (ours, kernels_on)}
-            if dtype_name == "bf16":  # candidates for the CUDA row of plans.TABLE, measured once in bf16
-                ours_cl = apply_layout(copy.deepcopy(ours), dataclasses.replace(base, layout=torch.channels_last))
-                variants["vaecli-transposed"] = (ours, dataclasses.replace(base, name="transposed", upsample="transposed", wide_from=0))
-                variants["vaecli-kernels-nhwc"] = (ours_cl, dataclasses.replace(kernels_on, name="kernels-nhwc", layout=torch.channels_last))
+            if kernels_on.layout != torch.channels_last:
+                nhwc = dataclasses.replace(kernels_on, name="kernels-nhwc", layout=torch.channels_last)
+                variants["vaecli-kernels-nhwc"] = (apply_layout(copy.deepcopy(ours), nhwc), nhwc)
             for op, side, batch in ROWS:
                 side, batch = (QUICK_SIDE[side], QUICK_BATCH[batch]) if args.quick else (side, batch)
                 if report.left() < reserve:
@@ -281,7 +286,10 @@ def accuracy_section(args: argparse.Namespace) -> Callable[[Report, dict[str, An
         device = torch.device(args.device)
         theirs = DiffusersVAE.from_pretrained(default_model_dir(), torch_dtype=torch.float32).to(device).eval()
         ours = vaecli.load_vae(device=device, dtype=torch.bfloat16)
-        plans = {"default": plan_for(device, ours.config, "auto"), "kernels": plan_for(device, ours.config, "on")}
+        plans = {"default": plan_for(device, ours.config, "auto")}
+        for mode in ("on", "off"):  # with every kernel and with none, where that differs from the default
+            if plan_for(device, ours.config, mode) != plans["default"]:
+                plans[f"kernels-{mode}"] = plan_for(device, ours.config, mode)
         apply_layout(ours, plans["default"])
         out["images"] = []
         side = 64 if args.quick else 768

@@ -196,7 +196,8 @@ CompileOpt = Annotated[
 KernelsOpt = Annotated[
     Kernels,
     typer.Option("--kernels", help="Triton kernels (fused GroupNorm+SiLU, upsample+conv): auto = where measured "
-                 "faster (docs/performance.md), on = wherever they can run, off = never.", rich_help_panel=RUN),
+                 "faster (CUDA GPUs; docs/performance.md), on = wherever they can run, off = never "
+                 "(diffusers' exact sequence of operations).", rich_help_panel=RUN),
 ]
 SlicingOpt = Annotated[
     Optional[int], typer.Option("--slicing", metavar="N", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
