@@ -249,16 +249,21 @@ def test_console_entry_point(model, tmp_path):
 def test_retries_and_events_are_reported(model, tmp_path, monkeypatch):
     """Precision retries and OOM events of the Runner reach the items, the summary and --json."""
     import vaecli.batch
-    from vaecli.pipeline import Retry, Runner
+    from vaecli.pipeline import Pending, Retry, Runner
 
     class Flaky(Runner):
-        def encode(self, pixels, spec=None, noise=None):
-            result = super().encode(pixels, spec, noise)
-            result.retries.append(Retry(0, "fp16", "fp32"))
-            result.events.append("out of memory: batch halved to 1")
-            if pixels.shape[0] > 1:
-                result.failed[1] = "model output is NaN/Inf even in fp32"
-            return result
+        def submit_encode(self, pixels, spec=None, noise=None):
+            pending = super().submit_encode(pixels, spec, noise)
+
+            def result():
+                result = pending.result()
+                result.retries.append(Retry(0, "fp16", "fp32"))
+                result.events.append("out of memory: batch halved to 1")
+                if pixels.shape[0] > 1:
+                    result.failed[1] = "model output is NaN/Inf even in fp32"
+                return result
+
+            return Pending(result)
 
     monkeypatch.setattr(vaecli.batch, "Runner", Flaky)
     src = tmp_path / "in"
