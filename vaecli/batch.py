@@ -412,6 +412,7 @@ class _Engine:
         self._progress_error: BaseException | None = None  # raised by the callback in a writer thread
         self._in_flight: tuple[list[Loaded], Any] | None = None
         self._writes: deque[Future[None]] = deque()
+        self._stalled = False  # a header read never answered: a reader thread may be stuck for good
 
     def finish(self, index: int, status: str, exc: BaseException | None = None) -> None:
         """Record item `index` as ok, failed or skipped, and tell the progress callback at once."""
@@ -484,7 +485,7 @@ class _Engine:
             readers.shutdown(cancel=True)
             writer.shutdown(cancel=False)
             raise
-        readers.shutdown(cancel=True, wait=True)  # every read and write has been collected
+        readers.shutdown(cancel=True, wait=not self._stalled)  # every read and write has been collected
         writer.shutdown(cancel=False, wait=True)
         self._check()
 
@@ -510,7 +511,7 @@ class _Engine:
                 if future.result() is not None:
                     keys[futures[future]] = future.result()
         for future in waiting:
-            future.cancel()
+            self._stalled |= not future.cancel()  # still running: its reader thread is not waited for
         labels = {k: n for n, k in enumerate(dict.fromkeys(keys[i] for i in sorted(keys)))}  # first-seen order
         known = sorted(keys, key=lambda i: (labels[keys[i]], i))
         failing = [i for i, item in enumerate(self.items) if item.error is not None]

@@ -8,9 +8,10 @@ computation of batch k+1, and the host waits only when it takes the result. Noth
 device except `Download.wait`.
 
 On the CPU there is no device to copy to: uploads are views of the host arrays and downloads are the
-tensors themselves, but the packing, padding and conversion code is the same, so it runs (and is tested)
-without a GPU. `Transfers` takes its stream, event and pinned-allocation primitives from three methods that
-a test can replace to simulate an asynchronous device on CPU tensors (tests/test_staging.py).
+tensors themselves, but the padding and conversion code is the same. The asynchronous path (pool, packing,
+copies, events) takes its primitives from a few methods (`asynchronous`, `host_empty`, `event`,
+`to_device`) that tests replace to simulate an asynchronous device with CPU tensors (tests/test_staging.py),
+so that path runs without a GPU too.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ class Transfers:
     def event(self) -> Any:
         return torch.cuda.Event(enable_timing=True) if self.cuda else _HostEvent()
 
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Copy a (pinned) host tensor to the device without blocking the host (call inside side())."""
+        return host.to(self.device, non_blocking=True)
+
     @contextlib.contextmanager
     def side(self) -> Iterator[None]:
         """Run the enclosed copies on the side stream."""
@@ -162,7 +167,7 @@ class Transfers:
         for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:]):
             view[lo:hi] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
         with self.side():
-            flat = buf[: offsets[-1]].to(self.device, non_blocking=True)
+            flat = self.to_device(buf[: offsets[-1]])
             copied = self.event()
             copied.record()
         self.pool.release(buf, copied)
