@@ -1,11 +1,12 @@
 """Host <-> device transfers for batches, arranged so the device never waits for the host.
 
 On CUDA: host arrays are packed into page-locked (pinned) buffers that are reused across batches, copied
-to the device on a side stream without blocking the host, and turned into model input there (uint8 -> float,
-replicate padding, NCHW in channels-last memory); outputs are copied back into pinned buffers on the same
-side stream after an event marks the end of their computation, so the copy of batch k overlaps the
-computation of batch k+1, and the host waits only when it takes the result. Nothing here synchronises the
-device except `Download.wait`.
+to the device on an upload stream without blocking the host, and turned into model input there (uint8 ->
+float, replicate padding, NCHW in channels-last memory); the computation waits for that copy alone (an
+event). Outputs are copied back into pinned buffers on a download stream once the computation queued
+before them is done, so the copy of batch k overlaps the computation of batch k+1 (two streams: an
+upload queued behind a download would wait for the computation that download waits for), and the host
+waits only when it takes the result. Nothing here synchronises the device except `Download.wait`.
 
 On the CPU there is no device to copy to: uploads are views of the host arrays and downloads are the
 tensors themselves, but the padding and conversion code is the same. The asynchronous path (pool, packing,
@@ -110,7 +111,9 @@ class Transfers:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None  # the side (copy) stream
+        # Side streams for copies: to the device, and back to the host.
+        self.up = torch.cuda.Stream(device) if self.cuda else None
+        self.down = torch.cuda.Stream(device) if self.cuda else None
         self.pool = PinnedPool(self)
 
     # -- primitives (a simulated device replaces these three) ----------------------------------------------
@@ -132,26 +135,18 @@ class Transfers:
         return host.to(self.device, non_blocking=True)
 
     @contextlib.contextmanager
-    def side(self) -> Iterator[None]:
-        """Run the enclosed copies on the side stream."""
-        if self.stream is None:
+    def side(self, stream: Any) -> Iterator[None]:
+        """Run the enclosed copies on `stream` (one of the side streams; None on the CPU)."""
+        if stream is None:
             yield
             return
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(stream):
             yield
 
-    def _compute_waits_for_side(self) -> None:
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-
-    def _side_waits_for_compute(self) -> None:
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-
-    def _keep_alive(self, t: torch.Tensor, on_side: bool) -> None:
-        """Tell the caching allocator that `t` is used on the other stream too (not reused too early)."""
+    def _keep_alive(self, t: torch.Tensor, stream: Any) -> None:
+        """Tell the caching allocator that `t` is used on `stream` too (its memory not reused too early)."""
         if self.cuda and t.is_cuda:
-            t.record_stream(self.stream if on_side else torch.cuda.current_stream(self.device))
+            t.record_stream(stream)
 
     # -- host -> device --------------------------------------------------------------------------------------
 
@@ -166,13 +161,15 @@ class Transfers:
         offsets = np.cumsum([0, *sizes])
         for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:]):
             view[lo:hi] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-        with self.side():
+        with self.side(self.up):
             flat = self.to_device(buf[: offsets[-1]])
             copied = self.event()
             copied.record()
         self.pool.release(buf, copied)
-        self._compute_waits_for_side()
-        self._keep_alive(flat, on_side=False)
+        if self.cuda:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(copied)  # the computation waits for this copy, not for the downloads
+            self._keep_alive(flat, compute)
         tdtype = _TORCH_DTYPES[np.dtype(dtype)]
         return [
             flat[lo:hi].view(tdtype).view(a.shape) for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:])
@@ -216,11 +213,12 @@ class Transfers:
         hosts = [
             buf[lo:hi].view(t.dtype).view(t.shape) for t, lo, hi in zip(tensors, offsets[:-1], offsets[1:])
         ]
-        self._side_waits_for_compute()
-        with self.side():
+        if self.down is not None:
+            self.down.wait_stream(torch.cuda.current_stream(self.device))  # after the work that makes them
+        with self.side(self.down):
             for host, t in zip(hosts, tensors):
                 host.copy_(t, non_blocking=True)
-                self._keep_alive(t, on_side=True)
+                self._keep_alive(t, self.down)
             done = self.event()
             done.record()
         return Download(hosts, done, buf, self.pool)
