@@ -393,7 +393,7 @@ class Runner:
     ) -> tuple[int, list[str]]:
         """(images per tiled call, changes made): one image per call, fewer tiles per call, then per-tile
         statistics, until the tiled call is predicted to fit in 80% of free memory (tile batch at most
-        `below` when given)."""
+        `below` when given). The tile settings changed stay for the rest of the run, as after an OOM."""
         budget = 0.8 * self.memory.free()
         changes = []
         if n > 1 and self._need(op, n, h, w, elem, True) > budget:
@@ -402,7 +402,7 @@ class Runner:
         batch = self.options.tile_batch if below is None else min(below, self.options.tile_batch)
         while batch > 1 and self._need(op, n, h, w, elem, True, batch) > budget:
             batch //= 2
-        if batch < self.options.tile_batch:
+        if max(batch, 1) < self.options.tile_batch:
             self.options = replace(self.options, tile_batch=max(batch, 1))
             changes.append(f"tile batch reduced to {self.options.tile_batch}")
         if self.whole_image_stats and (batch < 1 or self._need(op, n, h, w, elem, True) > budget):
