@@ -7,18 +7,23 @@ differences. The first call of each implementation counts FLOPs and gives the ou
     PYTHONPATH=. python scripts/bench_vs_diffusers.py --device cpu --resolution 256 --iters 3
     PYTHONPATH=. python scripts/bench_vs_diffusers.py --device cuda --dtype bf16 --resolution 512 \
         --resolution 1024 --batch-size 4 --json out.json
+    # the device plan against a variant of it, e.g. the CPU plan before 2026-11-27, in the same run:
+    PYTHONPATH=. python scripts/bench_vs_diffusers.py --variant before:upsample=subpixel,norm=fp32
 
 Implementations:
-  vaecli         load_vae + model.encode / model.decode, as API users call it (on the CPU the loader makes
-                 the weights channels_last)
-  vaecli-runner  vaecli.pipeline.Runner, the CLI's path: [0,1] pixels in and out, output copied to the CPU
-                 in float32 (that copy is part of its time)
+  vaecli         model.encode / model.decode with the device's plan (vaecli.plans.plan_for, --kernels),
+                 the weights in the plan's layout
+  vaecli-runner  vaecli.pipeline.Runner, the CLI's path (same plan): [0,1] pixels in and out, output copied
+                 to the CPU in float32 (that copy is part of its time)
   diffusers      diffusers.AutoencoderKL.encode(x).latent_dist / .decode(z).sample
+  vaecli[NAME]   as vaecli, with the plan changed by --variant NAME:field=value,... (fields of
+                 vaecli.plans.Plan: layout=nchw|nhwc, norm, upsample, wide_from, kernels=norm+upsample)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -36,14 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import vaecli  # noqa: E402
 from vaecli.bench import device_name  # noqa: E402
 from vaecli.pipeline import DTYPES, RunOptions, Runner  # noqa: E402
+from vaecli.plans import KERNEL_MODES, Plan, apply_layout, plan_for  # noqa: E402
 
 # Architectures to compare (weights are random: cost does not depend on the values).
 CONFIGS: dict[str, dict[str, Any]] = {
     "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32),
     "tiny": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16),
 }
-IMPLS = ("vaecli", "diffusers", "vaecli-runner")  # timing order within a round: ours and theirs alternate
-OURS = ("vaecli", "vaecli-runner")
 
 
 def build_models(config: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[Any, Any]:
@@ -66,6 +70,23 @@ def build_models(config: str, device: torch.device, dtype: torch.dtype, seed: in
     return ours, theirs.to(device=device, dtype=dtype)
 
 
+def variant(text: str, base: Plan) -> tuple[str, Plan]:
+    """'NAME:field=value,...' -> (NAME, base with those fields replaced)."""
+    name, _, spec = text.partition(":")
+    changes: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        field, _, value = item.partition("=")
+        if field == "layout":
+            changes[field] = torch.channels_last if value == "nhwc" else torch.contiguous_format
+        elif field == "wide_from":
+            changes[field] = int(value)
+        elif field == "kernels":
+            changes[field] = frozenset(filter(None, value.split("+")))
+        else:
+            changes[field] = value
+    return name, dataclasses.replace(base, name=name, **changes)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,7 +95,8 @@ def sync(device: torch.device) -> None:
 
 
 def op_calls(
-    op: str, ours: Any, runner: Runner, theirs: Any, batch: int, side: int, device: torch.device, dtype: torch.dtype
+    op: str, ours: Any, runner: Runner, theirs: Any, batch: int, side: int, device: torch.device, dtype: torch.dtype,
+    plan: Plan,
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """Per implementation, a call running `op` on shared seeded input and returning a comparable tensor.
 
@@ -87,13 +109,13 @@ def op_calls(
         x = (torch.rand(batch, 3, side, side, generator=gen) * 2 - 1).to(device, dtype)  # (N, 3, H, W) in [-1, 1]
         pixels = (x.float() + 1) / 2  # the same values in [0, 1], for Runner
         return {
-            "vaecli": inference(lambda: ours.encode(x).mean),
+            "vaecli": inference(lambda: ours.encode(x, plan=plan).mean),
             "diffusers": inference(lambda: theirs.encode(x).latent_dist.mean),
             "vaecli-runner": lambda: runner.encode(pixels).tensor,
         }
     z = torch.randn(batch, ours.config.latent_channels, side // f, side // f, generator=gen).to(device, dtype)
     return {
-        "vaecli": inference(lambda: ours.decode(z)),
+        "vaecli": inference(lambda: ours.decode(z, plan=plan)),
         "diffusers": inference(lambda: theirs.decode(z).sample),
         "vaecli-runner": lambda: runner.decode(z).tensor,
     }
@@ -120,21 +142,22 @@ def bench_op(
     calls: dict[str, Callable[[], torch.Tensor]], op: str, device: torch.device, warmup: int, iters: int
 ) -> dict[str, dict[str, Any]]:
     """Count FLOPs on the first call, warm up, time alternating calls; per implementation stats."""
+    impls = list(calls)  # timing order within a round
     stats: dict[str, dict[str, Any]] = {}
     outputs: dict[str, torch.Tensor] = {}
-    for impl in IMPLS:
+    for impl in impls:
         start = time.perf_counter()
         with FlopCounterMode(display=False) as counter:
             outputs[impl] = comparable(op, impl, calls[impl]())
         sync(device)
         stats[impl] = {"flops": counter.get_total_flops(), "first_call_s": time.perf_counter() - start}
     for _ in range(warmup - 1):
-        for impl in IMPLS:
+        for impl in impls:
             calls[impl]()
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-    peaks: dict[str, int] = {impl: 0 for impl in IMPLS}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    peaks: dict[str, int] = {impl: 0 for impl in impls}
     for _ in range(iters):
-        for impl in IMPLS:
+        for impl in impls:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
@@ -145,7 +168,7 @@ def bench_op(
             if device.type == "cuda":
                 peaks[impl] = max(peaks[impl], torch.cuda.max_memory_allocated(device))
     ref = outputs["diffusers"]
-    for impl in IMPLS:
+    for impl in impls:
         stats[impl].update(
             times_s=times[impl],
             median_s=statistics.median(times[impl]),
@@ -167,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default="encode,decode", help="comma-separated: encode, decode")
     parser.add_argument("--config", choices=list(CONFIGS), default="sd")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--kernels", choices=KERNEL_MODES, default="auto", help="vaecli's Triton kernels (plans.py)")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:field=value,... another plan to time")
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     args = parser.parse_args(argv)
     resolutions = args.resolution or [256, 512]
@@ -183,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     diffusers.utils.logging.set_verbosity_error()  # its advice on casting applies to pretrained fp16 VAEs
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     ours, theirs = build_models(args.config, device, dtype)
-    runner = Runner(ours, RunOptions(dtype=dtype))
+    plan = plan_for(device, ours.config, args.kernels)
+    apply_layout(ours, plan)
+    runner = Runner(ours, RunOptions(dtype=dtype, kernels=args.kernels))
+    variants = dict(variant(v, plan) for v in args.variant)
     env = {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -195,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "iters": args.iters,
         "warmup": args.warmup,
+        "plan": plan.describe(),
+        **({"variants": {k: p.describe() for k, p in variants.items()}} if variants else {}),
     }
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     columns = ("res", 5), ("op", -7), ("impl", -14), ("ms/img", 10), ("img/s", 8), ("TFLOP/s", 8), ("/diffusers", 10)
@@ -203,10 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for side in resolutions:
         for op in ops:
-            calls = op_calls(op, ours, runner, theirs, args.batch_size, side, device, dtype)
+            calls = op_calls(op, ours, runner, theirs, args.batch_size, side, device, dtype, plan)
+            for name, p in variants.items():
+                calls[f"vaecli[{name}]"] = op_calls(op, ours, runner, theirs, args.batch_size, side, device, dtype, p)["vaecli"]
             stats = bench_op(calls, op, device, args.warmup, args.iters)
             base = stats["diffusers"]["median_s"]
-            for impl in IMPLS:
+            for impl in calls:
                 s = stats[impl]
                 row = {
                     "resolution": side,
@@ -223,15 +255,15 @@ def main(argv: list[str] | None = None) -> int:
                     **s,
                 }
                 rows.append(row)
-                ratio = f"{row['time_ratio_vs_diffusers']:.3f}" if impl in OURS else "-"
-                paired = f"{row['paired_ratio_median']:.3f}" if impl in OURS else "-"
+                ratio = f"{row['time_ratio_vs_diffusers']:.3f}" if impl != "diffusers" else "-"
+                paired = f"{row['paired_ratio_median']:.3f}" if impl != "diffusers" else "-"
                 print(
                     f"{side:>5} {op:<7} {impl:<14} {row['ms_per_img']:>10.1f} {row['img_per_s']:>8.3f} "
                     f"{row['tflop_per_s']:>8.4f} {ratio:>10} {paired:>7} {s['max_abs_diff_vs_diffusers']:>10.2e}",
                     flush=True,
                 )
-            if len({stats[impl]["flops"] for impl in IMPLS}) > 1:
-                print(f"  note: FLOP counts differ: { {i: stats[i]['flops'] for i in IMPLS} }", flush=True)
+            if len({stats[impl]["flops"] for impl in calls}) > 1:
+                print(f"  note: FLOP counts differ: { {i: stats[i]['flops'] for i in calls} }", flush=True)
     print(
         "/diffusers: ratio of median times (< 1: vaecli is faster); paired: median of per-round ratios; "
         "TFLOP/s uses diffusers' FLOP count for every implementation"

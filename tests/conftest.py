@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Triton's interpreter runs our kernels on CPU tensors (tests/test_kernels.py). Triton decides between
+# interpreting and compiling when a kernel is defined, i.e. when vaecli.kernels.* is first imported, so the
+# switch must be set before anything imports those modules: here, before the tests are collected.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
 # One thread: the test models are tiny, and on a shared 2-core machine two OpenMP threads spin against

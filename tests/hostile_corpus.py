@@ -472,9 +472,71 @@ def check_modes(root: Path, doc: dict[str, Any], err: str) -> None:
             assert path.stat().st_mode & 0o777 == 0o664, (path, oct(path.stat().st_mode))
 
 
+# ------------------------------------------------------------------------- issue 11 leftovers (issue 14)
+
+KOHYA = ("--dataset", "--format", "kohya", "--bucket-resolution", "32", "--bucket-step", "8", "--min-bucket-size", "16",
+         "--max-bucket-size", "64")
+
+
+def kohya_cache_beside_image(root: Path, ctx: Ctx) -> None:
+    """in/a.npz is kohya's own cache of in/a.png (no vaecli marker): --kohya-next-to-images must keep it."""
+    two_images(root, ctx)
+    np.savez(root / "in" / "a.npz", latents=np.zeros((4, 3, 3), np.float32), original_size=np.array((24, 24)),
+             crop_ltrb=np.array((0.0, 0.0, 24.0, 24.0)))
+
+
+def same_stem_beside(root: Path, ctx: Ctx) -> None:
+    img(root, "in/x.png", seed=1)
+    img(root, "in/x.jpg", seed=2)
+
+
+def non_utf8_name_then_gone(root: Path, ctx: Ctx) -> None:
+    """A dataset made with --random-crop from an image whose name is not UTF-8; the image then vanishes, so
+    the sharded rerun must decide which shard reports it (a hash of its name)."""
+    img(root, "in/a.png", seed=1)
+    odd = root / "in" / os.fsdecode(b"caf\xe9-\xff.png")
+    img(root, os.path.relpath(odd, root), seed=2)
+    assert ctx.run("encode", "in", "-o", "out", "--dataset", "--random-crop", *KOHYA[3:], "--model", ctx.model) == 0
+    odd.unlink()
+
+
+def check_symlink_note(root: Path, doc: dict[str, Any], stderr: str) -> None:
+    assert any("not followed" in n and "dir" in n for n in doc["notes"]), doc["notes"]
+
+
+def fifo_in_model_folder(name: str) -> Callable[[Path, Ctx], None]:
+    """A copy of the tiny model in m/ whose `name` is a FIFO (a blocking read would hang forever)."""
+
+    def build(root: Path, ctx: Ctx) -> None:
+        import shutil
+
+        shutil.copytree(ctx.model, root / "m")
+        (root / "m" / name).unlink()
+        os.mkfifo(root / "m" / name)
+        two_images(root, ctx)
+
+    return build
+
+
 M = ("--model", "{model}")
 
 CASES: list[Case] = [
+    # issue 11 leftovers: foreign caches beside images, names that are not UTF-8, notes in dataset mode,
+    # special files inside a model folder
+    Case("kohya_cache_beside_image_kept", "stale", kohya_cache_beside_image,
+         ("encode", "in", "-o", "out", *KOHYA, "--kohya-next-to-images", *M), 1,
+         r"in/a\.npz already exists and it is not a vaecli latent file; pass --overwrite", exists=("in/sub/b.npz",)),
+    Case("kohya_beside_same_stem", "claims", same_stem_beside,
+         ("encode", "in", "-o", "out", *KOHYA, "--kohya-next-to-images", *M), 1, r"x\.npz is also (an|the) output of"),
+    Case("dataset_non_utf8_names", "messages", non_utf8_name_then_gone,
+         ("encode", "in", "-o", "out", "--dataset", "--random-crop", *KOHYA[3:], "--shard", "0/2", *M), 0,
+         protect=("out/*",)),
+    Case("dataset_symlinked_folder_noted", "special files", symlinks, ("encode", "--dataset", "in", "-o", "out", *M), 0,
+         check=check_symlink_note),
+    Case("fifo_weights_in_model_folder", "special files", fifo_in_model_folder("diffusion_pytorch_model.safetensors"),
+         ("info", "m"), 2, r"m/diffusion_pytorch_model\.safetensors is a FIFO", timeout=30),
+    Case("fifo_config_in_model_folder", "special files", fifo_in_model_folder("config.json"),
+         ("encode", "in", "-o", "out", "--model", "m"), 2, r"m/config\.json is a FIFO", timeout=30, absent=("out",)),
     # 1. data loss: output folder = input folder, one inside the other, any spelling
     Case("roundtrip_into_input", "overlap", two_images, ("roundtrip", "in", "-o", "in", "--overwrite", *M), 2,
          "output folder in is the input folder"),

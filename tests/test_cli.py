@@ -304,8 +304,11 @@ def test_batch_size_auto_same_latents(model, images, tmp_path):
 
 
 def test_dataset_only_flags_refused_without_dataset(model, images, tmp_path):
-    result = run_cli("encode", images, "-o", tmp_path / "x", "--model", model, "--flip", "--format", "kohya")
-    assert result.exit_code == 2 and "--flip, --format only apply with --dataset" in result.stderr
+    result = run_cli("encode", images, "-o", tmp_path / "x", "--model", model, "--flip", "--bucket-step", "64")
+    assert result.exit_code == 2 and "--bucket-step, --flip only apply with --dataset" in result.stderr
+    result = run_cli("encode", images, "-o", tmp_path / "x", "--model", model, "--flip")
+    assert result.exit_code == 2 and "--flip only applies with --dataset" in result.stderr
+
 
 
 def test_error_lines_printed_as_items_fail_and_only_once(model, tmp_path, monkeypatch):

@@ -22,6 +22,13 @@ def _flags() -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()] + ["--flip", "--batch-size=2"]
 
 
+def _one_document(logs: Path) -> dict:
+    """Exactly one JSON document over all ranks' stdout (rank 0's, holding every rank's items)."""
+    texts = [p.read_text() for p in sorted(logs.rglob("stdout.log"))]
+    assert len(texts) == 2 and sorted(bool(t.strip()) for t in texts) == [False, True], texts
+    return json.loads(next(t for t in texts if t.strip()))
+
+
 def test_torchrun_two_processes_equal_one(models, images, tmp_path):
     vae, _, model_dir = models
     single, dist_out = tmp_path / "single", tmp_path / "torchrun"
@@ -33,9 +40,10 @@ def test_torchrun_two_processes_equal_one(models, images, tmp_path):
            str(images), "-o", str(dist_out), "--model", str(model_dir), "--device", "cpu", "--json", *_flags()]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(p.read_text()) for p in sorted(logs.rglob("stdout.log"))]
-    assert sorted(r["shard"] for r in reports) == ["0/2", "1/2"]
-    assert sum(r["ok"] for r in reports) == 4 and any(r["merged"] for r in reports)
+    report = _one_document(logs)
+    assert report["ranks"] == 2 and report["ok"] == 4 and report["merged"] and len(report["items"]) == 4
+    assert sorted(Path(i["input"]).name for i in report["items"]) == sorted(p.name for p in images.rglob("*") if p.is_file())
+    assert all(i["notes"] == [] for i in report["items"])  # every item has notes, empty when none
     assert not list(dist_out.glob("manifest.shard-*"))
 
     one = _strip(read_manifest(single / "manifest.jsonl"))
@@ -69,9 +77,9 @@ def test_torchrun_over_shards_equals_one_process(models, tmp_path):
            "--model", str(model_dir), "--device", "cpu", "--json", *_flags()]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stderr[-3000:]  # shard 0 holds a corrupt image and a missing one
-    reports = [json.loads(p.read_text()) for p in sorted(logs.rglob("stdout.log"))]
-    assert sorted(r["shard"] for r in reports) == ["0/2", "1/2"]
-    assert sorted(len(r["shards"]) for r in reports) == [1, 2] and any(r["merged"] for r in reports)
+    report = _one_document(logs)
+    assert report["ranks"] == 2 and len(report["shards"]) == 3 and report["merged"]
+    assert report["failed"] == 2 and all("notes" in i for i in report["items"])
     assert json.loads((dist_out / "index.json").read_text())["complete"]
     for name in ("00000.tar", "00001.tar", "00002.tar"):
         a, b = _tar_samples(single / name), _tar_samples(dist_out / name)

@@ -251,3 +251,24 @@ def test_printable_escapes_what_could_forge_lines():
     assert printable("a\nerror: b") == "a\\nerror: b"
     assert printable("\x1b[31mred\u202e") == "\\x1b[31mred\\u202e"
     assert printable(os.fsdecode(b"bad\xff")) == "bad\\xff"
+
+
+@pytest.mark.parametrize("layout", ["tar", "parquet"])
+def test_shard_writers_fsync_before_and_after_their_rename(layout, tmp_path, monkeypatch):
+    """Output shards are published as atomic_write publishes a file: data fsynced, renamed, folder fsynced."""
+    import stat
+
+    import vaecli.files as files
+    from vaecli.dataset.formats import open_sink
+
+    if layout == "parquet":
+        pytest.importorskip("pyarrow")
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (events.append("file" if stat.S_ISREG(os.fstat(fd).st_mode) else "folder"), real_fsync(fd)))
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
+    target = tmp_path / f"00000.{layout}"
+    sink = open_sink(layout, target, None)
+    sink.publish()
+    assert events == ["file", "rename", "folder"] and target.is_file()
+    assert not [p for p in tmp_path.iterdir() if p != target]  # no temp file left

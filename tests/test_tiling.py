@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import vaecli
+from vaecli.plans import REFERENCE
 from vaecli.tiling import Grid, tiled_decode, tiled_encode_moments
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
@@ -87,7 +88,7 @@ def test_fused_layers_compute_the_same():
              (dec.up_blocks[1].upsamplers[0],)),
         ]
         for src, scale, modules, recompute in cases:
-            fused, plain = _Lockstep(src, scale, 8, 4, 4), _Lockstep(src, scale, 8, 4, 4)
+            fused, plain = _Lockstep(src, scale, 8, 4, 4, REFERENCE), _Lockstep(src, scale, 8, 4, 4, REFERENCE)
             fused.start()
             plain.start()
             assert len(fused.chunks) > 2
@@ -106,3 +107,40 @@ def test_per_tile_statistics_are_the_worse_fallback(case):
     with torch.no_grad():
         y, _ = tiled_decode(vae, z, 128, 32, whole_image_stats=False)
     assert y.shape == ref.shape and psnr(y, ref) < 40.0
+
+
+def test_tiling_runs_the_plans_layout_and_kernels(monkeypatch):
+    """Tiles take the plan: its layout for every tile, and with kernels on, the Triton GroupNorm kernels both
+    for the pooled statistics (moments of each tile's owned cells) and for normalizing by them (apply)."""
+    pytest.importorskip("triton")
+    from vaecli.config import VAEConfig
+    from vaecli.kernels import groupnorm_silu as gn
+    from vaecli.model import AutoencoderKL
+    from vaecli.plans import plan_for
+
+    torch.manual_seed(0)
+    cfg = VAEConfig(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
+    vae = AutoencoderKL(cfg).eval()
+    z = torch.nn.functional.avg_pool2d(torch.randn(1, 4, 8, 8), 3, 1, 1) * 3
+    x = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 16, 16) * 2 - 1, 3, 1, 1)
+    used = {"moments": 0, "apply": 0}
+    for name in used:
+        real = getattr(gn, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            used[_name] += int(gn.supported(args[0], args[1] if _name == "moments" else args[1].shape[1]))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(gn, name, counted)
+    on, off = plan_for("cuda", cfg, "on"), plan_for("cuda", cfg, "off")  # the CUDA plan's NCHW tiles, on CPU tensors
+    with torch.no_grad():
+        y_on, rep = tiled_decode(vae, z, 12, 4, plan=on)  # f = 2: 2x2 tiles of 6 cells on an 8x8 latent
+        y_off, _ = tiled_decode(vae, z, 12, 4, plan=off)
+        m_on, _ = tiled_encode_moments(vae, x, 12, 4, plan=on)
+        m_off, _ = tiled_encode_moments(vae, x, 12, 4, plan=off)
+    assert rep.tiles > 1 and used["moments"] > 0 and used["apply"] > 0
+    # Tiles wait between layers in fp16: last-bit differences of the two norm implementations can round
+    # to neighbouring fp16 values, hence a tolerance of a few fp16 ulps.
+    torch.testing.assert_close(y_on, y_off, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(m_on, m_off, atol=2e-3, rtol=1e-3)

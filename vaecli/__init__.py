@@ -24,6 +24,10 @@ _EXPORTS = {
     "WeightsError": "errors",
     "AutoencoderKL": "model",
     "DiagonalGaussian": "model",
+    "Plan": "plans",
+    "REFERENCE": "plans",
+    "apply_layout": "plans",
+    "plan_for": "plans",
     "load_vae": "weights",
     "save_vae": "weights",
 }
@@ -51,4 +55,5 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from .config import FAMILY_PRESETS, LatentSpec, ModelInfo, VAEConfig
     from .errors import ConfigError, InputError, NonFiniteError, VaecliError, WeightsError
     from .model import AutoencoderKL, DiagonalGaussian
+    from .plans import REFERENCE, Plan, apply_layout, plan_for
     from .weights import load_vae, save_vae

@@ -1,24 +1,52 @@
-"""Speed settings for a loaded model: backend flags, memory layout and optional torch.compile with an
-on-disk cache. Values are unchanged by everything here except compilation, which may reorder sums."""
+"""Speed settings for a loaded model: backend flags and `--compile`, which runs encode/decode as
+AOTInductor packages cached on disk. Values are unchanged by everything here except compilation, which may
+reorder sums.
+
+Why packages and not torch.compile's own on-disk caches: on an H100 (2026-11-27, torch 2.11) a second
+`vaecli bench --compile` process took 30 s to start and then ran encode at eager speed (79.8 ms vs 24.6 ms
+compiled in the first process). On a CPU the second process hits the FX-graph and AOTAutograd caches and
+runs the compiled graph (dynamo counters: frames ok, fxgraph_cache_hit, no recompiles), so what broke is
+most likely in the GPU-only half of inductor's warm start, which rebuilds Triton kernels and their
+autotuning choices from the cache (upstream reports of that path losing autotuned configs or whole kernels
+on warm starts: pytorch/pytorch #189121, #181789, #194918); scripts/gpu_report.py's compile section
+records the evidence on the next GPU. Besides, `nn.Module.compile()` kept its compiled code as module
+state, re-checked dynamo's guards on every call, and silently ran eager from the 9th input size on
+(dynamo's recompile limit of 8 per code object; with dynamic=False every new size is one more entry).
+
+An AOTInductor package is the compiled program itself: exported once per (op, input shape, dtype,
+device, plan, code version), compiled with its kernel choices baked in, and loaded by later processes in
+seconds (mostly torch._inductor's imports), with no tracing, guards or autotuning; the model's own weights
+are bound to it (no copy). A second process therefore runs exactly the code the first one compiled.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
+import json
 import os
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .model import AutoencoderKL
+from .plans import Plan
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept between processes (TORCHINDUCTOR_CACHE_DIR wins when set)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vaecli" / "inductor"
+    """Where compiled packages are kept between processes (VAECLI_CACHE_DIR, else XDG_CACHE_HOME/vaecli)."""
+    base = os.environ.get("VAECLI_CACHE_DIR")
+    if base:
+        return Path(base) / "aoti"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "vaecli" / "aoti"
 
 
 class Autotune:
@@ -45,18 +73,105 @@ class Autotune:
         return on
 
 
-def prepare(model: AutoencoderKL, compile: bool = False) -> AutoencoderKL:
-    """NHWC weights (faster convolutions with oneDNN and cuDNN), backend flags, and optionally compiled
-    encoder/decoder. Compiled kernels go to `cache_dir()`, so a second process skips most of the compile."""
-    model = model.to(memory_format=torch.channels_last)
-    if compile:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
-        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-        # Whole-graph compilation of the two halves; shapes repeat within a run, so no dynamic shapes.
-        model.encoder.compile(dynamic=False)
-        model.decoder.compile(dynamic=False)
-    return model
+# -- compiled encode/decode --------------------------------------------------------------------------------
+
+
+@dataclass
+class Compiled:
+    """One compiled op for one input shape."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    path: Path
+    built: bool  # compiled in this process (False: loaded from the cache)
+    seconds: float  # time to build or load
+    calls: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fn(x)
+
+
+class _Op(torch.nn.Module):
+    """encode_moments or decode of `model` under `plan`, as a module torch.export can trace."""
+
+    def __init__(self, model: AutoencoderKL, op: str, plan: Plan) -> None:
+        super().__init__()
+        self.model, self.op, self.plan = model, op, plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "encode":
+            return self.model.encode_moments(x, plan=self.plan)
+        return self.model.decode(x, plan=self.plan)
+
+
+def compile_op(model: AutoencoderKL, op: str, example: torch.Tensor, plan: Plan) -> Compiled:
+    """The compiled `op` ("encode" -> moments, "decode" -> image) for inputs shaped like `example`:
+    loaded from cache_dir() when a previous process built it, else exported, compiled and saved there
+    (atomically). Raises whatever export or compilation raises (callers fall back to eager)."""
+    start = time.perf_counter()
+    path = cache_dir() / f"{op}-{package_key(model, op, example, plan)}.pt2"
+    built = not path.exists()
+    if built:
+        _build(_Op(model, op, plan).eval(), example, path)
+    package = torch._inductor.aoti_load_package(str(path))
+    state = _Op(model, op, plan).state_dict()
+    package.load_constants({k: state[k] for k in package.get_constant_fqns()}, check_full_update=True, user_managed=True)
+    return Compiled(package, path, built, time.perf_counter() - start)
+
+
+def _build(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    with torch.no_grad():
+        program = torch.export.export(module, (example,))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        # Weights stay outside the package (bound at load): one copy, the model's own.
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False}
+        )
+        os.replace(tmp, path)  # another process compiling the same key writes the same file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def package_key(model: AutoencoderKL, op: str, example: torch.Tensor, plan: Plan) -> str:
+    """Everything the compiled program depends on except the weights' values (bound at load)."""
+    w = model.encoder.conv_in.weight
+    dev = example.device
+    gpu = [torch.cuda.get_device_name(dev), list(torch.cuda.get_device_capability(dev))] if dev.type == "cuda" else None
+    facts = {
+        "op": op,
+        "shape": list(example.shape),
+        "dtype": str(example.dtype),
+        "input_layout": _layout_name(example),
+        "weights": [str(w.dtype), _layout_name(w)],
+        "device": dev.type,
+        "gpu": gpu,
+        "config": model.config.to_dict(),
+        "plan": plan.describe(),
+        "torch": torch.__version__,
+        "code": _code_hash(),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _layout_name(t: torch.Tensor) -> str:
+    return "nhwc" if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else "nchw"
+
+
+@lru_cache(maxsize=1)
+def _code_hash() -> str:
+    """Hash of the modules that define the computation: a changed model or kernel never loads a stale package."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted([here / "model.py", here / "plans.py", *(here / "kernels").glob("*.py")]):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# -- heap ----------------------------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=1)

@@ -27,15 +27,19 @@ import torch
 
 from . import __version__
 from .config import LatentSpec
-from .discovery import Item, check_layout, check_output_root, discover
+from .discovery import Item, OutputNames, check_layout, check_output_root, discover, output_is_file
 from .errors import ConfigError, InputError, Interrupted, VaecliError
+from .exports import CONTAINER_SUFFIX, COMFYUI_LEGACY_SCALE, alpha_for, kohya_plain_arrays, write_comfyui, write_kohya
 from .files import folder_syncs_deferred, open_regular, sha256_of
 from .io import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_OUTPUT_SUFFIXES,
     IMAGE_SUFFIXES,
     LATENT_FORMAT,
     LATENT_FORMAT_VERSION,
+    LATENT_OUTPUT_SUFFIXES,
     LATENT_SUFFIXES,
+    LatentFile,
     OutputState,
     clean_temp_files,
     decode_image,
@@ -45,6 +49,7 @@ from .io import (
     latent_shape,
     load_latent,
     meta_json,
+    meta_name,
     read_image,
     to_uint8,
     write_image,
@@ -64,7 +69,7 @@ from .pipeline import (
     resolve_device,
 )
 
-__all__ = ["Item", "check_layout", "check_output_root", "discover"]  # re-exported: dataset.py imports them here
+__all__ = ["Item", "OutputNames", "check_layout", "check_output_root", "discover"]  # re-exported: dataset.py imports them here
 
 SIZE_POLICIES = ("pad", "crop", "resize")
 
@@ -82,10 +87,12 @@ class EncodeOptions:
     seed: int = 0  # with sample: noise per image from a generator seeded by (seed, relative path)
     size_policy: str = "pad"  # sides not divisible by the downsample factor: pad, crop or resize
     latent_dtype: str = "fp32"  # precision of the stored tensor
-    alpha: str = "white"  # transparent pixels: composite over white or black, or drop the alpha channel
+    alpha: str | None = None  # transparent pixels: white or black background, or drop; None: white (kohya: its own)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused
     overwrite: bool = False  # recompute outputs that exist
     workers: int = 0  # reader threads; 0: as io_threads says for the device
+    format: str = "vaecli"  # vaecli (.safetensors), kohya (.npz, kohya's pixel conventions) or comfyui (.latent)
+    flat: bool = False  # every output at the top of the output folder, named by the input's file name
 
 
 @dataclass(frozen=True)
@@ -143,8 +150,7 @@ class ItemResult:
         d.update(self.metrics)
         if self.retries:
             d["retries"] = self.retries
-        if self.notes:
-            d["notes"] = self.notes
+        d["notes"] = list(self.notes)  # always present (empty when there are none), as docs/cli.md promises
         return d
 
 
@@ -228,8 +234,12 @@ class Report:
 # ------------------------------------------------------------------------------------------------- model
 
 
-def open_model(source: str | None, family: str | None, device: str) -> AutoencoderKL:
-    """Load the model (fp32 weights; the Runner makes lower-precision copies) on the resolved device."""
+def open_model(
+    source: str | None, family: str | None, device: str, subfolder: str | None = None, revision: str | None = None,
+    variant: str | None = None,
+) -> AutoencoderKL:
+    """Load the model (fp32 weights; the Runner makes lower-precision copies) on the resolved device;
+    subfolder, revision and variant as load_vae takes them."""
     from .weights import load_vae
 
     if source is not None and os.path.exists(source):
@@ -241,7 +251,10 @@ def open_model(source: str | None, family: str | None, device: str) -> Autoencod
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # reading a FIFO would wait forever
             raise ConfigError(f"{source} is {file_kind(mode)}, not a model file or folder")
 
-    return load_vae(source, device=resolve_device(device), dtype=torch.float32, family=family)
+    return load_vae(
+        source, device=resolve_device(device), dtype=torch.float32, family=family, subfolder=subfolder,
+        revision=revision, variant=variant,
+    )
 
 
 def model_summary(vae: AutoencoderKL) -> dict[str, Any]:
@@ -665,14 +678,31 @@ def _note_batch(engine: _Engine, batch: list[Loaded], result: BatchResult, stage
     return [InputError(result.failed[i]) if i in result.failed else None for i in range(len(batch))]
 
 
-def _prepare_run(inputs: Sequence[str | Path], suffixes: Sequence[str], out: Path | None, out_suffix: str,
-                 siblings: Callable[[Path], Sequence[Path]] | None = None) -> tuple[list[Item], list[str], int]:
-    """(items, run notes, temp files removed): discovery, the output folder checked, dead temp files cleaned."""
+def _prepare_run(inputs: Sequence[str | Path], suffixes: Sequence[str], out: Path | None, names: OutputNames,
+                 siblings: Callable[[Path], Sequence[Path]] | None = None,
+                 flat: bool = False) -> tuple[list[Item], list[str], int]:
+    """(items, run notes, temp files removed): discovery, the output folder checked, dead temp files cleaned.
+
+    `out` is the output folder, or the output file of a single input when it ends in one of `names`' suffixes;
+    flat: every output at the top of the folder (see discover)."""
     notes: list[str] = []
-    items = discover(inputs, suffixes, out, out_suffix, siblings, notes)
-    check_output_root(items, out)
-    removed = len(clean_temp_files(out)) if out is not None else 0
-    return items, notes, removed
+    items = discover(inputs, suffixes, out, names, siblings, notes, flat=flat)
+    if out is None:
+        return items, notes, 0
+    single = output_is_file(inputs, out, names)
+    root = out.parent if single else out
+    check_output_root(items, root)
+    return items, notes, len(clean_temp_files(root, recursive=not single))
+
+
+def latent_names(suffix: str) -> OutputNames:
+    """Latent outputs: `-o x<suffix>` with one input names that file; another latent suffix is refused."""
+    return OutputNames(suffix, LATENT_OUTPUT_SUFFIXES)
+
+
+def image_names(fmt: str) -> OutputNames:
+    """Image outputs of format png, jpg or webp: `-o x.png` with one input names that file."""
+    return OutputNames("." + fmt, IMAGE_OUTPUT_SUFFIXES)
 
 
 # ------------------------------------------------------------------------------------- existing outputs
@@ -859,12 +889,12 @@ def encoded_size(h: int, w: int, factor: int, policy: str, multiple: int = 0) ->
     return encoded_side(h, factor, policy), encoded_side(w, factor, policy)
 
 
-def _image_probe(factor: int, policy: str, multiple: int = 0) -> Callable[[Item], Hashable]:
-    """The engine's probe: the size an image will be batched at, from its header."""
+def _image_probe(factor: int, policy: str, multiple: int = 0, exif: bool = True) -> Callable[[Item], Hashable]:
+    """The engine's probe: the size an image will be batched at, from its header (exif: as displayed)."""
 
     def probe(item: Item) -> Hashable:
         with open_regular(item.input) as fh:
-            w, h = image_size(fh)
+            w, h = image_size(fh, exif)
         return encoded_size(h, w, factor, policy, multiple)
 
     return probe
@@ -925,14 +955,21 @@ def encode_paths(
     A file at an output path that is not a vaecli latent is replaced only with overwrite.
     """
     start = time.perf_counter()
+    fmt = options.format
     if options.size_policy not in SIZE_POLICIES:
         raise ConfigError(f"unknown size policy {options.size_policy!r}; choose one of {', '.join(SIZE_POLICIES)}")
     if options.latent_dtype not in DTYPES:
         raise ConfigError(f"unknown latent dtype {options.latent_dtype!r}; choose one of {', '.join(DTYPES)}")
-    items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, ".safetensors")
+    if fmt not in CONTAINER_SUFFIX:
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(CONTAINER_SUFFIX)}")
+    if fmt != "vaecli" and options.latent_dtype != "fp32":
+        raise ConfigError(f"--format {fmt} stores float32 latents (what its reader expects); drop --latent-dtype")
+    alpha = alpha_for(fmt, options.alpha)
+    items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, latent_names(CONTAINER_SUFFIX[fmt]),
+                                         flat=options.flat)
     runner = Runner(vae, run)
     factor = vae.config.downsample_factor
-    spec = None if options.raw else vae.config.latent_spec
+    spec = None if options.raw or fmt != "vaecli" else vae.config.latent_spec  # kohya, ComfyUI: raw latents
     store_dtype = DTYPES[options.latent_dtype]
     info = model_summary(vae)
     settings = {
@@ -942,7 +979,8 @@ def encode_paths(
         "seed": str(options.seed) if options.sample else "",
         "size_policy": options.size_policy,
         "latent_dtype": options.latent_dtype,
-        "alpha": options.alpha,
+        "alpha": alpha,
+        **({"pixels": "kohya"} if fmt == "kohya" else {}),  # stored orientation, Pillow's RGB conversion
     }
     size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
     engine = _Engine(items, size, options.workers, progress, batch_for, runner.device)
@@ -955,7 +993,8 @@ def encode_paths(
             skip, note = reuse_output(latent_output_state(item.output), want, options.overwrite, item.output)
             if skip:
                 return Skip()
-            pixels = decode_image(fh, options.alpha, options.max_pixels, keep_uint8=True)
+            convention = "kohya" if fmt == "kohya" else "vaecli"
+            pixels = decode_image(fh, alpha, options.max_pixels, convention, keep_uint8=True)
         h, w = pixels.shape[:2]
         prepared, encoded, undo = prepare_pixels(pixels, factor, options.size_policy)
         extra = {"width": w, "height": h, "size": encoded, "undo": undo, "source_sha256": source_sha}
@@ -988,7 +1027,7 @@ def encode_paths(
             "vaecli_version": __version__,
             "model_name": info["name"],
             **settings,
-            "seed_key": loaded.item.rel if options.sample else "",
+            "seed_key": meta_name(loaded.item.rel) if options.sample else "",
             "compute_dtype": DTYPE_NAMES[runner.dtype],
             "downsample_factor": str(factor),
             "original_width": str(e["width"]),
@@ -996,14 +1035,22 @@ def encode_paths(
             "encoded_width": str(e["size"][1]),
             "encoded_height": str(e["size"][0]),
             "size_params": json.dumps(e["undo"]),
-            "source": loaded.item.rel,
+            "source": meta_name(loaded.item.rel),
             "source_sha256": e["source_sha256"],
         }
         assert loaded.item.output is not None
-        write_latent(loaded.item.output, z, meta)
+        if fmt == "comfyui":
+            write_comfyui(loaded.item.output, z, meta)
+        elif fmt == "kohya":
+            write_kohya(loaded.item.output, kohya_plain_arrays(z, meta))
+        else:
+            write_latent(loaded.item.output, z, meta)
 
-    probe = _image_probe(factor, options.size_policy)
+    probe = _image_probe(factor, options.size_policy, exif=fmt != "kohya")  # kohya: pixels as stored
     engine.run(load, lambda b: b.extra["size"], compute, save, probe)
+    if fmt == "kohya":
+        notes.append("kohya format without --dataset: each latent has its image's own size; kohya uses a cache only "
+                     "at the size of its bucket (use --dataset for a training cache)")
     return _report("encode", engine, vae, start, removed, notes, runner)
 
 
@@ -1027,6 +1074,26 @@ def latent_spec_from_meta(meta: Mapping[str, str], channels: int | None = None) 
         return LatentSpec.from_dict(data)
     except ConfigError as exc:
         raise InputError(f"latent metadata 'latent_spec': {exc}") from None
+
+
+def stored_spec(lf: LatentFile, channels: int, model_scale: float) -> LatentSpec | None:
+    """The normalization a latent file's values carry, from its container's own convention: ComfyUI's
+    marker (present: raw; absent: SD-scaled, as LoadLatent reads it), kohya's raw caches, our metadata.
+    A bare tensor carries none: InputError asking for --scaling-factor."""
+    if lf.container in ("comfyui", "kohya"):
+        if lf.meta is not None and lf.meta.get("latent_spec", "none") != "none":
+            raise InputError(f"inconsistent file: its metadata says normalized latents, but a {lf.container} file "
+                             "holds raw ones")
+        if lf.container == "comfyui" and not lf.marker:
+            return LatentSpec(COMFYUI_LEGACY_SCALE)  # LoadLatent multiplies such files by 1/0.18215
+        return None
+    if lf.meta is not None:
+        return latent_spec_from_meta(lf.meta, channels)
+    raise InputError(
+        "bare latent without vaecli metadata: say how it is normalized with --scaling-factor "
+        f"(and --shift-factor), e.g. --scaling-factor {model_scale:g} for this model's "
+        "diffusion latents or --scaling-factor 1 for raw VAE latents"
+    )
 
 
 def _check_meta_header(meta: Mapping[str, str], info: Mapping[str, Any], force: bool) -> None:
@@ -1065,7 +1132,7 @@ def decode_paths(
         value = getattr(options, name)
         if value is not None and (not math.isfinite(value) or (name == "scaling_factor" and value == 0)):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite{', non-zero' if name == 'scaling_factor' else ''} number")
-    items, notes, removed = _prepare_run(inputs, LATENT_SUFFIXES, out, "." + options.format)
+    items, notes, removed = _prepare_run(inputs, LATENT_SUFFIXES, out, image_names(options.format))
     runner = Runner(vae, run)
     factor = vae.config.downsample_factor
     channels = vae.config.latent_channels
@@ -1109,15 +1176,9 @@ def decode_paths(
         if meta is not None:
             _check_meta_header(meta, info, options.force)
             target = (decoded_size(meta, h, w, factor, options.max_pixels), meta.get("size_policy", "pad"))
-            spec = flag_spec if override else latent_spec_from_meta(meta, channels)
-        elif override:
-            target, spec = ((h * factor, w * factor), "crop"), flag_spec
-        else:
-            raise InputError(
-                "bare latent without vaecli metadata: say how it is normalized with --scaling-factor "
-                f"(and --shift-factor), e.g. --scaling-factor {vae.config.scaling_factor:g} for this model's "
-                "diffusion latents or --scaling-factor 1 for raw VAE latents"
-            )
+        else:  # the latent's own size: a bucket (kohya, ComfyUI) or whatever a bare tensor holds
+            target = ((h * factor, w * factor), "crop")
+        spec = flag_spec if override else stored_spec(lf, channels, vae.config.scaling_factor)
         if not torch.isfinite(lf.tensor).all():
             raise InputError("latent holds NaN or Inf values")
         z = spec.denormalize(lf.tensor) if spec is not None else lf.tensor
@@ -1179,7 +1240,7 @@ def roundtrip_paths(
     if not math.isfinite(options.diff_gain) or options.diff_gain < 0:
         raise ConfigError(f"--diff-gain must be a finite number >= 0, not {options.diff_gain}")
     siblings = (lambda target: (diff_path(target),)) if options.diff else None
-    items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, ".png", siblings)
+    items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, image_names("png"), siblings)
     runner = Runner(vae, run)
     factor = vae.config.downsample_factor
     size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)

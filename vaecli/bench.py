@@ -72,7 +72,11 @@ class Job:
     tile_overlap: int
     compile: bool
     family: str | None
+    subfolder: str | None  # model folder selection, as load_vae takes them
+    revision: str | None
+    variant: str | None
     threads: int  # torch CPU threads, so a worker computes with the parent's setting
+    kernels: str = "auto"  # plans.KERNEL_MODES
 
 
 def run_bench(
@@ -90,16 +94,21 @@ def run_bench(
     isolate: bool | None = None,
     compile: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    kernels: str = "auto",
+    subfolder: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
 ) -> list[dict[str, Any]]:
     """Time encode and decode of random square inputs at each resolution; one row per (resolution, op).
 
-    model: as `load_vae` takes it (None: the embedded default model); family: its latent-family preset.
+    model: as `load_vae` takes it (None: the embedded default model); family: its latent-family preset;
+    subfolder, revision, variant: as load_vae's.
     Each op gets `warmup` untimed calls, then `iters` timed calls separated by device synchronisation;
     rows report the median. Encode inputs are uniform pixels in [0, 1], decode inputs standard-normal
     latents of the model's latent shape, both seeded. Inputs start on the device; outputs are returned to
     the CPU in float32 as Runner does, so that copy is part of the time.
     isolate: run each (op, resolution) in a fresh worker process; None means yes on the CPU (the only way
-    to measure its peak memory per op) and no on GPUs. compile: RunOptions.compile. Row keys: ROW_KEYS.
+    to measure its peak memory per op) and no on GPUs. compile, kernels: RunOptions'. Row keys: ROW_KEYS.
     Raises a VaecliError for unusable arguments or models; a measurement that runs out of memory yields a
     row with `error` set instead. progress: called with each row as soon as it is measured.
     """
@@ -108,12 +117,13 @@ def run_bench(
     if isolate is None:
         isolate = dev.type == "cpu"
     # Fail on a missing model before starting any worker; load_vae says the same in-process.
-    locate(default_model_dir() if model is None else model)
+    locate(default_model_dir() if model is None else model, subfolder, variant, revision)
     jobs = [
         Job(
             model=None if model is None else str(model), op=op, resolution=res, batch_size=batch_size, dtype=dtype,
             tiling=tiling, device=str(dev), warmup=warmup, iters=iters, tile_size=tile_size,
-            tile_overlap=tile_overlap, compile=compile, family=family, threads=torch.get_num_threads(),
+            tile_overlap=tile_overlap, compile=compile, family=family, subfolder=subfolder, revision=revision,
+            variant=variant, threads=torch.get_num_threads(), kernels=kernels,
         )
         for res in resolutions
         for op in OPS
@@ -182,7 +192,8 @@ def _check_args(
 def _load(job: Job) -> AutoencoderKL:
     """The model on the job's device, already in the precision Runner will compute in (one copy only)."""
     torch.set_num_threads(job.threads)
-    vae = load_vae(job.model, device=job.device, family=job.family)
+    vae = load_vae(job.model, device=job.device, family=job.family, subfolder=job.subfolder, revision=job.revision,
+                   variant=job.variant)
     wanted = compute_dtype(DTYPES[job.dtype], vae.config.force_upcast, None)
     return vae.to(wanted) if wanted != torch.float32 else vae
 
@@ -195,7 +206,7 @@ def _prepare(vae: AutoencoderKL, job: Job) -> tuple[Runner, Callable[[], Any]]:
         raise InputError(f"resolution {job.resolution} is not a multiple of the model's downsample factor {f}")
     options = RunOptions(
         dtype=DTYPES[job.dtype], tiling=job.tiling, tile_size=job.tile_size, tile_overlap=job.tile_overlap,
-        compile=job.compile,
+        compile=job.compile, kernels=job.kernels,
     )
     runner = Runner(vae, options)
     runner.autotune.min_repeats = 0  # the same shape every call: the warm-up absorbs cuDNN's search

@@ -1,7 +1,8 @@
 """The `vaecli` command: parse flags, build options, call one core function, render with Rich, exit code.
 
-Exit codes: 0 every item ok (or skipped), 1 some item failed, 2 usage error (bad option, no inputs,
-an overlapping layout, a model that cannot be loaded), 130 interrupted. `--json` prints exactly one JSON
+Exit codes: 0 every item ok (or skipped), 1 the run happened and some item failed, 2 the command as given
+cannot run (bad option, an input path that does not exist, no inputs, an overlapping layout, a model that
+cannot be loaded; nothing is read or written), 130 interrupted. `--json` prints exactly one JSON
 document on stdout, also on parse errors and Ctrl-C; every line on stderr has its control characters escaped.
 """
 
@@ -15,6 +16,7 @@ import time
 import traceback
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional
@@ -23,9 +25,43 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand
 
 from . import __version__
 from .errors import VaecliError
+
+class _HelpCommand(TyperCommand):
+    """Help as plain text wrapped to the terminal (never cut short, also at 80 columns), options grouped
+    under the headings of their rich_help_panel. Typer's Rich tables give 20-character descriptions and
+    cut words with an ellipsis at 80 columns."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [self._argument_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+
+    @staticmethod
+    def _argument_name(param: Any) -> str:
+        """INPUT... for a required list, [MODEL] for an optional value (typer would print {inputs}...)."""
+        name = (param.metavar or param.name).upper() + ("..." if param.nargs != 1 else "")
+        return name if param.required else f"[{name}]"
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                record = (self._argument_name(param), (param.help or "") + ("  [required]" if param.required else ""))
+            else:
+                record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            default = "Arguments" if param.param_type_name == "argument" else "Options"
+            groups.setdefault(getattr(param, "rich_help_panel", None) or default, []).append(record)
+        order = ["Arguments", "Options", *(g for g in groups if g not in ("Arguments", "Options"))]
+        for name in order:
+            if name in groups:
+                with formatter.section(name):
+                    formatter.write_dl(groups[name])
+
 
 app = typer.Typer(
     name="vaecli",
@@ -33,8 +69,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain help (_HelpCommand)
 )
-out_console = Console(highlight=False)
+# soft_wrap: a summary line stays one line in a pipe or log (Rich would wrap it at 80 columns there).
+out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
 
 USAGE = 2
@@ -64,6 +102,12 @@ class Family(str, Enum):
 
 
 class Tiling(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class Kernels(str, Enum):  # plans.KERNEL_MODES
     auto = "auto"
     on = "on"
     off = "off"
@@ -113,11 +157,23 @@ SHARDS = "Shards and engines (--dataset)"
 # -- options shared by several commands (Annotated aliases keep each signature readable) ------------------
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Diffusers folder, single weights file or Hub id; default: the embedded model.", rich_help_panel=MODEL),
+    typer.Option("--model", "-m", metavar="MODEL", help="Diffusers folder, single weights file or Hub id; default: the embedded model.", rich_help_panel=MODEL),
 ]
 FamilyOpt = Annotated[
     Optional[Family],
     typer.Option("--family", help="Latent normalization for a single weights file without config.", rich_help_panel=MODEL),
+]
+SubfolderOpt = Annotated[
+    Optional[str],
+    typer.Option("--subfolder", metavar="PATH", help="Model folder inside the --model folder or Hub repo (e.g. vae).", rich_help_panel=MODEL),
+]
+RevisionOpt = Annotated[
+    Optional[str],
+    typer.Option("--revision", metavar="REV", help="Hub branch, tag or commit of --model.", rich_help_panel=MODEL),
+]
+VariantOpt = Annotated[
+    Optional[str],
+    typer.Option("--variant", metavar="NAME", help="Weights variant, e.g. fp16: diffusion_pytorch_model.fp16.safetensors.", rich_help_panel=MODEL),
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the model.", rich_help_panel=MODEL)]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Compute precision.", rich_help_panel=RUN)]
@@ -126,19 +182,24 @@ UpcastOpt = Annotated[
     typer.Option("--upcast/--no-upcast", help="Run fp16 requests in fp32 (default: as the model's force_upcast says).", rich_help_panel=RUN),
 ]
 TilingOpt = Annotated[Tiling, typer.Option("--tiling", help="Tiled encode/decode: auto (when memory requires), on, off.", rich_help_panel=RUN)]
-TileSizeOpt = Annotated[int, typer.Option("--tile-size", min=8, help="Tile side in image pixels.", rich_help_panel=RUN)]
-TileOverlapOpt = Annotated[int, typer.Option("--tile-overlap", min=0, help="Tile overlap in image pixels.", rich_help_panel=RUN)]
+TileSizeOpt = Annotated[int, typer.Option("--tile-size", metavar="PIXELS", min=8, help="Tile side in image pixels.", rich_help_panel=RUN)]
+TileOverlapOpt = Annotated[int, typer.Option("--tile-overlap", metavar="PIXELS", min=0, help="Tile overlap in image pixels.", rich_help_panel=RUN)]
 CompileOpt = Annotated[
     bool,
     typer.Option(
         "--compile/--no-compile",
-        help="torch.compile encoder and decoder: faster steady state, a one-time compile (cached on disk "
-        "under ~/.cache/vaecli/inductor, so later runs start fast). Off by default.",
+        help="Run encode/decode as compiled programs (AOTInductor): one compile per input shape, cached "
+        "under ~/.cache/vaecli/aoti, so later runs load it in about a second.",
         rich_help_panel=RUN,
     ),
 ]
+KernelsOpt = Annotated[
+    Kernels,
+    typer.Option("--kernels", help="Triton kernels (fused GroupNorm+SiLU, upsample+conv): auto = where measured "
+                 "faster (docs/performance.md), on = wherever they can run, off = never.", rich_help_panel=RUN),
+]
 SlicingOpt = Annotated[
-    Optional[int], typer.Option("--slicing", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
+    Optional[int], typer.Option("--slicing", metavar="N", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
 ]
 def _batch_size(value: str | int) -> int:
     """--batch-size: a positive number, or auto (0 inside: sized from free memory per image size)."""
@@ -168,21 +229,26 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar."
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Recompute outputs that already exist.", rich_help_panel=OUTPUT)]
 MaxPixelsOpt = Annotated[
-    int, typer.Option("--max-pixels", min=0, help="Refuse larger images (0: no limit).", rich_help_panel=OUTPUT)
+    int, typer.Option("--max-pixels", metavar="N", min=0, help="Refuse larger images (0: no limit).", rich_help_panel=OUTPUT)
 ]
 AlphaOpt = Annotated[
-    Alpha, typer.Option("--alpha", help="Transparent pixels: composite over white or black, or drop alpha.", rich_help_panel=OUTPUT)
+    Optional[Alpha],
+    typer.Option("--alpha", help="Transparent pixels: composite over white or black, or drop alpha (--format kohya: "
+                 "always dropped, as kohya does).", show_default="white", rich_help_panel=OUTPUT)
 ]
 SizePolicyOpt = Annotated[
     SizePolicy,
     typer.Option("--size-policy", help="Sides not divisible by 8: pad (undone exactly), crop (centre) or resize.", rich_help_panel=OUTPUT),
 ]
 SampleOpt = Annotated[bool, typer.Option("--sample", help="Sample the posterior instead of taking its mode.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for --sample (implies it); noise depends on (seed, path).")]
-InputsArg = Annotated[list[Path], typer.Argument(help="Files or folders (searched recursively).", show_default=False)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Seed for --sample (implies it); noise depends on (seed, path).")]
+InputsArg = Annotated[
+    list[Path], typer.Argument(metavar="INPUT", help="Files or folders (searched recursively).", show_default=False)
+]
 EncodeInputsArg = Annotated[
     list[str],
     typer.Argument(
+        metavar="INPUT",
         help="Files or folders (searched recursively); with --dataset also shards: .tar/.parquet files or URLs "
         "(s3://, gs://, hf://), brace lists like 'data/{00000..00099}.tar', globs.",
         show_default=False,
@@ -324,7 +390,18 @@ def _interrupted(as_json: bool, results: list[Any] | None, command: str | None =
         _print_json(doc)
 
 
+def _secondary_rank() -> bool:
+    """Under torchrun, a process other than rank 0: it prints no JSON document and no summary (rank 0's
+    report holds every rank's items), so stdout carries exactly one document."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and int(os.environ.get("RANK", "0") or 0) != 0
+    except ValueError:
+        return False
+
+
 def _print_json(doc: dict[str, Any]) -> None:
+    if _secondary_rank():
+        return
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
@@ -410,13 +487,33 @@ def _show_progress(quiet: bool) -> bool:
     return not quiet and err_console.is_terminal
 
 
-def _load(model: str | None, family: Family | None, device: Device, as_json: bool, debug: bool) -> Any:
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model flags of one command: --model, --family, --subfolder, --revision, --variant."""
+
+    model: str | None = None
+    family: Family | None = None
+    subfolder: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+
+    def check(self) -> None:
+        if self.model is None and (self.subfolder or self.revision or self.variant):
+            raise VaecliError("--subfolder, --revision and --variant select files of a --model; give --model")
+
+
+def _load(choice: ModelChoice, device: Device, as_json: bool, debug: bool) -> Any:
     from .batch import open_model
     from .pipeline import resolve_device
 
+    choice.check()
     resolve_device(device.value)  # an unavailable device is its own usage error, not a load failure
+    model = choice.model
     try:
-        return open_model(model, family.value if family else None, device.value)
+        return open_model(
+            model, choice.family.value if choice.family else None, device.value,
+            subfolder=choice.subfolder, revision=choice.revision, variant=choice.variant,
+        )
     except Exception as exc:  # noqa: BLE001 - any load failure is a usage error with one line
         if debug:
             traceback.print_exc()
@@ -427,20 +524,47 @@ def _load(model: str | None, family: Family | None, device: Device, as_json: boo
         raise _usage(f"cannot load the model: {msg if name in msg else f'{name}: {msg}'}", as_json) from None
 
 
+def _refuse_torchrun(command: str) -> None:
+    """Only encode --dataset splits its work over torchrun's processes; anything else would run whole in
+    every process, each writing the same outputs."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise VaecliError(f"{command} does not split its work over torchrun's processes (only encode --dataset "
+                          "does); run it as a single process")
+
+
+def _buckets(
+    kohya_config: Path | None, inputs: list[str], resolution: int | None, step: int | None, lo: int | None,
+    hi: int | None, no_upscale: bool, flip: bool,
+) -> dict[str, Any]:
+    """DatasetOptions' bucket fields: from our flags, or kohya's dataset config with our flags standing for
+    kohya's command line (filling what the config leaves out)."""
+    if kohya_config is None:
+        return dict(bucket_resolution=resolution or 512, bucket_step=step or 64, min_bucket_size=lo,
+                    max_bucket_size=hi, no_upscale=no_upscale, flip=flip)
+    from .dataset.kohya_config import read_kohya_config
+
+    flags = {"resolution": resolution, "bucket_reso_steps": step, "min_bucket_reso": lo, "max_bucket_reso": hi,
+             "bucket_no_upscale": no_upscale or None, "flip_aug": flip or None}
+    return read_kohya_config(kohya_config, inputs, flags).as_options()
+
+
 def _run_options(
     dtype: DType, upcast: bool | None, tiling: Tiling, tile_size: int, tile_overlap: int, slicing: int | None,
-    compile: bool = False,
+    compile: bool = False, kernels: Kernels = Kernels.auto,
 ) -> Any:
     from .pipeline import DTYPES, RunOptions
 
     if tile_overlap >= tile_size:
         raise VaecliError(f"--tile-overlap {tile_overlap} must be smaller than --tile-size {tile_size}")
-    return RunOptions(DTYPES[dtype.value], upcast, tiling.value, tile_size, tile_overlap, slicing, compile=compile)
+    return RunOptions(DTYPES[dtype.value], upcast, tiling.value, tile_size, tile_overlap, slicing, compile=compile,
+                      kernels=kernels.value)
 
 
 def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None, live: _Live | None = None) -> None:
     """Print the failures not printed as they happened (stderr), then the JSON document or a summary;
     exit 1 when some item failed."""
+    if _secondary_rank():  # torchrun: rank 0 reports every rank's items, errors included
+        raise typer.Exit(ITEMS_FAILED if report.count("failed") else 0)
     for r in report.items:
         if r.status == "failed" and (live is None or id(r) not in live.printed):
             _error_line(r, debug)
@@ -485,12 +609,15 @@ def _summary(report: Any, doc: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ commands
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Images to latent files; with --dataset a training cache.")
 def encode(
     inputs: EncodeInputsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <rel>.safetensors latents.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder for <rel>.safetensors latents.", show_default=False)],
     model: ModelOpt = None,
     family: FamilyOpt = None,
+    subfolder: SubfolderOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     upcast: UpcastOpt = None,
@@ -499,33 +626,36 @@ def encode(
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     batch_size: BatchOpt = 4,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Store raw VAE latents, not the model's normalized ones.", rich_help_panel=OUTPUT)] = False,
     size_policy: SizePolicyOpt = SizePolicy.pad,
     latent_dtype: Annotated[DType, typer.Option("--latent-dtype", help="Precision of the stored latents.", rich_help_panel=OUTPUT)] = DType.fp32,
-    alpha: AlphaOpt = Alpha.white,
+    alpha: AlphaOpt = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     overwrite: OverwriteOpt = False,
     dataset: Annotated[bool, typer.Option("--dataset", help="Prepare a training cache: aspect buckets, crops, manifest.jsonl, invalidation.", rich_help_panel=DATASET)] = False,
-    bucket_resolution: Annotated[int, typer.Option("--bucket-resolution", min=8, help="Side of the square bucket whose area all buckets share (SD 1.x: 512, SDXL: 1024).", rich_help_panel=DATASET)] = 512,
-    bucket_step: Annotated[int, typer.Option("--bucket-step", min=8, help="Bucket sides are multiples of this.", rich_help_panel=DATASET)] = 64,
-    min_bucket_size: Annotated[Optional[int], typer.Option("--min-bucket-size", help="Shortest bucket side [default: resolution/2].", rich_help_panel=DATASET)] = None,
-    max_bucket_size: Annotated[Optional[int], typer.Option("--max-bucket-size", help="Longest bucket side [default: resolution*2].", rich_help_panel=DATASET)] = None,
+    bucket_resolution: Annotated[Optional[int], typer.Option("--bucket-resolution", metavar="PIXELS", min=8, help="Side of the square bucket whose area all buckets share (SD 1.x: 512, SDXL: 1024).", show_default="512", rich_help_panel=DATASET)] = None,
+    bucket_step: Annotated[Optional[int], typer.Option("--bucket-step", metavar="PIXELS", min=8, help="Bucket sides are multiples of this.", show_default="64", rich_help_panel=DATASET)] = None,
+    min_bucket_size: Annotated[Optional[int], typer.Option("--min-bucket-size", metavar="PIXELS", help="Shortest bucket side.", show_default="resolution/2", rich_help_panel=DATASET)] = None,
+    max_bucket_size: Annotated[Optional[int], typer.Option("--max-bucket-size", metavar="PIXELS", help="Longest bucket side.", show_default="resolution*2", rich_help_panel=DATASET)] = None,
     no_upscale: Annotated[bool, typer.Option("--no-upscale", help="Never enlarge: small images get a bucket that fits inside them.", rich_help_panel=DATASET)] = False,
     random_crop: Annotated[bool, typer.Option("--random-crop", help="Crop at a random offset (from --crop-seed and the path) instead of the centre.", rich_help_panel=DATASET)] = False,
-    crop_seed: Annotated[int, typer.Option("--crop-seed", help="Seed of --random-crop.", rich_help_panel=DATASET)] = 0,
+    crop_seed: Annotated[int, typer.Option("--crop-seed", metavar="N", help="Seed of --random-crop.", rich_help_panel=DATASET)] = 0,
     flip: Annotated[bool, typer.Option("--flip", help="Also store the latent of the horizontally flipped image (latent_flipped).", rich_help_panel=DATASET)] = False,
     moments: Annotated[bool, typer.Option("--moments", help="Also store the posterior mean and logvar, to sample at training time.", rich_help_panel=DATASET)] = False,
-    cache_format: Annotated[CacheFormat, typer.Option("--format", help="Cache files: vaecli (safetensors + metadata), kohya (.npz for sd-scripts), comfyui (.latent).", rich_help_panel=DATASET)] = CacheFormat.vaecli,
+    cache_format: Annotated[Optional[CacheFormat], typer.Option("--format", help="Latent files: vaecli (.safetensors + metadata), kohya (.npz for sd-scripts, its pixel conventions), comfyui (.latent for Load Latent).", show_default="vaecli", rich_help_panel=OUTPUT)] = None,
+    flat: Annotated[bool, typer.Option("--flat", help="Every output at the top of OUT, named by the image's file name (ComfyUI lists only those); two images of one name: the second fails.", rich_help_panel=OUTPUT)] = False,
     kohya_next_to_images: Annotated[bool, typer.Option("--kohya-next-to-images", help="kohya format: write <stem>.npz beside each image instead of under OUT.", rich_help_panel=DATASET)] = False,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="Take shard i of n (i/n, 0-based), e.g. for Slurm arrays; under torchrun RANK/WORLD_SIZE are used.", rich_help_panel=DATASET)] = None,
-    layout: Annotated[Optional[Layout], typer.Option("--layout", help="folder: a file per image (image inputs); tar (WebDataset) or parquet: one latent shard per input shard [default: by input].", rich_help_panel=SHARDS)] = None,
-    image_column: Annotated[Optional[str], typer.Option("--image-column", help="Shards: the tar member suffix (jpg) or parquet column (image) holding the image [default: found].", rich_help_panel=SHARDS)] = None,
+    kohya_config: Annotated[Optional[Path], typer.Option("--kohya-config", metavar="TOML", help="Bucket settings (resolution, buckets, flip_aug) from kohya's dataset config; implies --dataset --format kohya.", rich_help_panel=DATASET)] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="Take shard i of n (i/n, 0-based), e.g. for Slurm arrays; under torchrun RANK/WORLD_SIZE are used.", rich_help_panel=DATASET)] = None,
+    layout: Annotated[Optional[Layout], typer.Option("--layout", help="folder: a file per image (image inputs); tar (WebDataset) or parquet: one latent shard per input shard.", show_default="by input", rich_help_panel=SHARDS)] = None,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", metavar="NAME", help="Shards: the tar member suffix (jpg) or parquet column (image) holding the image.", show_default="found", rich_help_panel=SHARDS)] = None,
     engine: Annotated[Engine, typer.Option("--engine", help="local: this process (with --shard or torchrun); ray: a Ray cluster, the VAE as an actor pool (pip install 'vaecli[ray]').", rich_help_panel=SHARDS)] = Engine.local,
-    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to join (host:6379 or ray://host:10001) [default: RAY_ADDRESS, else a new local one].", rich_help_panel=SHARDS)] = None,
-    ray_workers: Annotated[int, typer.Option("--ray-workers", min=0, help="Ray VAE actors; 0: one per GPU (--device cuda) or per CPU of the cluster.", rich_help_panel=SHARDS)] = 0,
+    address: Annotated[Optional[str], typer.Option("--address", metavar="ADDR", help="Ray cluster to join (host:6379 or ray://host:10001).", show_default="RAY_ADDRESS, else a new local one", rich_help_panel=SHARDS)] = None,
+    ray_workers: Annotated[int, typer.Option("--ray-workers", metavar="N", min=0, help="Ray VAE actors; 0: one per GPU (--device cuda) or per CPU of the cluster.", rich_help_panel=SHARDS)] = 0,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -535,31 +665,41 @@ def encode(
     With --dataset: prepare a latent cache for training (buckets, crops, flips, OUT/manifest.jsonl), reusing
     latents whose source, model and settings are unchanged; runs sharded under torchrun or with --shard.
     """
-    from .batch import EncodeOptions, check_layout, encode_paths
+    from .batch import EncodeOptions, check_layout, encode_paths, latent_names
+    from .exports import CONTAINER_SUFFIX
+    from .dataset.locations import is_url, shard_kind
+    from .discovery import check_inputs_exist
 
     with _guard(as_json, debug, "encode"):
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
-        check_layout(inputs, out)  # before the model loads: an overlapping layout is refused at once
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
+        # Before the model loads: a missing path or an overlapping layout is refused at once (shards: later).
+        check_inputs_exist([i for i in inputs if not (is_url(i) or shard_kind(i))])
+        if kohya_config is not None:
+            if cache_format not in (None, CacheFormat.kohya):
+                raise VaecliError(f"--kohya-config makes a kohya cache; drop --format {cache_format.value}")
+            dataset, cache_format = True, CacheFormat.kohya
+        fmt = (cache_format or CacheFormat.vaecli).value
+        check_layout(inputs, out, None if dataset else latent_names(CONTAINER_SUFFIX[fmt]))
         if dataset:
             from .dataset import DatasetOptions, EngineOptions, bind_local_device, parse_shard, prepare_dataset
 
             ds = DatasetOptions(
-                bucket_resolution=bucket_resolution, bucket_step=bucket_step, min_bucket_size=min_bucket_size,
-                max_bucket_size=max_bucket_size, no_upscale=no_upscale, random_crop=random_crop,
-                crop_seed=crop_seed, flip=flip, moments=moments, format=cache_format.value,
+                **_buckets(kohya_config, inputs, bucket_resolution, bucket_step, min_bucket_size, max_bucket_size,
+                           no_upscale, flip),
+                random_crop=random_crop, crop_seed=crop_seed, moments=moments, format=fmt,
                 kohya_next_to_images=kohya_next_to_images, raw=raw, sample=sample or seed is not None,
-                seed=seed or 0, latent_dtype=latent_dtype.value, alpha=alpha.value, max_pixels=max_pixels,
+                seed=seed or 0, latent_dtype=latent_dtype.value, alpha=alpha.value if alpha else None, max_pixels=max_pixels,
                 batch_size=batch_size, overwrite=overwrite, layout=layout.value if layout else None,
-                image_column=image_column,
+                image_column=image_column, flat=flat,
             )
             part = parse_shard(shard) if shard else None
             spread = EngineOptions(engine.value, address, ray_workers, device.value)
             bind_local_device()  # under torchrun with CUDA: this rank's GPU
             # With Ray the driver only holds the weights for the actors; each actor picks its own device.
-            vae = _load(model, family, Device.cpu if engine == Engine.ray else device, as_json, debug)
+            vae = _load(ModelChoice(model, family, subfolder, revision, variant), Device.cpu if engine == Engine.ray else device, as_json, debug)
             with _progress("dataset", _show_progress(quiet), debug) as progress:
                 report = prepare_dataset(vae, inputs, out, ds, run, shard=part, progress=progress, engine=spread)
-            if not as_json:
+            if not as_json and not _secondary_rank():
                 if report.shards:
                     doc = report.to_dict()
                     out_console.print(f"shards: {doc['shards_ok']} written, {doc['shards_skipped']} reused, "
@@ -569,14 +709,16 @@ def encode(
                     out_console.print(f"missing source (latent kept, dropped from manifest): {escape(source)}")
             _finish(report, as_json, debug, live=progress)
             return
-        dataset_only = {"--shard": shard is not None, "--flip": flip, "--moments": moments, "--no-upscale": no_upscale,
-                        "--random-crop": random_crop, "--format": cache_format != CacheFormat.vaecli,
-                        "--kohya-next-to-images": kohya_next_to_images, "--layout": layout is not None,
+        _refuse_torchrun("encode without --dataset")
+        dataset_only = {"--bucket-resolution": bucket_resolution is not None, "--bucket-step": bucket_step is not None,
+                        "--min-bucket-size": min_bucket_size is not None, "--max-bucket-size": max_bucket_size is not None,
+                        "--crop-seed": crop_seed != 0, "--shard": shard is not None, "--flip": flip, "--moments": moments, "--no-upscale": no_upscale,
+                        "--random-crop": random_crop, "--kohya-next-to-images": kohya_next_to_images, "--layout": layout is not None,
                         "--image-column": image_column is not None, "--engine": engine != Engine.local,
                         "--address": address is not None, "--ray-workers": ray_workers != 0}
         given = [name for name, on in dataset_only.items() if on]
         if given:
-            raise VaecliError(f"{', '.join(given)} only apply with --dataset")
+            raise VaecliError(f"{', '.join(given)} only {'apply' if len(given) > 1 else 'applies'} with --dataset")
         options = EncodeOptions(
             batch_size=batch_size,
             raw=raw,
@@ -584,22 +726,27 @@ def encode(
             seed=seed or 0,
             size_policy=size_policy.value,
             latent_dtype=latent_dtype.value,
-            alpha=alpha.value,
+            alpha=alpha.value if alpha else None,
             max_pixels=max_pixels,
             overwrite=overwrite,
+            format=fmt,
+            flat=flat,
         )
-        vae = _load(model, family, device, as_json, debug)
+        vae = _load(ModelChoice(model, family, subfolder, revision, variant), device, as_json, debug)
         with _progress("encode", _show_progress(quiet), debug) as progress:
             report = encode_paths(vae, [Path(i) for i in inputs], out, options, run, progress)
         _finish(report, as_json, debug, live=progress)
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Latent files back to images at their original size.")
 def decode(
     inputs: InputsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <rel>.<format> images.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder for <rel>.<format> images.", show_default=False)],
     model: ModelOpt = None,
     family: FamilyOpt = None,
+    subfolder: SubfolderOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     upcast: UpcastOpt = None,
@@ -608,14 +755,15 @@ def decode(
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     batch_size: BatchOpt = 4,
     image_format: Annotated[ImageFormat, typer.Option("--format", help="Image format written.", rich_help_panel=OUTPUT)] = ImageFormat.png,
-    quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG/WebP quality (WebP 100: lossless).", rich_help_panel=OUTPUT)] = 95,
+    quality: Annotated[int, typer.Option("--quality", metavar="Q", min=1, max=100, help="JPEG/WebP quality (WebP 100: lossless).", rich_help_panel=OUTPUT)] = 95,
     force: Annotated[bool, typer.Option("--force", help="Decode latents made by another model.")] = False,
     scaling_factor: Annotated[
-        Optional[float], typer.Option("--scaling-factor", help="Normalization of latents without vaecli metadata (overrides metadata).")
+        Optional[float], typer.Option("--scaling-factor", metavar="X", help="Normalization of latents without vaecli metadata (overrides metadata).")
     ] = None,
-    shift_factor: Annotated[Optional[float], typer.Option("--shift-factor", help="Shift of such latents (SD3/Flux).")] = None,
+    shift_factor: Annotated[Optional[float], typer.Option("--shift-factor", metavar="X", help="Shift of such latents (SD3/Flux).")] = None,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
@@ -623,15 +771,18 @@ def decode(
     debug: DebugOpt = False,
 ) -> None:
     """Decode latent files (ours, bare .safetensors or .npy) to images at their original size."""
-    from .batch import DecodeOptions, check_layout, decode_paths
+    from .batch import DecodeOptions, check_layout, decode_paths, image_names
+    from .discovery import check_inputs_exist
 
     with _guard(as_json, debug, "decode"):
+        _refuse_torchrun("decode")
         if scaling_factor is not None and (not math.isfinite(scaling_factor) or scaling_factor == 0):
             raise VaecliError(f"--scaling-factor must be a finite, non-zero number, not {scaling_factor}")
         if shift_factor is not None and not math.isfinite(shift_factor):
             raise VaecliError(f"--shift-factor must be a finite number, not {shift_factor}")
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
-        check_layout(inputs, out)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
+        check_inputs_exist(inputs)
+        check_layout(inputs, out, image_names(image_format.value))
         options = DecodeOptions(
             batch_size=batch_size,
             format=image_format.value,
@@ -642,20 +793,23 @@ def decode(
             max_pixels=max_pixels,
             overwrite=overwrite,
         )
-        vae = _load(model, family, device, as_json, debug)
+        vae = _load(ModelChoice(model, family, subfolder, revision, variant), device, as_json, debug)
         with _progress("decode", _show_progress(quiet), debug) as progress:
             report = decode_paths(vae, inputs, out, options, run, progress)
         _finish(report, as_json, debug, live=progress)
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Encode and decode; PSNR, SSIM and max error per image.")
 def roundtrip(
     inputs: InputsArg,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Write reconstructions to OUT/<rel>.png.", show_default=False)
+        Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write reconstructions to OUT/<rel>.png.", show_default=False)
     ] = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
+    subfolder: SubfolderOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.fp32,
     upcast: UpcastOpt = None,
@@ -664,13 +818,14 @@ def roundtrip(
     tile_overlap: TileOverlapOpt = 64,
     slicing: SlicingOpt = None,
     compile_model: CompileOpt = False,
+    kernels: KernelsOpt = Kernels.auto,
     batch_size: BatchOpt = 4,
     sample: SampleOpt = False,
     seed: SeedOpt = None,
     size_policy: SizePolicyOpt = SizePolicy.pad,
-    alpha: AlphaOpt = Alpha.white,
+    alpha: AlphaOpt = None,
     diff: Annotated[bool, typer.Option("--diff", help="Also write OUT/<rel>.diff.png, |error| x --diff-gain.", rich_help_panel=OUTPUT)] = False,
-    diff_gain: Annotated[float, typer.Option("--diff-gain", min=0.0, help="Amplification of the error map.", rich_help_panel=OUTPUT)] = 8.0,
+    diff_gain: Annotated[float, typer.Option("--diff-gain", metavar="GAIN", min=0.0, help="Amplification of the error map.", rich_help_panel=OUTPUT)] = 8.0,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
@@ -678,32 +833,35 @@ def roundtrip(
     debug: DebugOpt = False,
 ) -> None:
     """Encode and decode in memory; per-image PSNR, SSIM and max abs error (8-bit RGB, original size)."""
-    from .batch import RoundtripOptions, check_layout, roundtrip_paths
+    from .batch import RoundtripOptions, check_layout, image_names, roundtrip_paths
+    from .discovery import check_inputs_exist
 
     with _guard(as_json, debug, "roundtrip"):
+        _refuse_torchrun("roundtrip")
         if diff and out is None:
             raise VaecliError("--diff needs -o/--out: the error maps are written beside the reconstructions")
         if not math.isfinite(diff_gain):
             raise VaecliError(f"--diff-gain must be a finite number, not {diff_gain}")
-        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model)
-        check_layout(inputs, out)
+        run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
+        check_inputs_exist(inputs)
+        check_layout(inputs, out, image_names("png"))
         options = RoundtripOptions(
             batch_size=batch_size,
             sample=sample or seed is not None,
             seed=seed or 0,
             size_policy=size_policy.value,
-            alpha=alpha.value,
+            alpha=alpha.value if alpha else "white",
             max_pixels=max_pixels,
             diff=diff,
             diff_gain=diff_gain,
             overwrite=overwrite,
         )
-        vae = _load(model, family, device, as_json, debug)
+        vae = _load(ModelChoice(model, family, subfolder, revision, variant), device, as_json, debug)
         with _progress("roundtrip", _show_progress(quiet), debug) as progress:
             report = roundtrip_paths(vae, inputs, out, options, run, progress)
         table = Table(title="roundtrip", show_lines=False)
         for name, justify in (("input", "left"), ("status", "left"), ("PSNR dB", "right"), ("SSIM", "right"), ("max err", "right")):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+            table.add_column(name, justify=justify, min_width=len(name), overflow="fold")  # type: ignore[arg-type]
         for r in report.items:
             m = r.metrics
             table.add_row(
@@ -716,11 +874,14 @@ def roundtrip(
         _finish(report, as_json, debug, table if report.items else None, progress)
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="Time encode and decode: ms/image, images/s, peak memory.")
 def bench(
     model: ModelOpt = None,
     family: FamilyOpt = None,
-    resolution: Annotated[list[int], typer.Option("--resolution", "-r", min=8, help="Square side; repeat for several.")] = [512],  # noqa: B006
+    subfolder: SubfolderOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
+    resolution: Annotated[list[int], typer.Option("--resolution", "-r", metavar="PIXELS", min=8, help="Square side; repeat for several.")] = [512],  # noqa: B006
     batch_size: BatchOpt = 1,
     dtype: DTypeOpt = DType.fp32,
     tiling: TilingOpt = Tiling.off,
@@ -728,8 +889,9 @@ def bench(
     tile_overlap: TileOverlapOpt = 64,
     device: DeviceOpt = Device.auto,
     compile_model: CompileOpt = False,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first (the first one's time is reported).")] = 1,
-    iters: Annotated[int, typer.Option("--iters", min=1, help="Timed runs.")] = 3,
+    kernels: KernelsOpt = Kernels.auto,
+    warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed runs first (the first one's time is reported).")] = 1,
+    iters: Annotated[int, typer.Option("--iters", metavar="N", min=1, help="Timed runs.")] = 3,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -744,6 +906,7 @@ def bench(
 
         if batch_size == 0:
             raise VaecliError("bench needs a numeric --batch-size (auto sizes batches per image during conversion)")
+        ModelChoice(model, family, subfolder, revision, variant).check()
         rows = run_bench(
             model=model,
             resolutions=list(resolution),
@@ -757,11 +920,15 @@ def bench(
             tile_overlap=tile_overlap,
             family=family.value if family else None,
             compile=compile_model,
+            kernels=kernels.value,
+            subfolder=subfolder,
+            revision=revision,
+            variant=variant,
         )
         failed = [r for r in rows if r.get("error")]
         items = []
         for r in rows:
-            item = {"input": f"{r.get('op')} {r.get('resolution')}", "output": None, "status": "ok"}
+            item = {"input": f"{r.get('op')} {r.get('resolution')}", "output": None, "status": "ok", "notes": []}
             if r.get("error"):
                 item.update(status="failed", error=str(r["error"]))
             items.append(item)
@@ -772,43 +939,54 @@ def bench(
                 {"results": rows, "ok": len(rows) - len(failed), "failed": len(failed), "skipped": 0, "items": items}
             )
         else:
-            table = Table(title="bench")
-            for name in ("op", "resolution", "batch", "dtype", "tiling", "ms/img", "img/s", "busy", "peak MiB", "warm-up s"):
-                table.add_column(name, justify="left" if name in ("op", "dtype", "tiling") else "right")
-            for r in rows:
-                peak = r.get("peak_memory_bytes")
-                table.add_row(
-                    str(r.get("op")),
-                    str(r.get("resolution")),
-                    str(r.get("batch_size")),
-                    str(r.get("dtype")),
-                    str(r.get("tiling")),
-                    _fmt(r.get("ms_per_img"), ".1f"),
-                    _fmt(r.get("img_per_s"), ".2f"),
-                    _fmt(r.get("device_busy"), ".0%"),
-                    _fmt(peak / 2**20 if isinstance(peak, (int, float)) else None, ".0f"),
-                    _fmt(r.get("warmup_s"), ".2f"),
-                )
-            out_console.print(table)
+            out_console.print(bench_table(rows))
             out_console.print("busy: share of a call's time the device computed (the rest: host work and waiting)")
         if failed:
             raise typer.Exit(ITEMS_FAILED)
+
+
+def bench_table(rows: list[dict[str, Any]]) -> Table:
+    """The bench rows as a table that fits 80 columns (no frame, whole headers; cells fold, never cut)."""
+    from rich import box
+
+    table = Table(title="bench", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name in ("op", "res", "batch", "dtype", "tiling", "ms/img", "img/s", "busy", "peak MiB", "warm-up s"):
+        table.add_column(name, justify="left" if name in ("op", "dtype", "tiling") else "right",
+                         min_width=len(name), overflow="fold")
+    for r in rows:
+        peak = r.get("peak_memory_bytes")
+        table.add_row(
+            str(r.get("op")),
+            str(r.get("resolution")),
+            str(r.get("batch_size")),
+            str(r.get("dtype")),
+            str(r.get("tiling")),
+            _fmt(r.get("ms_per_img"), ".1f"),
+            _fmt(r.get("img_per_s"), ".2f"),
+            _fmt(r.get("device_busy"), ".0%"),
+            _fmt(peak / 2**20 if isinstance(peak, (int, float)) else None, ".0f"),
+            _fmt(r.get("warmup_s"), ".2f"),
+        )
+    return table
 
 
 def _fmt(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-@app.command()
+@app.command(cls=_HelpCommand, short_help="A model's layout, config, normalization and sha256.")
 def info(
-    model: Annotated[Optional[str], typer.Argument(help="Model folder, weights file or Hub id; default: the embedded model.")] = None,
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Model folder, weights file or Hub id; default: the embedded model.")] = None,
     family: FamilyOpt = None,
+    subfolder: SubfolderOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Show a model's layout, config, parameter count, latent normalization, weights sha256 and notes."""
     with _guard(as_json, debug, "info"):
-        vae = _load(model, family, Device.cpu, as_json, debug)
+        vae = _load(ModelChoice(model, family, subfolder, revision, variant), Device.cpu, as_json, debug)
         cfg = vae.config
         minfo = vae.info
         doc: dict[str, Any] = {
@@ -826,7 +1004,7 @@ def info(
             "config": cfg.to_dict(),
         }
         if as_json:
-            item = {"input": minfo.name, "output": None, "status": "ok"}
+            item = {"input": minfo.name, "output": None, "status": "ok", "notes": list(minfo.notes)}
             _print_json({**doc, "ok": 1, "failed": 0, "skipped": 0, "items": [item]})
             return
         table = Table(show_header=False, box=None)

@@ -50,9 +50,42 @@ def _identity(path: Path | str) -> Identity | None:
     return st.st_dev, st.st_ino
 
 
-def check_layout(inputs: Sequence[str | Path], out: Path | None) -> None:
-    """Refuse, before any work, a layout in which an output could replace an input or be read as one."""
-    if out is None:
+@dataclass(frozen=True)
+class OutputNames:
+    """How a command names its outputs: the suffix it writes, and the suffixes that make `-o` name one file."""
+
+    suffix: str  # e.g. ".safetensors", ".png"
+    lookalikes: tuple[str, ...] = ()  # suffixes of this kind of output (the command's other formats included)
+
+
+def output_is_file(inputs: Sequence[str | Path], out: Path | None, names: OutputNames | None) -> bool:
+    """Whether `-o out` names the one output file instead of a folder: it ends in an output suffix of the
+    command and is no existing folder. It then takes exactly one input, a file, and the suffix written."""
+    if out is None or names is None or out.suffix.lower() not in names.lookalikes or out.is_dir():
+        return False
+    if len(inputs) != 1 or Path(inputs[0]).expanduser().is_dir():
+        what = "the input is a folder" if len(inputs) == 1 else f"{len(inputs)} inputs are given"
+        raise ConfigError(
+            f"-o {out} names one output file (it ends in {out.suffix}), which takes one input file, but {what}; "
+            "for several inputs or a folder give an output folder (a name without that suffix)"
+        )
+    if not _same_suffix(out.suffix, names.suffix):
+        raise ConfigError(f"-o {out} ends in {out.suffix}, but this command writes {names.suffix} files here; "
+                          f"name the output file <name>{names.suffix}, or choose the --format that writes {out.suffix}")
+    return True
+
+
+def _same_suffix(a: str, b: str) -> bool:
+    alias = {".jpeg": ".jpg"}
+    return alias.get(a.lower(), a.lower()) == alias.get(b.lower(), b.lower())
+
+
+def check_layout(inputs: Sequence[str | Path], out: Path | None, names: OutputNames | None = None) -> None:
+    """Refuse, before any work, a layout in which an output could replace an input or be read as one.
+
+    With `names`, an `-o` naming one output file is checked too (output_is_file); that file may not be
+    the input (checked with the items, by identity)."""
+    if out is None or output_is_file(inputs, out, names):
         return
     out_id = _identity(out)
     if out_id is None or not out.is_dir():
@@ -77,23 +110,40 @@ def check_layout(inputs: Sequence[str | Path], out: Path | None) -> None:
                 )
 
 
+def check_inputs_exist(inputs: Sequence[str | Path]) -> None:
+    """Refuse, before any work, input paths that do not exist: a typo in a path is a usage error (exit 2),
+    not a failed item in a run that then does all the other work."""
+    missing = [str(raw) for raw in inputs if not os.path.lexists(Path(raw).expanduser())]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ConfigError(f"no such file or folder: {shown}")
+
+
 def discover(
     inputs: Sequence[str | Path],
     suffixes: Sequence[str],
     out: Path | None,
-    out_suffix: str,
+    out_suffix: str | OutputNames,
     siblings: Siblings | None = None,
     notes: list[str] | None = None,
+    flat: bool = False,
 ) -> list[Item]:
     """Expand files and folders (recursively, by suffix, hidden names skipped) into items with outputs.
 
     `D/a/b.jpg` found in folder D -> `out/a/b<out_suffix>`; a file named directly -> `out/<stem><out_suffix>`.
     Refuses an overlapping layout (check_layout); files under `out` are never inputs. `siblings` names the
     other files an item writes beside its output; run-level notes (folders not followed) go to `notes`.
+    A path that does not exist raises ConfigError (check_inputs_exist). With OutputNames, an `out` that names
+    one output file (output_is_file) is the output of the single input. flat: every output at the top of
+    `out`, named by the input's file name (ComfyUI lists only those); two inputs of one name are a claim
+    conflict for the second.
     """
-    check_layout(inputs, out)
-    out_id = _identity(out) if out is not None else None
-    claims = _Claims(out) if out is not None else None
+    names = out_suffix if isinstance(out_suffix, OutputNames) else OutputNames(out_suffix)
+    check_inputs_exist(inputs)
+    check_layout(inputs, out, names)
+    single = output_is_file(inputs, out, names)
+    out_id = _identity(out) if out is not None and not single else None
+    claims = _Claims(out.parent if single else out) if out is not None else None
     items: list[Item] = []
     seen: set[Identity] = set()
 
@@ -103,8 +153,9 @@ def discover(
             if ident in seen:
                 return  # named twice, or a hard link: one item
             seen.add(ident)
-        stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
-        target = out / (stem + out_suffix) if out is not None else None
+        named = rel.rsplit("/", 1)[-1] if flat else rel
+        stem = named.rsplit(".", 1)[0] if "." in named.rsplit("/", 1)[-1] else named
+        target = (out if single else out / (stem + names.suffix)) if out is not None else None
         outputs = (target, *(siblings(target) if siblings else ())) if target is not None else ()
         item = Item(path, rel, target, outputs=outputs)
         item.error = _input_problem(path, out_id) or (claims.claim(item) if claims is not None else None)
@@ -117,10 +168,8 @@ def discover(
         if path.is_dir():
             for found in _walk(path, suffixes, out_id, notes):
                 add(found, found.relative_to(path).as_posix())
-        elif os.path.lexists(path):
-            add(path, path.name)
         else:
-            items.append(Item(path, path.name, None, "no such file or folder"))
+            add(path, path.name)
     _refuse_outputs_that_are_inputs(items)
     return items
 

@@ -202,13 +202,15 @@ def temp_is_dead(name: str, mtime: float, now: float | None = None) -> bool:
     return start != 0 and running_since != 0 and running_since != start  # the PID now belongs to another process
 
 
-def clean_temp_files(root: Path) -> list[Path]:
-    """Delete temporary files left under `root` by runs that provably died; all others are kept."""
+def clean_temp_files(root: Path, recursive: bool = True) -> list[Path]:
+    """Delete temporary files left under `root` (or only in it) by runs that provably died; others are kept."""
     removed: list[Path] = []
     if not root.is_dir():
         return removed
     now = time.time()
-    for dirpath, _, names in os.walk(root):
+    for dirpath, subdirs, names in os.walk(root):
+        if not recursive:
+            subdirs.clear()
         for name in names:
             if not is_temp_name(name):
                 continue
@@ -261,6 +263,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder_of(path)
+
+
+def publish_temp(tmp: Path, path: Path) -> None:
+    """Publish a file written to `tmp` by a streaming writer (a tar or parquet shard) as `path`, as
+    atomic_write does: its data fsynced before the rename, its folder after it."""
+    fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _sync_folder_of(path)
+
+
+def _sync_folder_of(path: Path) -> None:
     if not _defer_folder_sync(path.parent):
         fsync_folder(path.parent)
 

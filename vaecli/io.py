@@ -29,7 +29,9 @@ from .integrity import check_complete
 __all__ = ["atomic_write", "clean_temp_files", "is_temp_name", "temp_path", "open_regular", "sha256_of"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
-LATENT_SUFFIXES = (".safetensors", ".npy")
+LATENT_SUFFIXES = (".safetensors", ".npy", ".latent", ".npz")  # ours and bare; ComfyUI; kohya
+LATENT_OUTPUT_SUFFIXES = (".safetensors", ".npz", ".latent", ".npy")  # names an -o of one latent file
+IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # names an -o of one image file
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 ALPHA_POLICIES = ("white", "black", "drop")
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images need --max-pixels: one would take GBs of activations
@@ -46,22 +48,30 @@ _SUPPORTED = "supported: PNG, JPEG, WebP, TIFF, BMP, GIF"
 # ------------------------------------------------------------------------------------------------- images
 
 
-def read_image(path: Path | BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An image file (or its bytes in a BytesIO, e.g. a shard member) -> float32 (H, W, 3) RGB in [0, 1],
-    EXIF orientation applied.
+PIXEL_CONVENTIONS = ("vaecli", "kohya")
 
-    16-bit grayscale keeps its precision (divided by 65535, never clipped at 255); palette and RGB
-    transparency become alpha; alpha is composited over white or black, or dropped (`alpha`).
+
+def read_image(
+    path: Path | BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS, convention: str = "vaecli"
+) -> np.ndarray:
+    """An image file (or its bytes in a BytesIO, e.g. a shard member) -> float32 (H, W, 3) RGB in [0, 1].
+
+    convention "vaecli": EXIF orientation applied; 16-bit grayscale keeps its precision (divided by 65535,
+    never clipped at 255); palette and RGB transparency become alpha; alpha is composited over white or
+    black, or dropped (`alpha`). Convention "kohya": as kohya-ss sd-scripts loads images for its latent
+    cache (library/train_util.py load_image): the pixels as stored (EXIF orientation ignored) converted by
+    Pillow's `convert("RGB")`, which drops alpha (`alpha` is not used).
     Images above `max_pixels` (0: no limit) are refused before their pixels are decoded.
     """
     if not isinstance(path, (str, os.PathLike)):
-        return decode_image(path, alpha, max_pixels)
+        return decode_image(path, alpha, max_pixels, convention)
     with open_regular(Path(path)) as fh:
-        return decode_image(fh, alpha, max_pixels)
+        return decode_image(fh, alpha, max_pixels, convention)
 
 
 def decode_image(
-    fh: BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS, keep_uint8: bool = False
+    fh: BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS, convention: str = "vaecli",
+    keep_uint8: bool = False,
 ) -> np.ndarray:
     """read_image on an open file or in-memory bytes (e.g. a file whose bytes were just hashed).
 
@@ -70,6 +80,8 @@ def decode_image(
     """
     from PIL import Image, ImageOps
 
+    if convention not in PIXEL_CONVENTIONS:
+        raise InputError(f"unknown pixel convention {convention!r}")
     with _open_pil(fh) as img:
         w, h = img.size
         if max_pixels > 0 and w * h > max_pixels:
@@ -78,6 +90,9 @@ def decode_image(
         try:
             img.seek(0)  # animated GIF/WebP/TIFF: the first frame
             img.load()
+            if convention == "kohya":
+                rgb = img if img.mode == "RGB" else img.convert("RGB")
+                return np.asarray(rgb, dtype=np.float32) / 255.0  # (H, W, 3), as stored
             img = ImageOps.exif_transpose(img)
             return _to_rgb01(img, alpha, keep_uint8)
         except InputError:
@@ -90,8 +105,9 @@ def decode_image(
             raise InputError(f"corrupt or truncated image ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
-def image_size(fh: BinaryIO) -> tuple[int, int]:
-    """(width, height) of an image as displayed (EXIF orientation applied), from its header alone.
+def image_size(fh: BinaryIO, exif: bool = True) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied; as stored when not `exif`),
+    from its header alone.
 
     For grouping images by size before they are read: EXIF found after the pixel data (possible in PNG)
     is not looked for, since finding it would mean decoding the image.
@@ -101,12 +117,12 @@ def image_size(fh: BinaryIO) -> tuple[int, int]:
     with _open_pil(fh) as img:
         w, h = img.size
         orientation = 1
-        raw = img.info.get("exif")
+        raw = img.info.get("exif") if exif else None
         if isinstance(raw, bytes) and raw:
             exif = Image.Exif()
             exif.load(raw)
             orientation = exif.get(0x0112, 1)
-        elif hasattr(img, "tag_v2"):  # TIFF keeps it among its tags
+        elif exif and hasattr(img, "tag_v2"):  # TIFF keeps it among its tags
             orientation = img.tag_v2.get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # 5-8: rotated by 90 degrees
 
@@ -303,10 +319,15 @@ _MAX_HEADER = 16 << 20  # our headers are a few KB; safetensors itself allows 10
 
 @dataclass
 class LatentFile:
-    """A latent read from disk: (C, h, w) float32 tensor, and our metadata when the file has it."""
+    """A latent read from disk: (C, h, w) float32 tensor, our metadata when the file has it, and what its
+    container says about it (ComfyUI's version marker; kohya's original_size and crop_ltrb)."""
 
     tensor: torch.Tensor
-    meta: dict[str, str] | None  # None: a bare tensor without vaecli metadata
+    meta: dict[str, str] | None  # None: a latent without vaecli metadata
+    container: str = "vaecli"  # vaecli (ours), bare (.safetensors/.npy of unknown origin), comfyui, kohya
+    marker: bool = True  # comfyui: latent_format_version_0 present (raw values; absent: scaled by 0.18215)
+    original_size: tuple[int, int] | None = None  # kohya [W, H]
+    crop_ltrb: tuple[float, float, float, float] | None = None  # kohya
 
 
 @dataclass(frozen=True)
@@ -373,16 +394,27 @@ def write_latent(path: Path, latent: torch.Tensor, meta: Mapping[str, str]) -> N
 
 
 def latent_output_state(path: Path) -> OutputState:
-    """The state of a latent output: a whole vaecli latent file (its metadata as the record), or not."""
+    """The state of a latent output (.safetensors, ComfyUI .latent or kohya .npz): a whole file that vaecli
+    wrote (its metadata as the record), or not. Dataset files are ours by their embedded record."""
+    from .exports import COMFYUI_TENSOR, RECORD_KEY, npz_state
+
     state = _existing(path)
     if state is not None:
         return state
+    suffix = path.suffix.lower()
     try:
         with open_regular(path) as fh:
-            entries, meta = read_safetensors_header(fh)
+            if suffix == ".npz":
+                ours, meta = npz_state(fh)
+            else:
+                entries, meta = read_safetensors_header(fh)
+                if suffix == ".latent":
+                    ours = COMFYUI_TENSOR in entries and (meta.get("format") == LATENT_FORMAT or RECORD_KEY in meta)
+                else:
+                    ours = meta.get("format") == LATENT_FORMAT and LATENT_KEY in entries
     except InputError as exc:
         return OutputState("incomplete", detail=str(exc))
-    if meta.get("format") != LATENT_FORMAT or LATENT_KEY not in entries:
+    if not ours:
         return OutputState("foreign", detail="it is not a vaecli latent file")
     return OutputState("ours", dict(meta))
 
@@ -399,14 +431,15 @@ ShapeCheck = Callable[[tuple[int, int, int]], None]  # called with (C, h, w) bef
 def read_latent(path: Path, check: ShapeCheck | None = None) -> LatentFile:
     """A latent file -> (C, h, w) float32 tensor and metadata.
 
-    Accepted: our files ('latent' + metadata); bare safetensors with exactly one tensor (or ComfyUI's
-    'latent_tensor'); .npy arrays. Shapes (C, h, w) or (1, C, h, w); dtypes fp16, bf16, fp32, fp64.
-    `check` sees the shape (e.g. against a pixel limit) before any tensor data is read.
+    Accepted: our files ('latent' + metadata); bare safetensors with exactly one tensor; .npy arrays;
+    ComfyUI .latent files ('latent_tensor'); kohya .npz caches ('latents'). Shapes (C, h, w) or
+    (1, C, h, w); dtypes fp16, bf16, fp32, fp64. `check` sees the shape (e.g. against a pixel limit)
+    before any tensor data is read.
     """
     suffix = path.suffix.lower()
     if suffix not in LATENT_SUFFIXES:
         check_regular(path)
-        raise InputError(f"unsupported latent format {suffix!r} (use .safetensors or .npy)")
+        raise InputError(f"unsupported latent format {suffix!r} (use {', '.join(LATENT_SUFFIXES)})")
     with open_regular(path) as fh:
         return load_latent(fh, suffix, check)
 
@@ -415,13 +448,24 @@ def load_latent(fh: BinaryIO, suffix: str, check: ShapeCheck | None = None) -> L
     """read_latent on an open file (e.g. one whose bytes were just hashed)."""
     fh.seek(0)
     if suffix == ".npy":
-        return LatentFile(_as_chw(_read_npy(fh, check)), None)
+        return LatentFile(_as_chw(torch.from_numpy(read_npy(fh, check))), None, "bare")
+    if suffix in (".latent", ".npz"):
+        from .exports import read_comfyui, read_kohya
+
+        got = read_comfyui(fh, check) if suffix == ".latent" else read_kohya(fh, check)
+        container = "comfyui" if suffix == ".latent" else "kohya"
+        return LatentFile(_as_chw(got.tensor), got.meta, container, got.marker, got.original_size, got.crop_ltrb)
     entries, meta = read_safetensors_header(fh)
     ours = meta.get("format") == LATENT_FORMAT
     if ours and LATENT_KEY not in entries:
         raise InputError(f"vaecli latent file without its '{LATENT_KEY}' tensor (found: {sorted(entries)})")
     name = LATENT_KEY if ours else _bare_tensor_name(list(entries))
-    entry = entries[name]
+    tensor = read_tensor(fh, entries[name], name, check)
+    return LatentFile(_as_chw(tensor), dict(meta) if ours else None, "vaecli" if ours else "bare")
+
+
+def read_tensor(fh: BinaryIO, entry: TensorEntry, name: str, check: ShapeCheck | None) -> torch.Tensor:
+    """One latent tensor of a safetensors file: float dtype and shape checked before its data is read."""
     if entry.dtype not in _FLOAT_DTYPES:
         raise InputError(f"tensor {name!r} has dtype {entry.dtype}; a latent must be fp16, bf16, fp32 or fp64")
     shape = _check_shape(entry.shape, check)
@@ -431,10 +475,8 @@ def load_latent(fh: BinaryIO, suffix: str, check: ShapeCheck | None = None) -> L
         raise InputError("cut short while reading (the file changed?)")
     array = np.frombuffer(data, dtype=_FLOAT_DTYPES[entry.dtype]).reshape(shape)
     if entry.dtype == "BF16":
-        tensor = torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16).float()
-    else:
-        tensor = torch.from_numpy(array.astype(np.float32))
-    return LatentFile(_as_chw(tensor), dict(meta) if ours else None)
+        return torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(array.astype(np.float32))
 
 
 class _Shape(Exception):
@@ -457,8 +499,12 @@ def latent_shape(fh: BinaryIO, suffix: str) -> tuple[int, int, int]:
     raise InputError("latent file without a shape")  # not reached: load_latent checks the shape first
 
 
-def _read_npy(fh: BinaryIO, check: ShapeCheck | None) -> torch.Tensor:
-    """A .npy array of floats, its header checked before its data is read (no pickles, ever)."""
+def read_npy(fh: BinaryIO, check: ShapeCheck | None = None, kind: str = "f", limit: int | None = None) -> np.ndarray:
+    """A .npy array, its header checked before its data is read (no pickles, ever).
+
+    kind "f": a latent of floats, shape (C, h, w) or (1, C, h, w) (seen by `check`), returned as float32.
+    Other kinds ("iu", "iuf", "U": numpy dtype kinds allowed): a small array of at most `limit` bytes.
+    """
     fmt = np.lib.format
     try:
         version = fmt.read_magic(fh)
@@ -472,15 +518,22 @@ def _read_npy(fh: BinaryIO, check: ShapeCheck | None) -> torch.Tensor:
         raise
     except (ValueError, OSError, struct.error) as exc:
         raise InputError(f"not a readable .npy array ({_first_line(exc)})") from None
-    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
-        raise InputError(f".npy array has dtype {dtype}; a latent must be fp16, fp32 or fp64")
-    shape = _check_shape(tuple(shape), check)
+    if kind == "f":
+        if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+            raise InputError(f".npy array has dtype {dtype}; a latent must be fp16, fp32 or fp64")
+        shape = _check_shape(tuple(shape), check)
+    elif dtype.kind not in kind or dtype.hasobject:
+        raise InputError(f".npy array has dtype {dtype}, not the kind expected here")
     count = math.prod(shape) * dtype.itemsize
+    if limit is not None and count > limit:
+        raise InputError(f".npy array of {count} bytes is far larger than expected here")
     data = fh.read(count)
     if len(data) < count:
         raise InputError(f".npy array is cut short ({len(data)} of {count} bytes)")
     array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-    return torch.from_numpy(np.array(array, dtype=np.float32, order="C"))  # a writable copy
+    if kind == "f":
+        return np.array(array, dtype=np.float32, order="C")  # a writable copy
+    return np.array(array)
 
 
 def _check_shape(shape: tuple[int, ...], check: ShapeCheck | None) -> tuple[int, ...]:
@@ -511,6 +564,12 @@ def _as_chw(t: torch.Tensor) -> torch.Tensor:
     if t.ndim == 4 and t.shape[0] == 1:
         t = t[0]  # (1, C, h, w) -> (C, h, w)
     return t
+
+
+def meta_name(name: str) -> str:
+    """A file name as a metadata string: safetensors metadata must be valid UTF-8, file names need not be
+    (bytes that are not UTF-8 are written as \\xNN)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def meta_json(meta: Mapping[str, str], key: str) -> Any:

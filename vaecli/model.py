@@ -1,12 +1,14 @@
 """AutoencoderKL in plain PyTorch. Attribute paths are diffusers' checkpoint keys; no I/O, no device policy.
 
+How layers compute (memory layout, GroupNorm and upsampling forms, kernels) is the `plan` argument of the
+forward methods (plans.py), chosen by the caller; the default is diffusers' own sequence of operations.
+
 Value conventions: images are (N, in_channels, H, W) in [-1, 1]; latents are raw (unnormalized) VAE latents.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -15,46 +17,9 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .config import ModelInfo, VAEConfig
 from .errors import InputError
+from .plans import REFERENCE, NormStats, Plan
 
-_ACTIVATIONS: dict[str, Callable[..., torch.Tensor]] = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "mish": F.mish,
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
-_IN_PLACE = {"silu", "swish", "mish", "relu"}  # activations torch can apply in place
-
-
-def _activate(name: str, x: torch.Tensor) -> torch.Tensor:
-    """act(x), in place on x (a fresh GroupNorm output) when no gradient is recorded: one allocation
-    fewer per layer, which on CPUs also saves the page faults of touching new memory."""
-    if name in _IN_PLACE and not torch.is_grad_enabled():
-        return _ACTIVATIONS[name](x, inplace=True)
-    return _ACTIVATIONS[name](x)
-_REDUCED = (torch.float16, torch.bfloat16)
-
-
-class NormStats(Protocol):
-    """Supplies GroupNorm statistics from outside a tensor (tiling: statistics of the whole image)."""
-
-    def normalize(self, norm: "GroupNorm", x: torch.Tensor) -> torch.Tensor: ...
-
-
-class GroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics are always computed in fp32 (fp16 sums overflow on large activations).
-
-    With `stats`, the statistics come from that object instead of from `x` (see tiling.py).
-    """
-
-    def forward(self, x: torch.Tensor, stats: NormStats | None = None) -> torch.Tensor:
-        if stats is not None:
-            return stats.normalize(self, x)
-        if x.dtype in _REDUCED:
-            w = self.weight.float() if self.weight is not None else None
-            b = self.bias.float() if self.bias is not None else None
-            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+GroupNorm = nn.GroupNorm  # how it computes is the plan's choice (Plan.norm_act)
 
 
 class ResnetBlock(nn.Module):
@@ -69,9 +34,9 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x: torch.Tensor, stats: NormStats | None = None) -> torch.Tensor:
-        h = self.conv1(_activate(self.act, self.norm1(x, stats)))
-        h = self.conv2(_activate(self.act, self.norm2(h, stats)))
+    def forward(self, x: torch.Tensor, stats: NormStats | None = None, plan: Plan = REFERENCE) -> torch.Tensor:
+        h = self.conv1(plan.norm_act(self.norm1, x, self.act, stats))
+        h = self.conv2(plan.norm_act(self.norm2, h, self.act, stats))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         if torch.is_grad_enabled():
@@ -90,13 +55,13 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(ch, ch)
         self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: Plan = REFERENCE) -> torch.Tensor:
         n, c, h, w = x.shape
-        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (N, h*w, C)
+        t = plan.norm_act(self.group_norm, x, None).flatten(2).transpose(1, 2)  # (N, h*w, C)
         q = self.to_q(t).unsqueeze(1)  # (N, 1, h*w, C): one head
         k = self.to_k(t).unsqueeze(1)
         v = self.to_v(t).unsqueeze(1)
-        a = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (N, h*w, C)
+        a = plan.attend(q, k, v).squeeze(1)  # (N, h*w, C)
         a = self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w)  # (N, C, h, w), an NHWC-strided view
         # Sum in this order so the result keeps the view's NHWC strides, as diffusers' does: GroupNorm's
         # reduction order depends on the layout, and we want bit-identical outputs.
@@ -114,62 +79,15 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-# Layers at least this wide take the faster formulations (sub-pixel upsampling here, NHWC layout on CPUs
-# in the loader), whose sums round differently from diffusers' by about 1e-6 relative. Narrower models,
-# where the gain is small, keep diffusers' exact sequence of operations and match it bit for bit.
-WIDE_CHANNELS = 256
-
-
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv; wide layers compute it without the upsampled tensor.
-
-    After nearest x2, each output phase (row parity a, column parity b) sees only a 2x2 neighbourhood of
-    the input, with the 3x3 weights summed over the taps that land on the same input pixel. One 2x2 conv
-    producing the four phases therefore gives the same result with 4/9 of the multiply-adds and without
-    the 4x larger intermediate tensor; only the rounding of the sums differs (about 1e-6 relative).
-    """
+    """Nearest-neighbour x2 then a 3x3 conv; the plan chooses how (kernels/upsample_conv.py)."""
 
     def __init__(self, ch: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-        self.subpixel = ch >= WIDE_CHANNELS  # architecture-derived, not a runtime switch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.subpixel:
-            if x.numel() * 4 > 2**31:
-                x = x.contiguous()  # the channels_last nearest kernel fails past 2**31 output elements
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        n, _, h, w = x.shape
-        weight, bias = _phase_weights(self.conv.weight), self.conv.bias
-        cout = self.conv.out_channels
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias.repeat(4) if bias is not None else None)  # (N, 4*Co, h+1, w+1)
-        y = y.view(n, 2, 2, cout, h + 1, w + 1)  # (N, a, b, Co, h+1, w+1)
-        out = torch.empty((n, cout, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=layout_of(x))
-        grid = out.view(n, cout, h, 2, w, 2)  # (N, Co, i, a, j, b): out[.., 2i+a, 2j+b]
-        for a in (0, 1):
-            for b in (0, 1):
-                grid[:, :, :, a, :, b] = y[:, a, b, :, a : a + h, b : b + w]
-        return out
-
-
-def _phase_weights(w: torch.Tensor) -> torch.Tensor:
-    """(Co, Ci, 3, 3) conv weights -> (4*Co, Ci, 2, 2): one 2x2 kernel per output phase (a, b).
-
-    Along one axis, phase 0 reads input offsets (-1, 0) with taps (w0, w1 + w2); phase 1 reads (0, +1) with
-    taps (w0 + w1, w2). On the 1-padded input these are windows starting at a and b.
-    """
-    rows = torch.stack([torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
-                        torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)])  # (a, Co, Ci, 2, 3)
-    k = torch.stack([torch.stack([rows[..., 0], rows[..., 1] + rows[..., 2]], -1),
-                     torch.stack([rows[..., 0] + rows[..., 1], rows[..., 2]], -1)], 1)  # (a, b, Co, Ci, 2, 2)
-    return k.reshape(4 * w.shape[0], w.shape[1], 2, 2).contiguous(memory_format=layout_of(w))
-
-
-def layout_of(t: torch.Tensor) -> torch.memory_format:
-    """channels_last when t is stored NHWC (and not also NCHW-contiguous), else contiguous_format."""
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+    def forward(self, x: torch.Tensor, plan: Plan = REFERENCE) -> torch.Tensor:
+        return plan.upsample_conv(self.conv, x)
 
 
 class DownBlock(nn.Module):
@@ -180,9 +98,9 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
 
-    def forward(self, x: torch.Tensor, stats: NormStats | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: NormStats | None = None, plan: Plan = REFERENCE) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x, stats)
+            x = resnet(x, stats, plan)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
         return x
@@ -196,11 +114,11 @@ class UpBlock(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 
-    def forward(self, x: torch.Tensor, stats: NormStats | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: NormStats | None = None, plan: Plan = REFERENCE) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x, stats)
+            x = resnet(x, stats, plan)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+            x = self.upsamplers[0](x, plan)
         return x
 
 
@@ -212,11 +130,11 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock(ch, ch, groups, act), ResnetBlock(ch, ch, groups, act)])
         self.attentions = nn.ModuleList([Attention(ch, groups)]) if attention else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x)
+    def forward(self, x: torch.Tensor, plan: Plan = REFERENCE) -> torch.Tensor:
+        x = self.resnets[0](x, None, plan)
         if self.attentions is not None:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
+            x = self.attentions[0](x, plan)
+        return self.resnets[1](x, None, plan)
 
 
 def _run(module: nn.Module, x: torch.Tensor, checkpointing: bool, *args: object) -> torch.Tensor:
@@ -244,21 +162,21 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def features(
-        self, x: torch.Tensor, checkpointing: bool = False, stats: NormStats | None = None
+        self, x: torch.Tensor, checkpointing: bool = False, stats: NormStats | None = None, plan: Plan = REFERENCE
     ) -> torch.Tensor:
         """The local part (convolutions only, tileable): image -> (N, C_last, H/f, W/f) features."""
         x = self.conv_in(x)
         for block in self.down_blocks:
-            x = _run(block, x, checkpointing, stats)
+            x = _run(block, x, checkpointing, stats, plan)
         return x
 
-    def head(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    def head(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
         """The global part (mid-block attention sees every position): features -> moments."""
-        x = _run(self.mid_block, x, checkpointing)
-        return self.conv_out(_activate("silu", self.conv_norm_out(x)))  # SiLU whatever act_fn says, as diffusers
+        x = _run(self.mid_block, x, checkpointing, plan)
+        return self.conv_out(plan.norm_act(self.conv_norm_out, x, "silu"))  # SiLU whatever act_fn says, as diffusers
 
-    def forward(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
-        return self.head(self.features(x, checkpointing), checkpointing)
+    def forward(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
+        return self.head(self.features(x, checkpointing, None, plan), checkpointing, plan)
 
 
 class Decoder(nn.Module):
@@ -278,21 +196,21 @@ class Decoder(nn.Module):
         self.conv_norm_out = GroupNorm(g, chs[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[-1], cfg.out_channels, 3, padding=1)
 
-    def trunk(self, z: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    def trunk(self, z: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
         """The global part at latent resolution (mid-block attention sees every position)."""
-        return _run(self.mid_block, self.conv_in(z), checkpointing)
+        return _run(self.mid_block, self.conv_in(z), checkpointing, plan)
 
     def upsample(
-        self, x: torch.Tensor, checkpointing: bool = False, stats: NormStats | None = None
+        self, x: torch.Tensor, checkpointing: bool = False, stats: NormStats | None = None, plan: Plan = REFERENCE
     ) -> torch.Tensor:
         """The local part (convolutions only, tileable): trunk features -> image."""
         for block in self.up_blocks:
-            x = _run(block, x, checkpointing, stats)
-        x = self.conv_norm_out(x, stats)
-        return self.conv_out(_activate("silu", x))  # SiLU whatever act_fn says, as diffusers
+            x = _run(block, x, checkpointing, stats, plan)
+        x = plan.norm_act(self.conv_norm_out, x, "silu", stats)  # SiLU whatever act_fn says, as diffusers
+        return self.conv_out(x)
 
-    def forward(self, z: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
-        return self.upsample(self.trunk(z, checkpointing), checkpointing)
+    def forward(self, z: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
+        return self.upsample(self.trunk(z, checkpointing, plan), checkpointing, None, plan)
 
 
 class DiagonalGaussian:
@@ -373,41 +291,40 @@ class AutoencoderKL(nn.Module):
         """The weights' precision (inputs are cast to it)."""
         return self.encoder.conv_in.weight.dtype
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Match the input's dtype and memory layout to the weights (channels_last weights want NHWC input)."""
+    def _prepare(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """The input in the weights' dtype and the plan's memory layout."""
         if not x.is_floating_point():  # uint8 pixels, bool masks, ints, complex: never meaningful to convert
             raise InputError(f"expected a floating-point tensor, got {x.dtype} (images: float in [-1, 1])")
-        w = self.encoder.conv_in.weight
-        x = x.to(dtype=w.dtype)
-        if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.to(dtype=self.encoder.conv_in.weight.dtype).contiguous(memory_format=plan.layout)
 
-    def encode_moments(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    def encode_moments(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
         """Image in [-1, 1] (N, in, H, W) -> posterior moments (N, 2*latent, H/f, W/f)."""
-        m = self.encoder(self._prepare(x), checkpointing)
+        m = self.encoder(self._prepare(x, plan), checkpointing, plan)
         if self.quant_conv is not None:
             m = self.quant_conv(m)
         return m
 
-    def encode(self, x: torch.Tensor, checkpointing: bool = False, check_range: bool = True) -> DiagonalGaussian:
+    def encode(
+        self, x: torch.Tensor, checkpointing: bool = False, check_range: bool = True, plan: Plan = REFERENCE
+    ) -> DiagonalGaussian:
         """Image in [-1, 1] (N, in, H, W) -> posterior over raw latents (N, latent, H/f, W/f).
 
         H and W should be multiples of the downsample factor (8 for every released VAE); other sizes are
         computed like diffusers does (the stride-2 convs floor), which loses the last rows and columns.
         Raises InputError for non-float input, NaN/Inf, or values far outside [-1, 1] (e.g. [0, 255]
         pixels); `check_range=False` skips the value check (it costs one device sync per call).
+        plan: how the layers run (vaecli.plans); the default is diffusers' own sequence of operations.
         """
         if check_range and x.is_floating_point():
             _check_image_range(x)
-        return DiagonalGaussian(self.encode_moments(x, checkpointing))
+        return DiagonalGaussian(self.encode_moments(x, checkpointing, plan))
 
-    def decode(self, z: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
         """Raw latents (N, latent, h, w) -> image (N, out, h*f, w*f), nominally in [-1, 1] (not clamped)."""
-        z = self._prepare(z)
+        z = self._prepare(z, plan)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z, checkpointing)
+        return self.decoder(z, checkpointing, plan)
 
     def forward(
         self,
@@ -415,8 +332,9 @@ class AutoencoderKL(nn.Module):
         sample_posterior: bool = False,
         generator: torch.Generator | None = None,
         checkpointing: bool = False,
+        plan: Plan = REFERENCE,
     ) -> torch.Tensor:
         """Encode, take the posterior mode (or a sample), decode."""
-        posterior = self.encode(x, checkpointing)
+        posterior = self.encode(x, checkpointing, plan=plan)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z, checkpointing)
+        return self.decode(z, checkpointing, plan)

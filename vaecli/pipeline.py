@@ -13,10 +13,12 @@ from typing import Callable, Generic, TypeVar
 
 import torch
 
+from . import accel
 from .accel import Autotune, trim_heap
 from .config import LatentSpec, VAEConfig
 from .errors import ConfigError, VaecliError
 from .model import AutoencoderKL
+from .plans import apply_layout, plan_for
 from .staging import Download, Transfers, to_model_range, to_uint8_nhwc
 from .tiling import tiled_decode, tiled_encode_moments
 
@@ -45,7 +47,8 @@ class RunOptions:
     tile_overlap: int = 64  # overlap between neighbouring tiles in image pixels
     slicing: int | None = None  # run batches in slices of this many samples
     tile_batch: int = 4  # tiles per model call when tiling
-    compile: bool = False  # torch.compile the encoder and decoder (kernels cached on disk across runs)
+    compile: bool = False  # untiled calls run as compiled packages (accel.py), cached on disk across runs
+    kernels: str = "auto"  # Triton kernels: "auto" (as plans.TABLE says for the device), "on", "off"
 
 
 @dataclass
@@ -178,9 +181,12 @@ class Runner:
         self.device = next(vae.parameters()).device
         self.dtype = compute_dtype(options.dtype, vae.config.force_upcast, options.upcast)
         self.config = vae.config
-        self._models: dict[torch.dtype, AutoencoderKL] = {next(vae.parameters()).dtype: vae}
+        # How the layers run on this device (plans.TABLE); the weights take the plan's layout once, here.
+        self.plan = plan_for(self.device, vae.config, options.kernels)
+        self._models: dict[torch.dtype, AutoencoderKL] = {next(vae.parameters()).dtype: apply_layout(vae, self.plan)}
         self.ladder = precision_ladder(self.dtype, self.device)
-        self._compiled: set[torch.dtype] = set()
+        # (op, shape) -> compiled op, or None where compiling failed (that shape then runs eager)
+        self._compiled: dict[tuple[str, tuple[int, ...]], accel.Compiled | None] = {}
         self.transfers = Transfers(self.device)
         # Tiles share whole-image statistics unless even one tile per call ran out of memory: then each tile
         # is normalized by itself (memory of one tile, possible tone shifts), and the run says so.
@@ -191,18 +197,31 @@ class Runner:
         self.autotune = Autotune(self.device)
 
     def model(self, dtype: torch.dtype) -> AutoencoderKL:
-        """The model in `dtype`, converted from the loaded one on first use; the compute precision's copy is
-        compiled when options.compile (retries at higher precision are rare and stay eager)."""
+        """The model in `dtype`, converted from the loaded one on first use."""
         if dtype not in self._models:
             base = next(iter(self._models.values()))
             self._models[dtype] = copy.deepcopy(base).to(dtype)
-        model = self._models[dtype]
-        if self.options.compile and dtype == self.dtype and dtype not in self._compiled:
-            from . import accel  # looked up at call time (tests substitute accel.prepare)
+        return self._models[dtype]
 
-            accel.prepare(model, compile=True)
-            self._compiled.add(dtype)
-        return model
+    def compiled(self, op: str, model: AutoencoderKL, x: torch.Tensor, result: BatchResult) -> accel.Compiled | None:
+        """The compiled op for x's shape when options.compile (compute precision only: retries at higher
+        precision are rare and stay eager); built or loaded on first use, each reported in the events."""
+        if not self.options.compile or x.dtype != self.dtype:
+            return None
+        key = (op, tuple(x.shape))
+        if key not in self._compiled:
+            shape = "x".join(map(str, x.shape))
+            try:
+                c = accel.compile_op(model, op, x, self.plan)
+            except Exception as exc:  # export or compiler failure (no C++ compiler, unsupported op...)
+                self._compiled[key] = None
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                result.events.append(f"compile of {op} {shape} failed, running eager: {reason}")
+                return None
+            self._compiled[key] = c
+            how = "compiled" if c.built else "loaded compiled"
+            result.events.append(f"{how} {op} {shape} in {c.seconds:.1f} s ({c.path.name})")
+        return self._compiled[key]
 
     # -- public operations --------------------------------------------------------------------------------
 
@@ -345,10 +364,10 @@ class Runner:
     # -- one model call, tiled or not ---------------------------------------------------------------------
 
     def should_tile(self, op: str, x: torch.Tensor) -> bool:
-        """Whether a call on x (N, C, H, W) would run tiled (see plan)."""
-        return self.plan(op, x, BatchResult(torch.empty(0))).tiled
+        """Whether a call on x (N, C, H, W) would run tiled (see memory_plan)."""
+        return self.memory_plan(op, x, BatchResult(torch.empty(0))).tiled
 
-    def plan(self, op: str, x: torch.Tensor, result: BatchResult) -> CallPlan:
+    def memory_plan(self, op: str, x: torch.Tensor, result: BatchResult) -> CallPlan:
         """Slices and tiling for a call on x, predicted from free memory before anything is tried.
 
         tiling on: tiled; auto: tiled when one sample would not fit in 80% of free memory; off: untiled
@@ -413,12 +432,15 @@ class Runner:
     def _call(self, op: str, model: AutoencoderKL, x: torch.Tensor, tiled: bool, result: BatchResult) -> torch.Tensor:
         o = self.options
         if not tiled:
-            return model.encode_moments(x) if op == "encode" else model.decode(x)
+            compiled = self.compiled(op, model, x, result)
+            if compiled is not None:
+                return compiled(x)
+            return model.encode_moments(x, plan=self.plan) if op == "encode" else model.decode(x, plan=self.plan)
         cpu = x.device.type == "cpu"
         if cpu:
             trim_heap()
         tiled_fn = tiled_encode_moments if op == "encode" else tiled_decode
-        y, report = tiled_fn(model, x, o.tile_size, o.tile_overlap, o.tile_batch, self.whole_image_stats)
+        y, report = tiled_fn(model, x, o.tile_size, o.tile_overlap, o.tile_batch, self.whole_image_stats, self.plan)
         if cpu:
             trim_heap()
         result.tiles += report.tiles
@@ -433,8 +455,8 @@ class Runner:
         attempt is the plan it now predicts to fit (fewer samples per slice, tiling, fewer tiles per call,
         per-tile statistics), so one failure costs one retry; a second failure steps down one rung at a time.
         """
-        plan = self.plan(op, x, result)
-        size, tiled = plan.slice, plan.tiled
+        planned = self.memory_plan(op, x, result)
+        size, tiled = planned.slice, planned.tiled
         self.autotune.before_call((op, tuple(x.shape), x.dtype), tiled)
         outs: list[torch.Tensor] = []
         failures = 0

@@ -19,8 +19,9 @@ overlap), plus one batch of tiles in compute precision: a fraction of an untiled
 full-precision copies. Inside a resnet the first convolution's output is recomputed rather than kept for
 all tiles (one extra convolution per resnet, a third less peak memory); norm-free layers run inside the
 neighbouring resnet's sweeps, so the full-resolution tensors they make or take (encoder conv_in and first
-downsampler, decoder last upsampler) need not be stored for all tiles (`_Lockstep.run`). Tiles are
-channels-last: faster convolutions on CPUs and GPUs. Measured figures: README.md.
+downsampler, decoder last upsampler) need not be stored for all tiles (`_Lockstep.run`). Tiles run with
+the caller's plan (plans.py): its memory layout, upsampling form and GroupNorm kernels, including for the
+pooled statistics and for normalizing by them. Measured figures: README.md.
 
 Grids are laid out in latent cells, so encoder tiles start on multiples of the downsample factor and see
 the same stride-2 sampling grid as the untiled run.
@@ -34,7 +35,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .model import AutoencoderKL, GroupNorm, ResnetBlock, _activate, layout_of
+from .model import AutoencoderKL, GroupNorm, ResnetBlock, Upsample
+from .plans import REFERENCE, Plan
 
 # A batch of tiles (one model call) holds at most about this fraction of the image's pixels, so the
 # compute-precision temporaries of a batch stay small next to the stored half-precision tiles.
@@ -100,8 +102,8 @@ class TileReport:
 
 
 class WholeImageStats:
-    """GroupNorm statistics shared by every tile (the `stats` argument of GroupNorm.forward): a table of
-    per-image, per-group (mean, 1/std) per norm, applied to a batch of tiles whose owners are bound."""
+    """GroupNorm statistics shared by every tile (plans.NormStats): a table of per-image, per-group
+    (mean, 1/std) per norm, handed out for a batch of tiles whose owners are bound."""
 
     def __init__(self) -> None:
         self.table: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(norm) -> (mean, rstd), (images, G)
@@ -110,18 +112,10 @@ class WholeImageStats:
     def bind(self, owners: list[int]) -> None:
         self.owners = torch.tensor(owners, dtype=torch.long)
 
-    def normalize(self, norm: GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    def moments(self, norm: torch.nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         mean, rstd = self.table[id(norm)]
-        b, c = x.shape[:2]
-        per = c // norm.num_groups
         owners = self.owners.to(mean.device)
-        scale = rstd[owners].repeat_interleave(per, dim=1)  # (B, C)
-        shift = mean[owners].repeat_interleave(per, dim=1)
-        if norm.weight is not None:
-            scale = scale * norm.weight.float()
-        bias = -shift * scale + (norm.bias.float() if norm.bias is not None else 0.0)
-        y = x.float() * scale.view(b, c, 1, 1) + bias.view(b, c, 1, 1)
-        return y.to(x.dtype)
+        return mean[owners], rstd[owners]  # (B, G) each
 
 
 class _Sums:
@@ -132,26 +126,22 @@ class _Sums:
         self.total_sq = torch.zeros_like(self.total)
         self.count = torch.zeros(images, 1, dtype=torch.float64, device=device)
 
-    def add(self, x: torch.Tensor, chunk: "_Chunk", size_in: tuple[int, int]) -> None:
+    def add(self, x: torch.Tensor, chunk: "_Chunk", size_in: tuple[int, int], plan: Plan) -> None:
         g = self.total.shape[1]
         fy = x.shape[-2] / size_in[0]  # this layer's resolution relative to the tile input
         fx = x.shape[-1] / size_in[1]
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         for b, (y0, y1, x0, x1) in enumerate(chunk.owned):
-            part = x[b, :, int(y0 * fy) : int(y1 * fy), int(x0 * fx) : int(x1 * fx)]
-            if part.dtype in (torch.float16, torch.bfloat16):
-                part = part.float()
-            # Per-channel mean and centred sum of squares of the tile (fp32, two passes: no cancellation),
-            # reduced row by row over the (h, w, C) view, which is fast for both memory layouts; then
-            # combined into the image's float64 sums (sum, sum of squares) per group.
-            rows = part.permute(1, 2, 0)
-            n = rows.shape[0] * rows.shape[1]
-            mean = rows.sum(1).sum(0) / n
-            m2 = (rows - mean).square_().sum(1).sum(0)
-            mean, m2 = mean.double().view(g, -1), m2.double().view(g, -1)
+            part = x[b : b + 1, :, int(y0 * fy) : int(y1 * fy), int(x0 * fx) : int(x1 * fx)]
+            # Count, mean and centred sum of squares per group of the owned cells (fp32, no cancellation;
+            # the plan's kernel where it has one, which wants a dense crop), combined into the image's
+            # float64 sums (sum, sum of squares).
+            stats = plan.moments(part.contiguous(memory_format=layout), g)  # (1, G) each
+            count, mean, m2 = (t.double().view(g) for t in stats)
             img = chunk.tiles[b].image
-            self.total[img] += mean.sum(dim=1) * n
-            self.total_sq[img] += (m2 + n * mean.square()).sum(dim=1)
-            self.count[img] += n * mean.shape[1]
+            self.total[img] += mean * count
+            self.total_sq[img] += m2 + count * mean.square()
+            self.count[img] += count[0]
 
     def mean_rstd(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.total / self.count
@@ -171,8 +161,9 @@ class _Chunk:
 class _Lockstep:
     """All tiles of a batch of images, advanced layer by layer; see the module docstring."""
 
-    def __init__(self, src: torch.Tensor, in_scale: int, tile: int, overlap: int, batch: int) -> None:
+    def __init__(self, src: torch.Tensor, in_scale: int, tile: int, overlap: int, batch: int, plan: Plan) -> None:
         n = src.shape[0]
+        self.plan = plan
         h, w = src.shape[-2] // in_scale, src.shape[-1] // in_scale
         self.src, self.scale, self.images, self.dtype = src, in_scale, n, src.dtype
         self.gy, self.gx = Grid.fit(h, tile, overlap), Grid.fit(w, tile, overlap)
@@ -194,10 +185,10 @@ class _Lockstep:
         self.chunks = [self.crop(tiles) for tiles in self.batches]
 
     def crop(self, tiles: list[Tile]) -> _Chunk:
-        """A chunk holding the crops of `tiles` (channels-last) and their owned boxes."""
+        """A chunk holding the crops of `tiles` (in the plan's layout) and their owned boxes."""
         s, sy, sx = self.scale, self.gy.size, self.gx.size
         x = torch.stack([self.src[t.image, :, t.y * s : (t.y + sy) * s, t.x * s : (t.x + sx) * s] for t in tiles])
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=self.plan.layout)
         owned = [(*(v * s for v in self.gy.owned(t.iy)), *(v * s for v in self.gx.owned(t.ix))) for t in tiles]
         return _Chunk(tiles, owned, x)
 
@@ -211,20 +202,24 @@ class _Lockstep:
         """Each chunk's activation in compute precision (through `pre` first, if given), one chunk at a time."""
         for c in self.chunks:
             x = c.x.to(self.dtype)
-            yield c, (x if pre is None else pre(x))
+            yield c, (x if pre is None else self.layer(pre, x))
 
     def pool(self, norm: GroupNorm, pairs: Iterable[tuple[_Chunk, torch.Tensor]]) -> None:
         """Sum `norm`'s input over every chunk's owned cells, then make the result its statistics."""
         sums: _Sums | None = None
         for c, t in pairs:
             sums = sums or _Sums(self.images, norm.num_groups, t.device)
-            sums.add(t, c, self.size_in)
+            sums.add(t, c, self.size_in, self.plan)
         assert sums is not None
         self.stats.table[id(norm)] = sums.mean_rstd(norm.eps)
 
     def norm_act(self, norm: GroupNorm, act: str, c: _Chunk, t: torch.Tensor) -> torch.Tensor:
         self.stats.bind([t_.image for t_ in c.tiles])
-        return _activate(act, norm(t, self.stats))
+        return self.plan.norm_act(norm, t, act, self.stats)
+
+    def layer(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A norm-free layer (conv_in, down/upsampler) on x, with the plan where the layer takes one."""
+        return module(x, self.plan) if isinstance(module, Upsample) else module(x)
 
     def run(self, modules: list[torch.nn.Module], recompute: tuple[torch.nn.Module, ...] = ()) -> None:
         """Advance every chunk through `modules` (ResnetBlocks and norm-free layers, in order).
@@ -257,7 +252,8 @@ class _Lockstep:
         """Advance every chunk through `pre`, `module` (a ResnetBlock or a norm-free layer) and `post`."""
         if not isinstance(module, ResnetBlock):
             for c, x in self.inputs(pre):
-                c.x = _compact(module(x) if post is None else post(module(x)))
+                y = self.layer(module, x)
+                c.x = _compact(y if post is None else self.layer(post, y))
             return
         r = module
 
@@ -269,7 +265,7 @@ class _Lockstep:
         for c, x in self.inputs(pre):  # recompute conv1: keeping its output for every tile would raise the peak
             out = r.conv2(self.norm_act(r.norm2, r.act, c, inner(c, x)))
             out = out.add_(r.conv_shortcut(x) if r.conv_shortcut is not None else x)
-            c.x = _compact(out if post is None else post(out))
+            c.x = _compact(out if post is None else self.layer(post, out))
 
 
 class _Blender:
@@ -306,17 +302,18 @@ def _per_tile(run: _Lockstep, local, blend: "_Blender") -> None:
 
 def tiled_encode_moments(
     model: AutoencoderKL, x: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4,
-    whole_image_stats: bool = True,
+    whole_image_stats: bool = True, plan: Plan = REFERENCE,
 ) -> tuple[torch.Tensor, TileReport]:
     """Image (N, C, H, W) in [-1, 1], H and W multiples of the downsample factor -> moments, tile by tile.
 
     whole_image_stats=False normalizes each tile by itself (the usual method: bounded memory, visible tone
-    shifts); the pipeline falls back to it only when the lockstep runs out of memory.
+    shifts); the pipeline falls back to it only when the lockstep runs out of memory. plan: how the
+    layers run (plans.py), for every tile and for the statistics.
     """
     f = model.config.downsample_factor
-    run = _Lockstep(x, f, max(1, tile_px // f), max(0, overlap_px // f), batch)
+    run = _Lockstep(x, f, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
     if len(run.tiles) == x.shape[0]:  # one tile per image covers it: that is the untiled computation
-        return model.encode_moments(x), run.report
+        return model.encode_moments(x, plan=plan), run.report
     enc = model.encoder
     blend = _Blender(run, 1, model.config.block_out_channels[-1])
     if whole_image_stats:
@@ -327,8 +324,8 @@ def tiled_encode_moments(
             blend.add(c.tiles, c.x)
             c.x = None
     else:
-        _per_tile(run, enc.features, blend)
-    moments = enc.head(blend.result().to(x.dtype).contiguous(memory_format=layout_of(x)))
+        _per_tile(run, lambda t: enc.features(t, plan=plan), blend)
+    moments = enc.head(blend.result().to(x.dtype).contiguous(memory_format=plan.layout), plan=plan)
     if model.quant_conv is not None:
         moments = model.quant_conv(moments)
     return moments, run.report
@@ -336,21 +333,22 @@ def tiled_encode_moments(
 
 def tiled_decode(
     model: AutoencoderKL, z: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4,
-    whole_image_stats: bool = True,
+    whole_image_stats: bool = True, plan: Plan = REFERENCE,
 ) -> tuple[torch.Tensor, TileReport]:
     """Raw latents (N, c, h, w) -> image (N, C, h*f, w*f), the upsampling part tile by tile
-    (whole_image_stats: as in tiled_encode_moments)."""
+    (whole_image_stats and plan: as in tiled_encode_moments)."""
     f = model.config.downsample_factor
+    z = z.contiguous(memory_format=plan.layout)
     if model.post_quant_conv is not None:
         z = model.post_quant_conv(z)
     dec = model.decoder
-    trunk = dec.trunk(z)
-    run = _Lockstep(trunk, 1, max(1, tile_px // f), max(0, overlap_px // f), batch)
+    trunk = dec.trunk(z, plan=plan)
+    run = _Lockstep(trunk, 1, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
     if len(run.tiles) == z.shape[0]:  # one tile per image covers it: that is the untiled computation
-        return dec.upsample(trunk), run.report
+        return dec.upsample(trunk, plan=plan), run.report
     blend = _Blender(run, f, model.config.out_channels)
     if not whole_image_stats:
-        _per_tile(run, dec.upsample, blend)
+        _per_tile(run, lambda t: dec.upsample(t, plan=plan), blend)
         return blend.result().to(z.dtype), run.report
     run.start()
     modules = [m for b in dec.up_blocks for m in (*b.resnets, *(b.upsamplers or []))]

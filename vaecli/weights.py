@@ -13,7 +13,7 @@ import torch
 
 from .config import DEFAULT_FAMILY, ModelInfo, VAEConfig, apply_family
 from .errors import ConfigError, WeightsError
-from .model import WIDE_CHANNELS, AutoencoderKL
+from .model import AutoencoderKL
 
 DEFAULT_MODEL = "vaecli-default"
 SAFE_SUFFIXES = (".safetensors",)
@@ -336,10 +336,10 @@ def _resolve_config(config: VAEConfig | Mapping[str, Any] | str | Path | None) -
     path = Path(config)
     if path.is_dir():
         for candidate in (path / "config.json", path / "vae" / "config.json"):
-            if candidate.is_file():
+            if _regular_file(candidate):
                 return VAEConfig.from_json(candidate)
         raise ConfigError(f"{path}: no config.json in this folder (or its vae/ subfolder)")
-    if path.is_file():
+    if _regular_file(path):
         return VAEConfig.from_json(path)
     raise ConfigError(f"config {config}: no such file or folder")
 
@@ -359,7 +359,7 @@ def locate(
     path = Path(source).expanduser()
     if path.is_dir():
         return _in_folder(path, subfolder, variant)
-    if path.is_file():
+    if _regular_file(path):
         if subfolder or variant:
             raise ConfigError(f"{source} is a single file: subfolder and variant apply to folders and Hub repos")
         return path, None
@@ -377,20 +377,41 @@ def locate(
     return fetched, None
 
 
+def _regular_file(path: Path) -> bool:
+    """Whether a regular file is at `path` (symlinks followed); a FIFO, socket or device there is refused by
+    name, never opened (reading a FIFO blocks forever), never skipped as if absent."""
+    import os
+    import stat
+
+    from .files import file_kind
+
+    if not os.path.lexists(path):
+        return False
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        return False
+    if not stat.S_ISREG(mode):
+        raise WeightsError(f"{path} is {file_kind(mode)}, not a regular file: it is never read")
+    return True
+
+
 def _in_folder(path: Path, subfolder: str | None, variant: str | None) -> tuple[Path, Path | None]:
     if subfolder:
         folder = path / subfolder
         if not folder.is_dir():
             raise WeightsError(f"{path}: no subfolder {subfolder!r}")
     else:  # a model folder, or a pipeline folder whose VAE is in vae/
-        folder = path / "vae" if not (path / "config.json").is_file() and (path / "vae").is_dir() else path
+        folder = path / "vae" if not _regular_file(path / "config.json") and (path / "vae").is_dir() else path
     from .hub import weights_names
 
     names = weights_names(variant) if variant else FOLDER_WEIGHTS
     for name in names:
-        if (folder / name).is_file():
+        if _regular_file(folder / name):
             cfg = folder / "config.json"
-            return folder / name, cfg if cfg.is_file() else None
+            return folder / name, cfg if _regular_file(cfg) else None
     where = "" if subfolder or folder != path else ", in the folder or its vae/ subfolder"
     raise WeightsError(f"{folder}: no diffusers weights found (expected {' or '.join(names)}{where})")
 
@@ -451,16 +472,9 @@ def load_vae(
     # Frozen, in eval mode: encode/decode build no autograd graph (no memory held for a backward pass)
     # unless the input requires grad or the caller unfreezes the weights to fine-tune.
     model.requires_grad_(False)
-    return model.to(memory_format=preferred_layout(cfg, torch.device(device))).eval()
-
-
-def preferred_layout(config: VAEConfig, device: torch.device) -> torch.memory_format:
-    """NHWC where it pays: with cuDNN (its tensor-core kernels are NHWC), and on CPUs for wide models
-    (oneDNN's NHWC kernels are ~15% faster there). Narrow models on CPUs keep NCHW, which reproduces
-    diffusers' numbers bit for bit."""
-    if device.type == "cuda" or (device.type == "cpu" and max(config.block_out_channels) >= WIDE_CHANNELS):
-        return torch.channels_last
-    return torch.contiguous_format
+    # Weights stay NCHW (diffusers' layout); a plan's layout is applied by whoever runs the model with
+    # that plan (plans.apply_layout, Runner).
+    return model.eval()
 
 
 def save_vae(model: AutoencoderKL, folder: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..exports import kohya_crop_ltrb  # noqa: F401 - re-exported: kohya's crop value lives with its format
 
 
 def make_buckets(
@@ -96,25 +97,9 @@ def crop_box(resized: tuple[int, int], bucket: tuple[int, int], random_crop: boo
     """[left, top, right, bottom] of the bucket-sized window in the resized image (centre, or seeded random)."""
     (rw, rh), (bw, bh) = resized, bucket
     if random_crop:
-        digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+        digest = hashlib.sha256(f"{seed}\0{key}".encode("utf-8", "surrogateescape")).digest()  # any file name
         rng = random.Random(int.from_bytes(digest[:8], "little"))
         left, top = rng.randint(0, rw - bw), rng.randint(0, rh - bh)
     else:
         left, top = (rw - bw) // 2, (rh - bh) // 2
     return [left, top, left + bw, top + bh]
-
-
-def kohya_crop_ltrb(bucket: tuple[int, int], original: tuple[int, int]) -> tuple[float, ...]:
-    """kohya's `crop_ltrb` value: where the whole image, fitted *inside* the bucket, would lie in bucket pixels.
-
-    This is what kohya's own cache stores (BucketManager.get_crop_ltrb; its SDXL crop conditioning), not
-    the crop window; it can hold floats. Same arithmetic as kohya, so its trainer sees identical values.
-    """
-    (bw, bh), (w, h) = bucket, original
-    image_ar = w / h
-    if bw / bh > image_ar:
-        rw, rh = bh * image_ar, bh
-    else:
-        rw, rh = bw, bw / image_ar
-    left, top = (bw - rw) // 2, (bh - rh) // 2
-    return (left, top, left + rw, top + rh)

@@ -27,8 +27,8 @@ from ..batch import (
     check_output_root,
     discover,
 )
-from ..errors import ConfigError, VaecliError
-from ..io import IMAGE_SUFFIXES, clean_temp_files, read_image
+from ..errors import ConfigError, InputError, VaecliError
+from ..io import IMAGE_SUFFIXES, clean_temp_files, latent_output_state, read_image
 from ..model import AutoencoderKL
 from ..pipeline import BatchResult, RunOptions
 from .distributed import (
@@ -65,9 +65,25 @@ class DatasetReport(Report):
     notes: list[str] = field(default_factory=list)
     shards: list[dict[str, Any]] = field(default_factory=list)  # shard inputs: what became of each
 
+    ranks: int = 1  # torchrun: how many ranks' results this report holds (rank 0's holds them all)
+
+    def absorb(self, others: list[DatasetReport]) -> None:
+        """Add the results of other torchrun ranks (their items, counts, events, missing sources, shards)."""
+        for other in others:
+            self.items.extend(other.items)
+            self.events.extend(other.events)
+            self.computed += other.computed
+            self.tiles += other.tiles
+            self.temp_files_removed += other.temp_files_removed
+            self.missing.extend(other.missing)
+            self.shards.extend(other.shards)
+            self.notes.extend(n for n in other.notes if n not in self.notes)
+            self.ranks += 1
+
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
         d.update(
+            ranks=self.ranks,
             missing=self.missing,
             shard=f"{self.shard[0]}/{self.shard[1]}",
             manifest=self.manifest,
@@ -147,7 +163,9 @@ def _prepare_here(
             barrier_after_error()
         raise
     if distributed:
-        finish_distributed(lambda: merge(report, True) if index == 0 else None, created_group)
+        everyone = finish_distributed(lambda: merge(report, True) if index == 0 else None, created_group, report)
+        if everyone is not None:
+            report.absorb(everyone[1:])  # rank 0 reports the whole run (one JSON document under torchrun)
     elif count > 1:
         merge(report, False)
     return report
@@ -177,8 +195,12 @@ def _prepare_share(
     """Encode this process's share of the images and write its manifest (the whole one when unsharded)."""
     index, count = shard
     siblings = (lambda main: (flipped_path(main),)) if options.flip and options.format == "comfyui" else None
-    all_items = discover(inputs, IMAGE_SUFFIXES, out, FORMAT_SUFFIX[options.format], siblings)  # outputs claimed once
+    notes: list[str] = []  # about the run: symlinked folders not followed
+    all_items = discover(inputs, IMAGE_SUFFIXES, out, FORMAT_SUFFIX[options.format], siblings, notes,
+                         flat=options.flat)  # every output claimed once, over all shards
     check_output_root(all_items, out)
+    if options.kohya_next_to_images:
+        _claim_beside(all_items)
     items = shard_items(all_items, index, count)
     # Temp files of killed runs are removed only when no other process can be writing (one shard, or after
     # a merge): a process id seen from another node says nothing about that node's live writers.
@@ -203,10 +225,21 @@ def _prepare_share(
         temp_files_removed=removed,
         missing=missing,
         shard=(index, count),
+        notes=notes,
     )
     kept = [records[i] for i, r in enumerate(engine.results) if r.status in ("ok", "skipped") and i in records]
     _write_share_manifest(report, out, kept, count)
     return report
+
+
+def _claim_beside(items: list[Item]) -> None:
+    """--kohya-next-to-images: `x.png` and `x.jpg` side by side both want `x.npz`; the second fails."""
+    owner: dict[str, Item] = {}
+    for item in items:
+        target = str(item.input.with_suffix(".npz"))
+        if item.error is None and target in owner:
+            item.error = f"its output {target} is also the output of {owner[target].input}; rename one of them"
+        owner.setdefault(target, item)
 
 
 def _encode_items(enc: DatasetEncoder, engine: _Engine, out: Path) -> dict[int, dict[str, Any]]:
@@ -222,7 +255,7 @@ def _encode_items(enc: DatasetEncoder, engine: _Engine, out: Path) -> dict[int, 
             return Skip()
         if reused is not None:
             engine.results[i].notes.append(reused)
-        pixels = read_image(item.input, o.alpha, o.max_pixels)
+        pixels = read_image(item.input, o.alpha_policy(), o.max_pixels, o.pixel_convention())
         crop, placement = enc.place(pixels, item.rel)
         return Loaded(i, item, crop, {"source_sha256": source_sha, "placement": placement})
 
@@ -240,11 +273,13 @@ def _reusable(enc: DatasetEncoder, item: Item, out: Path, source_sha: str) -> di
     """The record of an up-to-date output to reuse, or a note saying why it is re-encoded, or None."""
     o = enc.options
     main, flipped = output_paths(item, out, o)
+    for path in (main, flipped) if flipped is not None else (main,):
+        _check_replaceable(path, o.overwrite)
     if o.overwrite or not main.exists():
         return None
     rec = read_record(main, o.format)
     if rec is None:
-        return None
+        return "re-encoded: the existing file is incomplete or unreadable"
     want = {
         "source": item.rel,
         "source_sha256": source_sha,
@@ -255,6 +290,17 @@ def _reusable(enc: DatasetEncoder, item: Item, out: Path, source_sha: str) -> di
     if not changed and (flipped is None or flipped.exists()):
         return {**rec, "source_path": str(item.input.resolve())}  # the folder may have moved
     return f"re-encoded: changed {', '.join(changed) or 'flipped file missing'}"
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    """A file at an output path that vaecli did not write (a kohya cache beside an image, a user's own file)
+    is never replaced without --overwrite; a folder or FIFO there never."""
+    state = latent_output_state(path)
+    if state.status == "blocked":
+        raise InputError(f"cannot replace the output {path}: {state.detail}")
+    if state.status == "foreign" and not overwrite:
+        raise InputError(f"the output {path} already exists and {state.detail}; pass --overwrite to replace it, "
+                         "or choose another output folder")
 
 
 def _save_item(enc: DatasetEncoder, loaded: Loaded, tensors: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def shard_items(items: list[Item], index: int, count: int) -> list[Item]:
 
 def owner_shard(source: str, count: int) -> int:
     """Which shard reports a vanished source: stable per path, so exactly one shard lists it."""
-    return zlib.crc32(source.encode()) % count
+    return zlib.crc32(source.encode("utf-8", "surrogateescape")) % count  # names need not be UTF-8
 
 
 def init_distributed() -> bool:
@@ -103,14 +103,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def finish_distributed(merge: Callable[[], None], created_group: bool) -> None:
+def finish_distributed(merge: Callable[[], None], created_group: bool, report: T) -> list[T] | None:
     """torchrun: wait for every rank's share, run `merge` (a no-op on all ranks but one), and return on
-    every rank only after the merge."""
+    every rank only after the merge: on rank 0 every rank's `report` (rank order), elsewhere None."""
+    import torch.distributed as dist
+
     barrier()
     merge()
     barrier()
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(report, gathered, dst=0)  # so that one process can report the whole run
     if created_group:
-        torch.distributed.destroy_process_group()
+        dist.destroy_process_group()
+    return gathered
 
 
 def barrier_after_error() -> None:

@@ -76,8 +76,9 @@ class DatasetEncoder:
             "posterior": "sample" if o.sample else "mode",
             "seed": o.seed if o.sample else None,
             "latent_dtype": o.latent_dtype,
-            "alpha": o.alpha,
+            "alpha": o.alpha_policy(),
             "compute_dtype": DTYPE_NAMES[self.runner.dtype],
+            **({"pixels": "kohya"} if o.format == "kohya" else {}),  # stored orientation, Pillow's RGB conversion
         }
 
     def place(self, pixels: np.ndarray, key: str) -> tuple[np.ndarray, Placement]:
@@ -173,7 +174,7 @@ class DatasetEncoder:
 
     def file_meta(self, record: dict[str, Any]) -> dict[str, str]:
         """Metadata of a vaecli-format file, in the conventions of `vaecli encode` (so `vaecli decode` reads it)."""
-        from ..io import LATENT_FORMAT, LATENT_FORMAT_VERSION
+        from ..io import LATENT_FORMAT, LATENT_FORMAT_VERSION, meta_name
 
         settings = self.settings
         bw, bh = record["bucket"]
@@ -187,7 +188,7 @@ class DatasetEncoder:
             "latent_spec": json.dumps(settings["latent_spec"]) if settings["latent_spec"] is not None else "none",
             "posterior": settings["posterior"],
             "seed": str(settings["seed"]) if settings["seed"] is not None else "",
-            "seed_key": record["source"] if settings["seed"] is not None else "",
+            "seed_key": meta_name(record["source"]) if settings["seed"] is not None else "",
             "size_policy": "crop",  # decode keeps the encoded (bucket) size: the cut-away pixels are gone
             "latent_dtype": settings["latent_dtype"],
             "alpha": settings["alpha"],
@@ -198,7 +199,7 @@ class DatasetEncoder:
             "encoded_width": str(bw),
             "encoded_height": str(bh),
             "size_params": json.dumps({"resized_size": record["resized_size"], "crop_ltrb": record["crop"]}),
-            "source": record["source"],
+            "source": meta_name(record["source"]),
             "source_sha256": record["source_sha256"],
             "settings_sha256": record["settings_sha256"],
         }

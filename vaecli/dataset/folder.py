@@ -63,30 +63,23 @@ def write_outputs(
     fmt: str,
     file_meta: dict[str, str],
 ) -> None:
-    """Write one item's file(s) atomically, each embedding `record`; the main file last (it marks completion)."""
+    """Write one item's file(s) atomically, each embedding `record` and our latent metadata (so `vaecli
+    decode` reads every format); the main file last (it marks completion)."""
     from safetensors.torch import save_file
 
+    from ..exports import META_KEY, kohya_arrays, text_array, write_comfyui, write_kohya
+
     text = json.dumps(record, sort_keys=True)
+    meta = {**file_meta, RECORD_KEY: text}
     if fmt == "vaecli":
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        meta = {**file_meta, RECORD_KEY: text}
         atomic_write(main, lambda tmp: save_file(data, str(tmp), metadata=meta))
     elif fmt == "kohya":
-        from ..exports import kohya_arrays
-
         arrays = kohya_arrays(tensors, record)
-        arrays[RECORD_KEY] = np.array(text)  # a 0-d unicode array: np.load reads it without pickle
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a temp name
-                np.savez(fh, **arrays)
-
-        atomic_write(main, write)
+        arrays[RECORD_KEY] = np.array(text)  # 0-d unicode arrays: np.load reads them without pickle
+        arrays[META_KEY] = text_array(file_meta)
+        write_kohya(main, arrays)
     else:
-        from ..exports import comfyui_tensors
-
         if flipped is not None:
-            flip_data = comfyui_tensors(tensors["latent_flipped"])
-            atomic_write(flipped, lambda tmp: save_file(flip_data, str(tmp), metadata={RECORD_KEY: text}))
-        data = comfyui_tensors(tensors["latent"])
-        atomic_write(main, lambda tmp: save_file(data, str(tmp), metadata={RECORD_KEY: text}))
+            write_comfyui(flipped, tensors["latent_flipped"], meta)
+        write_comfyui(main, tensors["latent"], meta)

@@ -76,6 +76,10 @@ def expand_shards(inputs: Sequence[str]) -> list[ShardInput]:
     for raw in inputs:
         for text in expand_braces(str(raw)):
             urls.extend(_glob(text) if any(c in text for c in "*?[") else [text])
+    missing = [u for u in urls if not is_url(u) and not os.path.lexists(os.path.expanduser(u))]
+    if missing:  # a typo in a local path is a usage error, as for image inputs
+        raise ConfigError(f"no such file or folder: {', '.join(sorted(missing)[:5])}" + (
+            f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
     shards = []
     for url in sorted(set(urls)):
         kind = shard_kind(url)

@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..exports import CONTAINER_SUFFIX, RECORD_KEY, alpha_for
 from ..io import DEFAULT_MAX_PIXELS
 from ..pipeline import DTYPES
 
 FORMATS = ("vaecli", "kohya", "comfyui")
 LAYOUTS = ("folder", "tar", "parquet")
 ENGINES = ("local", "ray")
-FORMAT_SUFFIX = {"vaecli": ".safetensors", "kohya": ".npz", "comfyui": ".latent"}
+FORMAT_SUFFIX = CONTAINER_SUFFIX
 MANIFEST = "manifest.jsonl"
 DATASET_VERSION = 1  # bump when the meaning of a manifest field or of a setting changes
-RECORD_KEY = "vaecli_record"  # the manifest record embedded in every latent file
 RESAMPLE = "bicubic-antialias"
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
@@ -38,13 +38,22 @@ class DatasetOptions:
     sample: bool = False  # store a posterior sample (noise from seed and path) instead of the mode
     seed: int = 0
     latent_dtype: str = "fp32"  # vaecli format only; kohya and comfyui files are float32
-    alpha: str = "white"  # transparent pixels: composite over white or black, or drop alpha
+    alpha: str | None = None  # transparent pixels: white or black background, or drop; None: white (kohya: its own)
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_size: int = 4  # images of one bucket per model call; 0: sized from free memory
     workers: int = 0  # reader threads; 0 = min(4, CPUs)
     overwrite: bool = False  # re-encode even when an up-to-date latent exists
     layout: str | None = None  # folder (a file per image), tar or parquet shards; None: folder or tar by input
     image_column: str | None = None  # shards: the tar suffix or parquet column holding the image; None: found
+    flat: bool = False  # folder layout: every file at the top of OUT, named by the image's file name (ComfyUI)
+
+    def alpha_policy(self) -> str:
+        """The alpha policy applied: kohya's own for --format kohya (alpha dropped), else alpha or white."""
+        return alpha_for(self.format, self.alpha)
+
+    def pixel_convention(self) -> str:
+        """How image files become pixels: kohya's way for its format (stored orientation), else ours."""
+        return "kohya" if self.format == "kohya" else "vaecli"
 
     def bucket_bounds(self) -> tuple[int, int]:
         """(min, max) bucket side after defaults (half and twice the resolution, kept on the step grid)."""
@@ -80,6 +89,12 @@ def check_options(options: DatasetOptions, factor: int) -> None:
         problems.append(f"--format {o.format} stores float32 latents (what its reader expects); drop --latent-dtype")
     if o.format == "comfyui" and o.moments:
         problems.append("--moments needs --format vaecli or kohya (a ComfyUI .latent holds one tensor)")
+    try:
+        o.alpha_policy()
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if o.flat and o.kohya_next_to_images:
+        problems.append("--flat names files under OUT; --kohya-next-to-images writes them beside the images")
     if o.kohya_next_to_images and o.format != "kohya":
         problems.append("--kohya-next-to-images needs --format kohya")
     if o.layout is not None and o.layout not in LAYOUTS:

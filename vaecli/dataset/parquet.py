@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 from ..errors import InputError
+from ..files import publish_temp
 from ..io import temp_path
 from .locations import need
 from .sample import Encoded, Sample
@@ -134,8 +134,7 @@ class ParquetSink:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 sha.update(chunk)
                 size += len(chunk)
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)
+        publish_temp(self.tmp, self.path)
         return size, sha.hexdigest()
 
     def abort(self) -> None:

@@ -242,7 +242,7 @@ def _encode_chunk(
 
     def load(i: int, item: Item) -> Loaded:
         data = chunk[i].data or b""
-        pixels = read_image(io.BytesIO(data), o.alpha, o.max_pixels)
+        pixels = read_image(io.BytesIO(data), o.alpha_policy(), o.max_pixels)
         crop, placement = enc.place(pixels, item.rel)
         return Loaded(i, item, crop, {"sha": hashlib.sha256(data).hexdigest(), "placement": placement})
 

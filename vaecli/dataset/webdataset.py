@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import threading
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from ..errors import InputError
+from ..files import publish_temp
 from ..io import IMAGE_SUFFIXES, temp_path
 from .sample import Encoded, Sample
 
@@ -125,10 +125,8 @@ class TarSink:
 
     def publish(self) -> tuple[int, str]:
         self._tar.close()
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
         self._fh.close()
-        os.replace(self.tmp, self.path)
+        publish_temp(self.tmp, self.path)
         return self._hash.size, self._hash.sha.hexdigest()
 
     def abort(self) -> None:

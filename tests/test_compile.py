@@ -1,0 +1,111 @@
+"""--compile: AOTInductor packages built once, loaded and run by later processes (accel.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaecli import accel
+from vaecli.config import VAEConfig
+from vaecli.model import AutoencoderKL
+from vaecli.pipeline import Runner, RunOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# One process: a tiny model with seeded weights decodes one latent through Runner(compile=True).
+# "second" replaces the eager decode with one that fails, so only the loaded package can produce the output.
+WORKER = """
+import json, sys, torch
+torch.set_num_threads(1)
+from vaecli.config import VAEConfig
+from vaecli.model import AutoencoderKL
+from vaecli.pipeline import Runner, RunOptions
+torch.manual_seed(0)
+cfg = VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
+vae = AutoencoderKL(cfg).eval()
+if sys.argv[1] == "second":
+    def eager_decode(*args, **kwargs):
+        raise AssertionError("the eager decoder ran")
+    AutoencoderKL.decode = eager_decode
+z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+result = Runner(vae, RunOptions(compile=True)).decode(z)
+print(json.dumps({"events": result.events, "out": result.tensor.flatten().tolist()}))
+"""
+
+
+def _worker(mode: str, cache: Path) -> dict:
+    env = dict(os.environ, VAECLI_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL="O0")  # the C++ wrapper's -O level: a faster test compile
+    proc = subprocess.run([sys.executable, "-c", WORKER, mode], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="AOTInductor compiles C++ for CPU packages: no C++ compiler here")
+def test_second_process_runs_the_compiled_package(tmp_path):
+    first = _worker("first", tmp_path)
+    second = _worker("second", tmp_path)
+    built = [e for e in first["events"] if e.startswith("compiled decode 1x4x4x4")]
+    loaded = [e for e in second["events"] if e.startswith("loaded compiled decode 1x4x4x4")]
+    assert built and loaded, (first["events"], second["events"])
+    assert len(list((tmp_path / "aoti").glob("decode-*.pt2"))) == 1
+    build_s = float(re.search(r" in ([\d.]+) s", built[0]).group(1))
+    load_s = float(re.search(r" in ([\d.]+) s", loaded[0]).group(1))
+    # Starts fast: no export and no compiler, only imports (on a CPU torch._inductor's imports and its
+    # one-time vector-ISA probe are most of the load time).
+    assert load_s < build_s / 3, (build_s, load_s)
+    # The eager decoder could not run in the second process: its output is the package's, the same
+    # program the first process built, and what the eager model computes (up to reordered sums).
+    assert second["out"] == first["out"]
+    torch.manual_seed(0)
+    cfg = VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
+    vae = AutoencoderKL(cfg).eval()
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    eager = Runner(vae).decode(z).tensor.flatten()
+    torch.testing.assert_close(torch.tensor(second["out"]), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_runner_compiles_per_shape_and_falls_back_on_failure(monkeypatch):
+    torch.manual_seed(0)
+    cfg = VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
+    vae = AutoencoderKL(cfg).eval()
+    built = []
+
+    def fake_compile(model, op, example, plan):
+        built.append((op, tuple(example.shape), example.dtype))
+        if example.shape[0] == 2:
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        fn = (lambda x: model.decode(x, plan=plan)) if op == "decode" else (lambda x: model.encode_moments(x, plan=plan))
+        return accel.Compiled(fn, Path("x.pt2"), True, 0.5)
+
+    monkeypatch.setattr(accel, "compile_op", fake_compile)
+    assert Runner(vae).decode(torch.randn(1, 4, 4, 4)).events == [] and built == []  # off by default
+    runner = Runner(vae, RunOptions(dtype=torch.bfloat16, compile=True))
+    first = runner.decode(torch.randn(1, 4, 4, 4))
+    again = runner.decode(torch.randn(1, 4, 4, 4))
+    assert first.events == ["compiled decode 1x4x4x4 in 0.5 s (x.pt2)"] and again.events == []
+    assert built == [("decode", (1, 4, 4, 4), torch.bfloat16)]  # the compute precision's copy, once per shape
+    failed = runner.decode(torch.randn(2, 4, 4, 4))
+    assert failed.events == ["compile of decode 2x4x4x4 failed, running eager: no C++ compiler found"]
+    assert torch.isfinite(failed.tensor).all() and runner.decode(torch.randn(2, 4, 4, 4)).events == []
+    assert len(built) == 2  # a failed shape is not retried
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("VAECLI_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert accel.cache_dir() == tmp_path / "vaecli" / "aoti"
+    monkeypatch.setenv("VAECLI_CACHE_DIR", str(tmp_path / "c"))
+    assert accel.cache_dir() == tmp_path / "c" / "aoti"

@@ -1,0 +1,146 @@
+"""Execution plans: the table's completeness, the CUDA plan's bit-identity with diffusers (run on CPU
+tensors), the CPU plan's accuracy, and GroupNorm on half-precision inputs without an fp32 copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vaecli import plans
+from vaecli.config import VAEConfig
+from vaecli.errors import ConfigError
+from vaecli.model import AutoencoderKL
+from vaecli.pipeline import Runner, RunOptions
+from vaecli.plans import KERNEL_OPS, NORMS, REFERENCE, TABLE, UPSAMPLES, apply_layout, plan_for
+
+NARROW = dict(block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8)
+WIDE = dict(block_out_channels=[32, 256], layers_per_block=1, norm_num_groups=32)  # wide layers take CPU fast forms
+
+
+def _pair(reference, dtype=torch.float32, **config):
+    ref = reference(**config)
+    ours = AutoencoderKL(VAEConfig.from_dict(ref.config)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref.to(dtype), ours.to(dtype)
+
+
+def test_every_device_row_names_every_choice_and_its_measurement():
+    fields = {"nhwc_from", "norm", "upsample", "wide_from", "attention", "kernels"}
+    for device, row in TABLE.items():
+        assert set(row) == fields, device
+        assert all(len(choice.measured) > 15 for choice in row.values()), device
+        assert row["norm"].value in NORMS and row["upsample"].value in UPSAMPLES
+        assert set(row["kernels"].value) <= set(KERNEL_OPS)
+    # No GPU run has measured the kernels yet: they stay off by default everywhere.
+    assert all(not row["kernels"].value for row in TABLE.values())
+
+
+def test_plan_for_devices_and_kernel_modes():
+    narrow = VAEConfig(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                       up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8)
+    wide = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
+                     up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    cuda = plan_for("cuda", wide)
+    assert (cuda.layout, cuda.norm, cuda.upsample, cuda.kernels) == (torch.contiguous_format, "native", "nearest", frozenset())
+    assert plan_for("cpu", wide).layout == torch.channels_last and plan_for("cpu", narrow).layout == torch.contiguous_format
+    assert plan_for("cuda:1", wide, "on").kernels == frozenset(KERNEL_OPS)
+    assert plan_for("cpu", wide, "off").kernels == frozenset()
+    assert plan_for("xpu", wide) is REFERENCE  # a device nobody measured: diffusers' sequence
+    with pytest.raises(ConfigError, match="kernels mode"):
+        plan_for("cpu", wide, "fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [NARROW, WIDE], ids=["narrow", "wide"])
+def test_cuda_plan_is_diffusers_bit_for_bit(reference, dtype, config):
+    """The CUDA default path, run on CPU tensors, computes exactly diffusers' sequence of operations."""
+    ref, ours = _pair(reference, dtype, **config)
+    plan = plan_for("cuda", ours.config)
+    apply_layout(ours, plan)
+    x = (torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dtype)
+    z = torch.randn(1, 4, 4, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        theirs = ref.encode(x).latent_dist
+        mine = ours.encode(x, plan=plan)
+        assert torch.equal(mine.mean, theirs.mean) and torch.equal(mine.logvar, theirs.logvar)
+        assert torch.equal(ours.decode(z, plan=plan), ref.decode(z).sample)
+
+
+def test_cpu_plan_narrow_bit_identical_wide_close(reference):
+    for config, exact in ((NARROW, True), (WIDE, False)):
+        ref, ours = _pair(reference, **config)
+        plan = plan_for("cpu", ours.config)
+        apply_layout(ours, plan)
+        x = torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+        z = torch.randn(1, 4, 4, 3, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            pairs = [(ours.encode(x, plan=plan).mean, ref.encode(x).latent_dist.mean), (ours.decode(z, plan=plan), ref.decode(z).sample)]
+        for mine, theirs in pairs:
+            if exact:
+                assert torch.equal(mine, theirs)
+            else:
+                torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_native_half_groupnorm_is_as_accurate_as_an_fp32_copy():
+    """aten's GroupNorm accumulates fp16/bf16 statistics in fp32 (plans._group_norm cites the source), so
+    normalizing the bf16/fp16 tensor directly is as accurate as normalizing an fp32 copy: within one output
+    ulp of the float64 result for NCHW, on inputs with a large offset. (For NHWC, aten's CPU kernel sums x
+    and x^2 in fp32, E[x^2] - E[x]^2, and loses precision on such inputs whichever the input dtype; the
+    fp32 copy does not help there either.)"""
+    norm = torch.nn.GroupNorm(8, 64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+        norm.bias.copy_(torch.randn(64))
+    x = 300.0 + torch.randn(2, 64, 24, 24, generator=torch.Generator().manual_seed(4))
+    exact = torch.nn.functional.group_norm(x.double(), 8, norm.weight.double(), norm.bias.double(), 1e-6)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = norm.to(dtype)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xh = x.to(dtype).contiguous(memory_format=layout)
+            exact_h = torch.nn.functional.group_norm(xh.double(), 8, half.weight.double(), half.bias.double(), 1e-6)
+            errs = {form: (plans._group_norm(xh, half, form).double() - exact_h).abs().max().item() for form in NORMS}
+            ulp = exact_h.abs().max().item() * (2**-8 if dtype == torch.bfloat16 else 2**-11)
+            assert errs["native"] <= errs["fp32"] + ulp, (dtype, layout, errs)
+            if layout == torch.contiguous_format:
+                assert errs["native"] <= ulp, (dtype, errs)
+        norm = norm.float()
+    assert exact.isfinite().all()
+
+
+def test_runner_plans_layout_and_kernels(reference):
+    """Runner takes the device's plan: its layout goes to the weights once; --kernels on runs the Triton
+    kernels where they can (CPU: Triton's interpreter, under the tests), encode and decode, same results."""
+    pytest.importorskip("triton")
+    from vaecli.kernels import groupnorm_silu as gn
+    from vaecli.kernels import upsample_conv as uc
+
+    _, vae = _pair(reference, **{**NARROW, "block_out_channels": [16, 16]})
+    launches = []
+    for name, module in (("_moments_nchw", gn), ("_apply_nchw", gn), ("_phase_conv", uc)):
+        kernel = getattr(module, name)
+
+        class Counting:
+            def __init__(self, k, n):
+                self.k, self.n = k, n
+
+            def __getitem__(self, grid):
+                launches.append(self.n)
+                return self.k[grid]
+
+        setattr(module, name, Counting(kernel, name))
+    try:
+        x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+        off = Runner(vae, RunOptions(kernels="off"))
+        on = Runner(vae, RunOptions(kernels="on"))
+        assert on.plan.kernels == frozenset(KERNEL_OPS) and off.plan.kernels == frozenset()
+        enc_on, enc_off = on.encode(x).tensor, off.encode(x).tensor
+        assert {"_moments_nchw", "_apply_nchw"} <= set(launches)  # the encoder's norms ran as kernels
+        launches.clear()
+        dec_on, dec_off = on.decode(enc_off).tensor, off.decode(enc_off).tensor
+        assert {"_moments_nchw", "_apply_nchw", "_phase_conv"} <= set(launches)  # decoder: norms and upsampling
+    finally:
+        for name, module in (("_moments_nchw", gn), ("_apply_nchw", gn), ("_phase_conv", uc)):
+            setattr(module, name, getattr(module, name).k)
+    torch.testing.assert_close(enc_on, enc_off, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dec_on, dec_off, atol=1e-4, rtol=1e-4)
