@@ -375,18 +375,22 @@ def run(s: Settings) -> dict[str, Any]:
     return result
 
 
-def gpu_rows(budget_s: float = 300.0, device: str = "cuda", json_out: Path | None = None) -> dict[str, Any]:
+def gpu_rows(budget_s: float = 300.0, device: str = "cuda", json_out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     """Issue 13's GPU rows in one bounded run: an SD-sized model with random weights in bf16; 500 JPEGs at
-    512x512 (batch 16: encode, roundtrip, decode) and 500 of mixed sizes in 256..1024 (roundtrip, encode;
+    512x512 (batch 16: roundtrip, encode, decode) and 500 of mixed sizes in 256..1024 (roundtrip, encode;
     with padding to multiples of 128 measured against none) end to end against the model alone; 8192x8192
     decode and encode with --tiling auto and off (and 4096 tiled decode, the reference of the 4.5x bar).
-    Measurements that would not fit in budget_s are skipped and say so. For scripts/gpu_report.py."""
+    Measurements that would not fit in budget_s are skipped and say so. For scripts/gpu_report.py.
+    quick: the tests' tiny model and a few small images (a smoke test of this function, on any device)."""
     with tempfile.TemporaryDirectory() as tmp:
-        model = random_model(SD_SIZED, Path(tmp) / "sd-sized")
+        model = random_model(TINY if quick else SD_SIZED, Path(tmp) / "model")
         s = Settings(model=model, device=device, dtype="bf16", batch_size=16, same=500, size=512, mixed=500,
                      min_side=256, max_side=1024, ops=["roundtrip", "encode", "decode"],
                      mixed_ops=["roundtrip", "encode"], repeats=2, pad_to=128, big=8192, big_timeout=150.0,
                      budget=budget_s)
+        if quick:
+            s = replace(s, dtype="fp32", batch_size=2, same=4, size=32, mixed=3, min_side=24, max_side=48,
+                        ops=["roundtrip"], mixed_ops=["roundtrip"], repeats=1, pad_to=16, big=64)
         result = run(s)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -414,10 +418,11 @@ def main() -> None:
     parser.add_argument("--big-timeout", type=float, default=d.big_timeout)
     parser.add_argument("--budget", type=float, default=0.0, help="seconds; 0: no limit")
     parser.add_argument("--gpu-rows", action="store_true", help="issue 13's GPU rows (gpu_rows()); other flags ignored")
+    parser.add_argument("--quick", action="store_true", help="with --gpu-rows: tiny model, a few small images")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
     if args.gpu_rows:
-        gpu_rows(args.budget or 300.0, args.device, args.json_out)
+        gpu_rows(args.budget or 300.0, args.device, args.json_out, args.quick)
         return
     with tempfile.TemporaryDirectory() as tmp:
         named = {"sd-sized": SD_SIZED, "tiny": TINY}
