@@ -40,6 +40,7 @@ def test_rows(tiny_model, isolate):
         assert (row["resolution"], row["batch_size"], row["dtype"], row["compute_dtype"]) == (64, 1, "fp32", "fp32")
         assert row["ms_per_img"] > 0 and row["img_per_s"] > 0 and row["warmup_s"] > 0
         assert row["iters"] == 1 and row["tiles"] == 0 and row["compile"] is False
+        assert 0 < row["device_busy"] <= 1  # the share of a call spent in torch operators
         assert row["device"].startswith("cpu (")
         assert row["peak_allocated_bytes"] is None  # CUDA only
         if isolate:  # peak RSS of the op alone, in its own process

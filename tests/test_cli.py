@@ -249,16 +249,21 @@ def test_console_entry_point(model, tmp_path):
 def test_retries_and_events_are_reported(model, tmp_path, monkeypatch):
     """Precision retries and OOM events of the Runner reach the items, the summary and --json."""
     import vaecli.batch
-    from vaecli.pipeline import Retry, Runner
+    from vaecli.pipeline import Pending, Retry, Runner
 
     class Flaky(Runner):
-        def encode(self, pixels, spec=None, noise=None):
-            result = super().encode(pixels, spec, noise)
-            result.retries.append(Retry(0, "fp16", "fp32"))
-            result.events.append("out of memory: batch halved to 1")
-            if pixels.shape[0] > 1:
-                result.failed[1] = "model output is NaN/Inf even in fp32"
-            return result
+        def submit_encode(self, pixels, spec=None, noise=None):
+            pending = super().submit_encode(pixels, spec, noise)
+
+            def result():
+                result = pending.result()
+                result.retries.append(Retry(0, "fp16", "fp32"))
+                result.events.append("out of memory: batch halved to 1")
+                if pixels.shape[0] > 1:
+                    result.failed[1] = "model output is NaN/Inf even in fp32"
+                return result
+
+            return Pending(result)
 
     monkeypatch.setattr(vaecli.batch, "Runner", Flaky)
     src = tmp_path / "in"
@@ -303,3 +308,48 @@ def test_dataset_only_flags_refused_without_dataset(model, images, tmp_path):
     assert result.exit_code == 2 and "--bucket-step, --flip only apply with --dataset" in result.stderr
     result = run_cli("encode", images, "-o", tmp_path / "x", "--model", model, "--flip")
     assert result.exit_code == 2 and "--flip only applies with --dataset" in result.stderr
+
+
+
+def test_error_lines_printed_as_items_fail_and_only_once(model, tmp_path, monkeypatch):
+    """The progress callback prints a failed item's line at once; the end of the run prints only the
+    failures it has not printed (so stderr holds one line per failed item)."""
+    from vaecli import cli
+    from vaecli.batch import Counts, ItemResult
+
+    lines: list[str] = []
+    monkeypatch.setattr(cli.err_console, "print", lambda text, **kw: lines.append(str(text)))
+    live = cli._Live(None, debug=False)
+    bad = ItemResult("in/x\n.png", None, status="failed", error="corrupt\nimage")
+    live(Counts(3, ok=1, failed=1, item=bad))
+    assert lines == ["[red]error:[/] in/x\\n.png: corrupt image"]  # escaped, one line
+
+    class Report:
+        items = [bad, ItemResult("in/y.png", None, status="failed", error="other")]
+
+        def to_dict(self):
+            return {"ok": 0, "failed": 2, "skipped": 0, "items": []}
+
+    with pytest.raises(Exception):  # typer.Exit(1): some item failed
+        cli._finish(Report(), True, False, None, live)
+    assert lines[1:] == ["[red]error:[/] in/y.png: other"]
+
+
+def test_images_too_large_for_memory_are_tiled_before_trying(model, tmp_path, monkeypatch):
+    """--tiling off and auto with an image predicted not to fit (free memory made small): both finish,
+    tiled at once, and the summary and --json say why (issue 13: 8192x8192 decode with --tiling off)."""
+    import vaecli.pipeline as pipeline
+
+    z = np.random.default_rng(0).standard_normal((4, 40, 40)).astype(np.float32)
+    np.save(tmp_path / "z.npy", z)
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: 4 << 20)
+    monkeypatch.setattr(pipeline, "memory_capacity", lambda device: 4 << 20)
+    for tiling in ("off", "auto"):
+        args = ("decode", tmp_path / "z.npy", "-o", tmp_path / tiling, "--model", model, "--tiling", tiling,
+                "--scaling-factor", "1", "--tile-size", "128", "--tile-overlap", "32")
+        code, doc, _ = run_json(*args)
+        assert code == 0 and doc["tiles"] > 1 and Image.open(tmp_path / tiling / "z.png").size == (320, 320)
+        assert doc["events"][0].startswith("decode: predicted") and "tiled (128 px tiles)" in doc["events"][0]
+        human = run_cli(*args[:-4], "--overwrite", "--tile-size", "128", "--tile-overlap", "32", "--scaling-factor", "1")
+        assert human.exit_code == 0 and "event: decode: predicted" in human.stdout
+    assert 0 < doc["device_busy_share"] <= 1 and doc["device_busy_s"] > 0

@@ -65,14 +65,16 @@ def test_bench_table_fits_80_columns_with_whole_headers():
     from vaecli.cli import bench_table
 
     rows = [dict(op="encode", resolution=4096, batch_size=16, dtype="bf16", tiling="auto", ms_per_img=12345.6,
-                 img_per_s=1234.56, peak_memory_bytes=123456 * 2**20, warmup_s=261.23)]
+                 img_per_s=1234.56, device_busy=0.973, peak_memory_bytes=123456 * 2**20, warmup_s=261.23)]
     buf = io.StringIO()
     Console(file=buf, width=80).print(bench_table(rows))
     text = buf.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80
     header = next(line for line in text.splitlines() if "op" in line.split())
-    assert header.split() == ["op", "res", "batch", "dtype", "tiling", "ms/img", "img/s", "peak", "MiB", "warm-up", "s"]
+    assert header.split() == ["op", "res", "batch", "dtype", "tiling", "ms/img", "img/s", "busy", "peak", "MiB",
+                              "warm-up", "s"]
     assert "12345.6" in text and "1234.56" in text and "123456" in text and "261.23" in text and "…" not in text
+    assert "97%" in text
 
 
 def test_summaries_stay_one_line_in_a_pipe(tmp_path):

@@ -243,8 +243,8 @@ def test_interrupted_run_resumes_to_the_same_manifest(models, images, tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_after_two(done: int, total: int) -> None:
-        if done == 2:
+    def stop_after_two(counts) -> None:
+        if counts.done == 2:
             raise Stop
 
     out = tmp_path / "out"

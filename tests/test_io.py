@@ -80,3 +80,29 @@ def test_latent_file_round_trip(tmp_path):
     np.save(tmp_path / "z.npy", z[None].numpy())
     lf = read_latent(tmp_path / "z.npy")
     assert torch.equal(lf.tensor, z) and lf.meta is None
+
+
+@pytest.mark.parametrize("orientation, size", [(1, (40, 24)), (6, (24, 40)), (8, (24, 40)), (3, (40, 24))])
+def test_image_size_from_the_header_follows_exif_orientation(tmp_path, orientation, size):
+    """The size the batch engine groups by, before decoding: as displayed, which is what read_image gives."""
+    from PIL import Image
+
+    from vaecli.io import image_size, read_image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "x.jpg"
+    Image.new("RGB", (40, 24), (200, 10, 10)).save(path, exif=exif.tobytes())
+    with open(path, "rb") as fh:
+        assert image_size(fh) == size
+    assert read_image(path).shape[:2] == size[::-1]
+
+
+def test_latent_shape_from_the_header(tmp_path):
+    import numpy as np
+
+    from vaecli.io import latent_shape
+
+    np.save(tmp_path / "z.npy", np.zeros((1, 4, 5, 7), dtype=np.float16))
+    with open(tmp_path / "z.npy", "rb") as fh:
+        assert latent_shape(fh, ".npy") == (4, 5, 7)

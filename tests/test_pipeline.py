@@ -174,7 +174,106 @@ def test_nan_at_every_precision_reported_as_failed(vae):
     assert torch.isfinite(result.tensor[1]).all()
 
 
-def test_oom_halves_batch_then_tiles(vae, monkeypatch):
+class FakeMemory:
+    """A device with `free` bytes on which every call needs `k` times what vaecli's memory model predicts
+    (k unknown to the Runner): calls that do not fit raise OutOfMemoryError, the others run for real."""
+
+    def __init__(self, monkeypatch, free: int, k: float, capacity: int | None = None) -> None:
+        import vaecli.pipeline as pipeline
+
+        self.free, self.k, self.calls = free, k, []
+        monkeypatch.setattr(pipeline, "free_memory", lambda device: free)
+        monkeypatch.setattr(pipeline, "memory_capacity", lambda device: capacity or free)
+        untiled = {"encode": AutoencoderKL.encode_moments, "decode": AutoencoderKL.decode}
+        for op, real in untiled.items():
+            monkeypatch.setattr(AutoencoderKL, "encode_moments" if op == "encode" else op, self._untiled(op, real))
+        monkeypatch.setattr(pipeline, "tiled_decode", self._tiled("decode", pipeline.tiled_decode))
+        monkeypatch.setattr(pipeline, "tiled_encode_moments", self._tiled("encode", pipeline.tiled_encode_moments))
+
+    def _check(self, kind: str, need: float) -> None:
+        fits = self.k * need <= self.free
+        self.calls.append((kind, fits))
+        if not fits:
+            raise torch.OutOfMemoryError("simulated")
+
+    def _untiled(self, op, real):
+        from vaecli.pipeline import estimate_peak_bytes
+
+        def call(model, x, *args, **kwargs):
+            h, w = (x.shape[-2], x.shape[-1]) if op == "encode" else (x.shape[-2] * 8, x.shape[-1] * 8)
+            self._check(f"{op} x{x.shape[0]}", estimate_peak_bytes(model.config, x.shape[0], h, w, x.element_size(), op))
+            return real(model, x, *args, **kwargs)
+
+        return call
+
+    def _tiled(self, op, real):
+        from vaecli.pipeline import estimate_tiled_bytes
+
+        def call(model, x, tile, overlap, batch=4, whole=True, *args, **kwargs):
+            h, w = (x.shape[-2], x.shape[-1]) if op == "encode" else (x.shape[-2] * 8, x.shape[-1] * 8)
+            need = estimate_tiled_bytes(model.config, op, x.shape[0], h, w, x.element_size(), tile, overlap, batch, whole)
+            self._check(f"tiled {op} x{x.shape[0]} batch {batch} {'whole' if whole else 'per-tile'}", need)
+            return real(model, x, tile, overlap, batch, whole, *args, **kwargs)
+
+        return call
+
+    @property
+    def failures(self) -> int:
+        return sum(not fits for _, fits in self.calls)
+
+
+def test_tiling_predicted_before_anything_is_tried(vae, monkeypatch):
+    """auto: a call predicted not to fit runs tiled at once; off: untiled unless it could never fit."""
+    from vaecli.pipeline import estimate_peak_bytes
+
+    one = estimate_peak_bytes(vae.config, 1, 48, 48, 4, "decode")
+    mem = FakeMemory(monkeypatch, free=int(one / 0.9), k=1.0)
+    z = torch.randn(2, 4, 6, 6)
+    result = Runner(vae, RunOptions(tiling="auto", tile_size=24, tile_overlap=8)).decode(z)
+    assert mem.failures == 0 and result.tiles > 2 and mem.calls[0][0].startswith("tiled decode")
+    assert result.events[0].startswith("predicted") and "80% of free memory" in result.events[0]
+
+    mem = FakeMemory(monkeypatch, free=int(one / 0.9), k=1.0)  # fits in free memory, not in 80% of it
+    off = Runner(vae, RunOptions(tiling="off", tile_size=24, tile_overlap=8)).decode(z)
+    assert mem.calls[0] == ("decode x1", True) and off.tiles == 0  # sliced to one image per call, untiled
+    assert off.events == [f"predicted {one / 1e6:.1f} MB per image for an untiled decode of 48x48: batch run in slices of 1"]
+    torch.testing.assert_close(off.tensor, Runner(vae).decode(z).tensor, atol=1e-5, rtol=0)
+
+    mem = FakeMemory(monkeypatch, free=int(one * 0.9), k=1.0)  # can never fit: tiled even when off
+    never = Runner(vae, RunOptions(tiling="off", tile_size=24, tile_overlap=8)).decode(z)
+    assert mem.failures == 0 and never.tiles > 2 and "above the device holds" in never.events[0]
+    assert "tile batch reduced to" in never.events[0] or "one image per call" in never.events[0]
+
+
+@pytest.mark.parametrize("op", ["encode", "decode"])
+@pytest.mark.parametrize("k, room", [(1.3, 4.5), (1.6, 4.2), (1.8, 1.1), (1.6, 0.7)])
+def test_out_of_memory_costs_at_most_one_retry(vae, monkeypatch, op, k, room):
+    """Calls need k times the prediction (k < 1.875: any error the 80% margin and one correction cover).
+    Free memory holds `room` untiled images by the prediction; whatever the batch ends up as (slices, or
+    tiles when not even one image fits), the ladder fails at most once, then every call fits."""
+    from vaecli.pipeline import estimate_peak_bytes
+
+    one = estimate_peak_bytes(vae.config, 1, 48, 48, 4, op)
+    mem = FakeMemory(monkeypatch, free=int(one * room), k=k, capacity=int(one * 100))
+    runner = Runner(vae, RunOptions(tiling="off", tile_size=24, tile_overlap=8, tile_batch=4))
+    x = image(6, 48, 48) if op == "encode" else torch.randn(6, 4, 6, 6)
+    result = runner.encode(x) if op == "encode" else runner.decode(x)
+    assert mem.failures <= 1, mem.calls
+    assert mem.calls[-1][1] and all(fits for _, fits in mem.calls[mem.calls.index((mem.calls[0][0], False)) + 1:]) \
+        if mem.failures else True
+    assert torch.isfinite(result.tensor).all() and not result.failed
+    if mem.failures:
+        assert result.events and result.events[-1].startswith("out of memory")
+    untiled_fit = k * one <= mem.free
+    assert (result.tiles == 0) == untiled_fit  # tiles only when not even one image fits
+    if untiled_fit:  # slices give the batch's numbers
+        reference = Runner(vae).encode(x) if op == "encode" else Runner(vae).decode(x)
+        torch.testing.assert_close(result.tensor, reference.tensor, atol=1e-5, rtol=0)
+
+
+def test_second_failure_steps_down_one_rung(vae, monkeypatch):
+    """A device far worse than predicted (untiled calls never fit): after the one corrected jump, each
+    failure steps down one rung, ending in tiles."""
     calls = []
     original = AutoencoderKL.decode
 
@@ -188,7 +287,7 @@ def test_oom_halves_batch_then_tiles(vae, monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "decode", original)
     assert calls == [4, 2, 1]
     assert result.events[:3] == [
-        "out of memory: batch halved to 2",
+        "out of memory at 4 per call: predicted to fit 2, run in slices of 2",
         "out of memory: batch halved to 1",
         "out of memory at batch 1: switched to tiling (24 px tiles)",
     ]
@@ -241,12 +340,11 @@ def test_oom_in_the_tile_lockstep_falls_back_to_per_tile_statistics(vae, monkeyp
     monkeypatch.setattr(tiling._Lockstep, "run", no_memory)
     z = torch.randn(2, 4, 6, 8)
     result = Runner(vae, RunOptions(tiling="on", tile_size=24, tile_overlap=8, tile_batch=2)).decode(z)
-    assert result.events == [
-        "out of memory: batch halved to 1",
-        "out of memory while tiling: tile batch halved to 1",
+    assert result.events[-1] == (
         "out of memory while tiling with whole-image statistics: each tile now normalized by itself "
-        "(memory of one tile; tone shifts between tiles possible)",
-    ]
+        "(memory of one tile; tone shifts between tiles possible)"
+    )
+    assert result.events[0].startswith("out of memory while tiling: one image per call")
     assert result.tiles > 2 and result.tensor.shape == (2, 3, 48, 64) and torch.isfinite(result.tensor).all()
     with torch.no_grad():
         own, _ = tiling.tiled_decode(vae, z, 24, 8, whole_image_stats=False)

@@ -209,15 +209,15 @@ def test_interrupt_keeps_finished_items(model, tmp_path, monkeypatch):
     for i in range(6):
         noise_image(tmp_path / "in" / f"{i}.png", 16, 16, seed=i)
     calls = []
-    real = batch.Runner.encode
+    real = batch.Runner.submit_encode
 
-    def encode(self, *args, **kwargs):
+    def submit_encode(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(batch.Runner, "encode", encode)
+    monkeypatch.setattr(batch.Runner, "submit_encode", submit_encode)
     from vaecli.weights import load_vae
 
     with pytest.raises(Interrupted) as info:

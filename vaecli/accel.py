@@ -49,10 +49,28 @@ def cache_dir() -> Path:
     return Path(xdg) / "vaecli" / "aoti"
 
 
-def configure_backends(device: torch.device) -> None:
-    """Let cuDNN pick the fastest algorithm per shape (batches of one size repeat, so the search pays)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+class Autotune:
+    """Where cuDNN searches for the fastest convolution algorithms (torch.backends.cudnn.benchmark): only
+    for calls whose input shape repeats. The search runs every candidate algorithm once per new shape and
+    layer, a cost repaid only over later calls of that shape; a folder of mixed sizes, where most shapes
+    come once, paid it on nearly every image (issue 13). The decision for all of vaecli is made here, per
+    call: on from the `min_repeats`-th earlier call of the same shape (same-size folders, dataset buckets,
+    benchmarks), and for tiled calls, whose tiles repeat one shape many times within the call.
+    """
+
+    def __init__(self, device: torch.device, min_repeats: int = 2) -> None:
+        self.device = device
+        self.min_repeats = min_repeats  # 0: always (a benchmark's warm-up absorbs the search)
+        self.seen: dict[tuple[object, ...], int] = {}
+
+    def before_call(self, key: tuple[object, ...], tiled: bool) -> bool:
+        """Set the flag for the next call on inputs described by `key` (op, shape, dtype); returns it."""
+        earlier = self.seen.get(key, 0)
+        self.seen[key] = earlier + 1
+        on = tiled or earlier >= self.min_repeats
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = on
+        return on
 
 
 # -- compiled encode/decode --------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import threading
 import time
 import traceback
 from collections import deque
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
@@ -44,7 +44,9 @@ from .io import (
     clean_temp_files,
     decode_image,
     image_output_state,
+    image_size,
     latent_output_state,
+    latent_shape,
     load_latent,
     meta_json,
     meta_name,
@@ -70,7 +72,6 @@ from .pipeline import (
 __all__ = ["Item", "OutputNames", "check_layout", "check_output_root", "discover"]  # re-exported: dataset.py imports them here
 
 SIZE_POLICIES = ("pad", "crop", "resize")
-Progress = Callable[[int, int], None]  # (items finished, items in total)
 
 
 # ------------------------------------------------------------------------------------------ options, results
@@ -89,7 +90,7 @@ class EncodeOptions:
     alpha: str | None = None  # transparent pixels: white or black background, or drop; None: white (kohya: its own)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused
     overwrite: bool = False  # recompute outputs that exist
-    workers: int = 0  # reader threads; 0 = min(4, CPUs)
+    workers: int = 0  # reader threads; 0: as io_threads says for the device
     format: str = "vaecli"  # vaecli (.safetensors), kohya (.npz, kohya's pixel conventions) or comfyui (.latent)
     flat: bool = False  # every output at the top of the output folder, named by the input's file name
 
@@ -123,6 +124,10 @@ class RoundtripOptions:
     diff_gain: float = 8.0  # error map = |original - reconstruction| * gain, in 8-bit levels
     overwrite: bool = False
     workers: int = 0
+    # With size_policy pad: pad sides up to a multiple of this (0: of the downsample factor only), so that
+    # images of nearby sizes share a batch; cropped back exactly, values near the padded edges change a
+    # little. No CLI flag: scripts/pipeline_throughput.py --pad-to measures whether it pays.
+    pad_to: int = 0
 
 
 @dataclass
@@ -149,6 +154,25 @@ class ItemResult:
         return d
 
 
+@dataclass(frozen=True)
+class Counts:
+    """What a progress callback sees: items finished so far by status, of `total`, and the item whose
+    completion this call reports (None at the start, and for counts that arrive in bulk)."""
+
+    total: int
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    item: ItemResult | None = None
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed + self.skipped
+
+
+Progress = Callable[[Counts], None]  # called in the thread that finished the item (a writer's, often)
+
+
 @dataclass
 class Report:
     """Everything one command did: per-item results, events and timing."""
@@ -162,6 +186,7 @@ class Report:
     tiles: int = 0  # model calls on tiles, when tiling ran
     temp_files_removed: int = 0
     notes: list[str] = field(default_factory=list)  # about the run, e.g. symlinked folders not followed
+    device_busy_s: float | None = None  # time the device spent computing (model calls), None: not measured
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.items if r.status == status)
@@ -198,6 +223,9 @@ class Report:
             images_per_s=round(self.computed / self.elapsed_s, 3) if self.elapsed_s > 0 else None,
             temp_files_removed=self.temp_files_removed,
         )
+        if self.device_busy_s is not None:
+            d["device_busy_s"] = round(self.device_busy_s, 4)
+            d["device_busy_share"] = round(min(1.0, self.device_busy_s / self.elapsed_s), 3) if self.elapsed_s > 0 else None
         if self.notes:
             d["notes"] = self.notes
         return d
@@ -340,10 +368,31 @@ class _DaemonPool:
 
 
 WRITE_GRACE_S = 5.0  # on Ctrl-C, how long writes already running may take to finish
+PROBE_PATIENCE_S = 0.5  # reading headers up front stops waiting once none has answered for this long
+
+
+class Deferred:
+    """A compute step's outputs still on their way back from the device (`get()` waits for them): the
+    engine launches the next batch before taking these, so the device computes while the host works."""
+
+    def __init__(self, get: Callable[[], list[Any]]) -> None:
+        self.get = get
+
+
+def io_threads(device: torch.device | None, readers: int = 0) -> tuple[int, int]:
+    """(reader threads, writer threads). On the CPU the model takes every core: min(4, CPUs) readers and
+    2 writers (measured: scripts/pipeline_throughput.py). On a GPU the host decodes, hashes, encodes and
+    compresses every file while the device computes: a thread per core, up to 16 readers and 8 writers
+    (Pillow releases the GIL while decoding and compressing; not yet measured on a GPU)."""
+    cpus = os.cpu_count() or 1
+    if device is None or device.type == "cpu":
+        return readers or min(4, cpus), 2
+    return readers or max(2, min(16, cpus)), max(2, min(8, cpus // 2))
 
 
 class _Engine:
-    """Prefetch in reader threads, batch equal keys, run the model here, save in writer threads."""
+    """Order items so equal sizes meet, prefetch in reader threads, batch equal keys, launch batches on the
+    device one ahead of taking their outputs, save in writer threads; count items as they finish."""
 
     def __init__(
         self,
@@ -352,9 +401,11 @@ class _Engine:
         workers: int,
         progress: Progress | None,
         batch_for: Callable[[Hashable], int] | None = None,
+        device: torch.device | None = None,
     ) -> None:
         """batch_for: the batch size for one key (image size), for --batch-size auto; batch_size is then
-        the largest it may return, which bounds read-ahead and queued writes."""
+        the largest it may return, which bounds read-ahead and queued writes. device: where the model
+        runs (sets the number of I/O threads, io_threads)."""
         if batch_size < 1:
             raise ConfigError("--batch-size must be at least 1")
         self.batch_for = batch_for
@@ -363,94 +414,147 @@ class _Engine:
             ItemResult(str(it.input), str(it.output) if it.output else None, notes=list(it.notes)) for it in items
         ]
         self.batch_size = batch_size
-        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.workers, self.writers = io_threads(device, workers)
         self.progress = progress
         self.events: list[str] = []
         self.computed = 0
         self.tiles = 0
-        self._done = 0
+        self._tally = {"ok": 0, "failed": 0, "skipped": 0}
         self._lock = threading.Lock()
+        self._closed = False  # after Ctrl-C: writes finishing later are no longer recorded
+        self._progress_error: BaseException | None = None  # raised by the callback in a writer thread
+        self._in_flight: tuple[list[Loaded], Any] | None = None
+        self._writes: deque[Future[None]] = deque()
+        self._stalled = False  # a header read never answered: a reader thread may be stuck for good
 
     def finish(self, index: int, status: str, exc: BaseException | None = None) -> None:
+        """Record item `index` as ok, failed or skipped, and tell the progress callback at once."""
         r = self.results[index]
-        r.status = status
-        if exc is not None:
-            r.error = _message(exc)
-            if not isinstance(exc, VaecliError):
-                r.detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         with self._lock:
-            self._done += 1
-            if self.progress is not None:
-                self.progress(self._done, len(self.items))
+            if self._closed or r.status != "pending":
+                return
+            if exc is not None:
+                r.error = _message(exc)
+                if not isinstance(exc, VaecliError):
+                    r.detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            r.status = status
+            self._tally[status] += 1
+            self._notify(r)
+
+    def _notify(self, item: ItemResult | None) -> None:
+        if self.progress is None or self._progress_error is not None:
+            return
+        try:
+            self.progress(Counts(len(self.items), **self._tally, item=item))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread (_check)
+            self._progress_error = exc
+
+    def _check(self) -> None:
+        """Raise, in the main thread, what the progress callback raised (it may run in a writer thread)."""
+        if self._progress_error is not None:
+            raise self._progress_error
 
     def run(
         self,
         load: Callable[[int, Item], Loaded | Skip],
         key: Callable[[Loaded], Hashable],
-        compute: Callable[[list[Loaded]], list[Any]],
+        compute: Callable[[list[Loaded]], list[Any] | Deferred],
         save: Callable[[Loaded, Any], None],
+        probe: Callable[[Item], Hashable | None] | None = None,
     ) -> None:
-        """compute returns one value per Loaded: an output for `save`, or an exception for a failed item.
+        """compute returns one value per Loaded (an output for `save`, or an exception for a failed item),
+        or a Deferred of them. probe: the key of an item from its header alone (None when unknown), read
+        for every item before the run so that equal keys are processed together.
 
-        Ctrl-C: reading stops at once, the outputs already computed get WRITE_GRACE_S to be written (each
-        write is atomic either way), and Interrupted carries the results so far.
+        Ctrl-C: reading stops at once, the batch in flight and the outputs already computed get
+        WRITE_GRACE_S to be written (each write is atomic either way), and Interrupted carries the results.
         """
-        if self.progress is not None:
-            self.progress(0, len(self.items))
+        with self._lock:
+            self._notify(None)
+        self._check()
         with folder_syncs_deferred():  # each output folder fsynced once, at the end
-            self._run(load, key, compute, save)
+            self._run(load, key, compute, save, probe)
 
     def _run(
         self,
         load: Callable[[int, Item], Loaded | Skip],
         key: Callable[[Loaded], Hashable],
-        compute: Callable[[list[Loaded]], list[Any]],
+        compute: Callable[[list[Loaded]], list[Any] | Deferred],
         save: Callable[[Loaded, Any], None],
+        probe: Callable[[Item], Hashable | None] | None,
     ) -> None:
         readers = _DaemonPool(self.workers, "vaecli-read")
-        writer = _DaemonPool(2, "vaecli-write")
-        writes: deque[tuple[int, Future[None]]] = deque()
+        writer = _DaemonPool(self.writers, "vaecli-write")
         try:
-            self._loop(readers, writer, writes, load, key, compute, save)
+            grouping = probe is not None and (self.batch_size > 1 or self.batch_for is not None)
+            order = self._order(readers, probe) if grouping else list(range(len(self.items)))
+            self._loop(readers, writer, order, load, key, compute, save)
         except KeyboardInterrupt:
             readers.shutdown(cancel=True)
-            self._settle(writes)  # computed outputs are still written, for at most WRITE_GRACE_S
+            self._settle(writer, save)  # computed outputs are still written, for at most WRITE_GRACE_S
             writer.shutdown(cancel=True)
             raise Interrupted(self.results) from None
         except BaseException:
             readers.shutdown(cancel=True)
             writer.shutdown(cancel=False)
             raise
-        readers.shutdown(cancel=True, wait=True)  # every read and write has been collected
+        readers.shutdown(cancel=True, wait=not self._stalled)  # every read and write has been collected
         writer.shutdown(cancel=False, wait=True)
+        self._check()
+
+    def _order(self, pool: _DaemonPool, probe: Callable[[Item], Hashable | None]) -> list[int]:
+        """Item indices with equal keys next to each other (across the whole input, not only the prefetch
+        window), from headers read in the reader threads. Items that fail to probe, or whose probe has not
+        answered (a stalled file system), come last in their original order; known failures first."""
+
+        def task(item: Item) -> Hashable | None:
+            try:
+                return probe(item) if item.error is None else None
+            except Exception:  # noqa: BLE001 - the real read reports what is wrong with the item
+                return None
+
+        futures = {pool.submit(task, item): i for i, item in enumerate(self.items) if item.error is None}
+        keys: dict[int, Hashable] = {}
+        waiting = set(futures)
+        while waiting:
+            done, waiting = wait_futures(waiting, timeout=PROBE_PATIENCE_S, return_when=FIRST_COMPLETED)
+            if not done:
+                break
+            for future in done:
+                if future.result() is not None:
+                    keys[futures[future]] = future.result()
+        for future in waiting:
+            self._stalled |= not future.cancel()  # still running: its reader thread is not waited for
+        labels = {k: n for n, k in enumerate(dict.fromkeys(keys[i] for i in sorted(keys)))}  # first-seen order
+        known = sorted(keys, key=lambda i: (labels[keys[i]], i))
+        failing = [i for i, item in enumerate(self.items) if item.error is not None]
+        rest = [i for i in range(len(self.items)) if i not in keys and self.items[i].error is None]
+        return failing + known + rest
 
     def _loop(
         self,
         readers: _DaemonPool,
         writer: _DaemonPool,
-        writes: deque[tuple[int, Future[None]]],
+        order: list[int],
         load: Callable[[int, Item], Loaded | Skip],
         key: Callable[[Loaded], Hashable],
-        compute: Callable[[list[Loaded]], list[Any]],
+        compute: Callable[[list[Loaded]], list[Any] | Deferred],
         save: Callable[[Loaded, Any], None],
     ) -> None:
         pending: dict[Hashable, list[Loaded]] = {}  # key (e.g. image size) -> items waiting for a full batch
 
-        def run_batch(batch: list[Loaded]) -> None:
+        def launch(batch: list[Loaded]) -> None:
             try:
-                outputs = compute(batch)
+                handle: list[Any] | Deferred = compute(batch)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory for one image: the batch fails
-                outputs = [exc] * len(batch)
+                handle = [exc] * len(batch)
             self.computed += len(batch)
-            for loaded, out in zip(batch, outputs):
-                if isinstance(out, BaseException):
-                    self.finish(loaded.index, "failed", out)
-                else:
-                    writes.append((loaded.index, writer.submit(save, loaded, out)))
-            while len(writes) > 2 * self.batch_size + 2:  # bound the memory held by queued writes
-                self._collect(*writes.popleft())
+            previous, self._in_flight = self._in_flight, (batch, handle)
+            if previous is not None:  # taken only now: the device already has the next batch
+                self._take(writer, save, *previous)
+            self._check()
 
-        for index, got in self._prefetch(readers, load):
+        for index, got in self._prefetch(readers, load, order):
             if isinstance(got, BaseException):
                 self.finish(index, "failed", got)
             elif isinstance(got, Skip):
@@ -462,43 +566,66 @@ class _Engine:
                 k = key(got)
                 pending.setdefault(k, []).append(got)
                 if len(pending[k]) >= (self.batch_for(k) if self.batch_for else self.batch_size):
-                    run_batch(pending.pop(k))
+                    launch(pending.pop(k))
                 elif sum(len(b) for b in pending.values()) > 4 * self.batch_size:
-                    run_batch(pending.pop(max(pending, key=lambda b: len(pending[b]))))
-            while writes and writes[0][1].done():
-                self._collect(*writes.popleft())
+                    launch(pending.pop(max(pending, key=lambda b: len(pending[b]))))
+            self._check()
         for k in list(pending):
-            run_batch(pending.pop(k))
-        while writes:
-            self._collect(*writes.popleft())
+            launch(pending.pop(k))
+        if self._in_flight is not None:
+            self._take(writer, save, *self._in_flight)
+            self._in_flight = None
+        wait_futures(list(self._writes))
+        self._check()
 
-    def _settle(self, writes: deque[tuple[int, Future[None]]]) -> None:
-        """After Ctrl-C: record the writes that finish within the grace period; a second Ctrl-C stops waiting."""
+    def _take(
+        self, writer: _DaemonPool, save: Callable[[Loaded, Any], None], batch: list[Loaded], handle: Any,
+        bound: bool = True,
+    ) -> None:
+        """Outputs of a launched batch: failures recorded, the rest queued for writing (with `bound`, the
+        queue is kept short by waiting for the oldest writes)."""
+        try:
+            outputs = handle.get() if isinstance(handle, Deferred) else handle
+        except Exception as exc:  # noqa: BLE001 - the batch fails, the run goes on
+            outputs = [exc] * len(batch)
+        for loaded, out in zip(batch, outputs):
+            if isinstance(out, BaseException):
+                self.finish(loaded.index, "failed", out)
+            else:
+                future = writer.submit(save, loaded, out)
+                future.add_done_callback(lambda f, i=loaded.index: self._written(i, f))
+                self._writes.append(future)
+        while self._writes and self._writes[0].done():
+            self._writes.popleft()
+        while bound and len(self._writes) > 2 * self.batch_size + 2:  # bound the memory held by queued writes
+            wait_futures([self._writes.popleft()])
+
+    def _written(self, index: int, future: Future[None]) -> None:
+        """A write finished (in a writer thread): the item is done, now."""
+        if future.cancelled():
+            return
+        exc = future.exception()
+        self.finish(index, "failed" if exc is not None else "ok", exc)
+
+    def _settle(self, writer: _DaemonPool, save: Callable[[Loaded, Any], None]) -> None:
+        """After Ctrl-C: the batch in flight is taken and written with the rest, within the grace period
+        (a second Ctrl-C stops waiting); writes that finish later are not recorded."""
         deadline = time.monotonic() + WRITE_GRACE_S
         try:
-            for index, future in writes:
-                if future.cancelled():
-                    continue
-                try:
-                    future.exception(timeout=max(0.0, deadline - time.monotonic()))
-                except FutureTimeout:
-                    continue
-                self._collect(index, future)
+            if self._in_flight is not None:
+                batch, handle = self._in_flight
+                self._in_flight = None
+                self._take(writer, save, batch, handle, bound=False)
+            wait_futures(list(self._writes), timeout=max(0.0, deadline - time.monotonic()))
         except KeyboardInterrupt:
             pass
-
-    def _collect(self, index: int, future: Future[None]) -> None:
-        try:
-            future.result()
-        except Exception as exc:  # noqa: BLE001 - a failed write fails its item only
-            self.finish(index, "failed", exc)
-        else:
-            self.finish(index, "ok")
+        with self._lock:
+            self._closed = True
 
     def _prefetch(
-        self, pool: _DaemonPool, load: Callable[[int, Item], Loaded | Skip]
+        self, pool: _DaemonPool, load: Callable[[int, Item], Loaded | Skip], order: list[int]
     ) -> Iterator[tuple[int, Loaded | Skip | BaseException]]:
-        """Items loaded in order, at most `depth` ahead of the consumer."""
+        """Items loaded in `order`, at most `depth` ahead of the consumer."""
 
         def task(index: int, item: Item) -> Loaded | Skip | BaseException:
             if item.error is not None:
@@ -510,21 +637,21 @@ class _Engine:
 
         depth = 2 * self.batch_size + self.workers
         window: deque[tuple[int, Future[Any]]] = deque()
-        todo = iter(enumerate(self.items))
-        for index, item in todo:
-            window.append((index, pool.submit(task, index, item)))
+        todo = iter(order)
+        for index in todo:
+            window.append((index, pool.submit(task, index, self.items[index])))
             if len(window) >= depth:
                 break
         while window:
             index, future = window.popleft()
             nxt = next(todo, None)
             if nxt is not None:
-                window.append((nxt[0], pool.submit(task, *nxt)))
+                window.append((nxt, pool.submit(task, nxt, self.items[nxt])))
             yield index, future.result()
 
 
 def _report(
-    command: str, engine: _Engine, vae: AutoencoderKL, start: float, removed: int, notes: list[str]
+    command: str, engine: _Engine, vae: AutoencoderKL, start: float, removed: int, notes: list[str], runner: Runner
 ) -> Report:
     return Report(
         command,
@@ -536,6 +663,7 @@ def _report(
         tiles=engine.tiles,
         temp_files_removed=removed,
         notes=notes,
+        device_busy_s=runner.busy_s,
     )
 
 
@@ -736,9 +864,61 @@ def resample(pixels: np.ndarray, h: int, w: int) -> np.ndarray:
     return y[0].permute(1, 2, 0).clamp_(0.0, 1.0).contiguous().numpy()  # (1, 3, h, w) -> (h, w, 3)
 
 
-def _pixels_batch(batch: list[Loaded]) -> torch.Tensor:
-    stacked = torch.from_numpy(np.stack([b.x for b in batch]))  # (N, H, W, 3)
-    return stacked.permute(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W), channels_last in memory
+def prepare_pixels(
+    pixels: np.ndarray, factor: int, policy: str, multiple: int = 0
+) -> tuple[np.ndarray, tuple[int, int], dict[str, Any]]:
+    """(pixels for the batch, (height, width) the model sees, how to undo it): apply_size_policy, except
+    that pad leaves the pixels as they are, since the batch is padded on the device (staging.py), and
+    may pad further, to a multiple of `multiple` (a multiple of factor), so more images share a size."""
+    h, w = pixels.shape[:2]
+    if policy == "pad":
+        step = math.lcm(factor, multiple) if multiple else factor
+        eh, ew = h + -h % step, w + -w % step
+        return pixels, (eh, ew), {"pad_right": ew - w, "pad_bottom": eh - h, "mode": "replicate"}
+    if policy == "resize" and pixels.dtype == np.uint8:
+        pixels = pixels.astype(np.float32) / np.float32(255.0)  # resampled in float, as read_image's pixels
+    out, undo = apply_size_policy(pixels, factor, policy)
+    return out, (out.shape[0], out.shape[1]), undo
+
+
+def encoded_size(h: int, w: int, factor: int, policy: str, multiple: int = 0) -> tuple[int, int]:
+    """The (height, width) prepare_pixels gives an h x w image."""
+    if policy == "pad" and multiple:
+        step = math.lcm(factor, multiple)
+        return h + -h % step, w + -w % step
+    return encoded_side(h, factor, policy), encoded_side(w, factor, policy)
+
+
+def _image_probe(factor: int, policy: str, multiple: int = 0, exif: bool = True) -> Callable[[Item], Hashable]:
+    """The engine's probe: the size an image will be batched at, from its header (exif: as displayed)."""
+
+    def probe(item: Item) -> Hashable:
+        with open_regular(item.input) as fh:
+            w, h = image_size(fh, exif)
+        return encoded_size(h, w, factor, policy, multiple)
+
+    return probe
+
+
+def _latent_probe(item: Item) -> Hashable:
+    with open_regular(item.input) as fh:
+        return latent_shape(fh, item.input.suffix.lower())
+
+
+def _stage_images(runner: Runner, batch: list[Loaded], sample: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images on the device, (N, 3, H, W) padded to the batch's size; posterior noise when sampling)."""
+    size = batch[0].extra["size"]
+    x = runner.transfers.images([b.x for b in batch], size)
+    if not sample:
+        return x, None
+    f = runner.config.downsample_factor
+    shape = (runner.config.latent_channels, size[0] // f, size[1] // f)
+    return x, torch.stack([_noise(seed, b.item.rel, shape) for b in batch])
+
+
+def _images_nhwc(images: torch.Tensor) -> np.ndarray:
+    """Decoded images as (N, H, W, 3) arrays: uint8 ones come so from the Runner, floats are (N, 3, H, W)."""
+    return images.numpy() if images.dtype == torch.uint8 else images.permute(0, 2, 3, 1).numpy()
 
 
 def _noise(seed: int, rel: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -803,7 +983,7 @@ def encode_paths(
         **({"pixels": "kohya"} if fmt == "kohya" else {}),  # stored orientation, Pillow's RGB conversion
     }
     size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
-    engine = _Engine(items, size, options.workers, progress, batch_for)
+    engine = _Engine(items, size, options.workers, progress, batch_for, runner.device)
 
     def load(index: int, item: Item) -> Loaded | Skip:
         assert item.output is not None
@@ -813,33 +993,31 @@ def encode_paths(
             skip, note = reuse_output(latent_output_state(item.output), want, options.overwrite, item.output)
             if skip:
                 return Skip()
-            pixels = decode_image(fh, alpha, options.max_pixels, "kohya" if fmt == "kohya" else "vaecli")
+            convention = "kohya" if fmt == "kohya" else "vaecli"
+            pixels = decode_image(fh, alpha, options.max_pixels, convention, keep_uint8=True)
         h, w = pixels.shape[:2]
-        prepared, undo = apply_size_policy(pixels, factor, options.size_policy)
-        extra = {"width": w, "height": h, "undo": undo, "source_sha256": source_sha}
+        prepared, encoded, undo = prepare_pixels(pixels, factor, options.size_policy)
+        extra = {"width": w, "height": h, "size": encoded, "undo": undo, "source_sha256": source_sha}
         if note:
             engine.results[index].notes.append(note)
         return Loaded(index, item, prepared, extra)
 
-    def compute(batch: list[Loaded]) -> list[Any]:
-        x = _pixels_batch(batch)
-        noise = None
-        if options.sample:
-            shape = (vae.config.latent_channels, x.shape[2] // factor, x.shape[3] // factor)
-            noise = torch.stack([_noise(options.seed, b.item.rel, shape) for b in batch])
-        result = runner.encode(x, spec, noise)
-        errors = _note_batch(engine, batch, result, "encode")
-        outs: list[Any] = []
-        for i, err in enumerate(errors):
-            if err is not None:
-                outs.append(err)
-                continue
-            z = result.tensor[i].to(store_dtype)
-            if not torch.isfinite(z).all():
-                outs.append(InputError(f"latent overflows {options.latent_dtype}; use --latent-dtype fp32 or bf16"))
-            else:
-                outs.append(z)
-        return outs
+    def compute(batch: list[Loaded]) -> Deferred:
+        x, noise = _stage_images(runner, batch, options.sample, options.seed)
+        pending = runner.submit_encode(x, spec, noise)
+
+        def outputs() -> list[Any]:
+            result = pending.result()
+            errors = _note_batch(engine, batch, result, "encode")
+            outs: list[Any] = []
+            for i, err in enumerate(errors):
+                z = result.tensor[i].to(store_dtype) if err is None else None
+                if z is not None and not torch.isfinite(z).all():
+                    err = InputError(f"latent overflows {options.latent_dtype}; use --latent-dtype fp32 or bf16")
+                outs.append(err if err is not None else z)
+            return outs
+
+        return Deferred(outputs)
 
     def save(loaded: Loaded, z: torch.Tensor) -> None:
         e = loaded.extra
@@ -854,8 +1032,8 @@ def encode_paths(
             "downsample_factor": str(factor),
             "original_width": str(e["width"]),
             "original_height": str(e["height"]),
-            "encoded_width": str(loaded.x.shape[1]),
-            "encoded_height": str(loaded.x.shape[0]),
+            "encoded_width": str(e["size"][1]),
+            "encoded_height": str(e["size"][0]),
             "size_params": json.dumps(e["undo"]),
             "source": meta_name(loaded.item.rel),
             "source_sha256": e["source_sha256"],
@@ -868,11 +1046,12 @@ def encode_paths(
         else:
             write_latent(loaded.item.output, z, meta)
 
-    engine.run(load, lambda b: b.x.shape, compute, save)
+    probe = _image_probe(factor, options.size_policy, exif=fmt != "kohya")  # kohya: pixels as stored
+    engine.run(load, lambda b: b.extra["size"], compute, save, probe)
     if fmt == "kohya":
         notes.append("kohya format without --dataset: each latent has its image's own size; kohya uses a cache only "
                      "at the size of its bucket (use --dataset for a training cache)")
-    return _report("encode", engine, vae, start, removed, notes)
+    return _report("encode", engine, vae, start, removed, notes, runner)
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -970,7 +1149,7 @@ def decode_paths(
         "normalization": json.dumps(flag_spec.to_dict()) if override else "metadata",
     }
     size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=True)
-    engine = _Engine(items, size, options.workers, progress, batch_for)
+    engine = _Engine(items, size, options.workers, progress, batch_for, runner.device)
 
     def check_shape(shape: tuple[int, int, int]) -> None:
         c, h, w = shape
@@ -1013,19 +1192,25 @@ def decode_paths(
         provenance = {"vaecli_version": __version__, "source": item.rel, **want}
         return Loaded(index, item, z, {"target": target, "provenance": provenance})
 
-    def compute(batch: list[Loaded]) -> list[Any]:
-        result = runner.decode(torch.stack([b.x for b in batch]), None)  # (N, C, h, w) raw latents
-        errors = _note_batch(engine, batch, result, "decode")
-        images = result.tensor.permute(0, 2, 3, 1).numpy()  # (N, 3, H, W) -> (N, H, W, 3)
-        return [err if err is not None else images[i] for i, err in enumerate(errors)]
+    def compute(batch: list[Loaded]) -> Deferred:
+        as_uint8 = all(b.extra["target"][1] != "resize" for b in batch)  # resize resamples floats
+        pending = runner.submit_decode(torch.stack([b.x for b in batch]), None, as_uint8)  # (N, C, h, w) raw
+
+        def outputs() -> list[Any]:
+            result = pending.result()
+            errors = _note_batch(engine, batch, result, "decode")
+            images = _images_nhwc(result.tensor)
+            return [err if err is not None else images[i] for i, err in enumerate(errors)]
+
+        return Deferred(outputs)
 
     def save(loaded: Loaded, image: np.ndarray) -> None:
         (size_hw, policy), provenance = loaded.extra["target"], loaded.extra["provenance"]
         assert loaded.item.output is not None
         write_image(loaded.item.output, restore_size(image, policy, size_hw), options.format, options.quality, provenance)
 
-    engine.run(load, lambda b: tuple(b.x.shape), compute, save)
-    return _report("decode", engine, vae, start, removed, notes)
+    engine.run(load, lambda b: tuple(b.x.shape), compute, save, _latent_probe)
+    return _report("decode", engine, vae, start, removed, notes, runner)
 
 
 # --------------------------------------------------------------------------------------------- roundtrip
@@ -1059,7 +1244,7 @@ def roundtrip_paths(
     runner = Runner(vae, run)
     factor = vae.config.downsample_factor
     size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
-    engine = _Engine(items, size, options.workers, progress, batch_for)
+    engine = _Engine(items, size, options.workers, progress, batch_for, runner.device)
     settings = {
         "kind": "reconstruction",
         "model_sha256": model_summary(vae)["weights_sha256"],
@@ -1078,11 +1263,11 @@ def roundtrip_paths(
     def load(index: int, item: Item) -> Loaded | Skip:
         with open_regular(item.input) as fh:
             source_sha = sha256_of(fh) if item.output is not None else ""
-            pixels = decode_image(fh, options.alpha, options.max_pixels)
+            pixels = decode_image(fh, options.alpha, options.max_pixels, keep_uint8=True)
         h, w = pixels.shape[:2]
-        prepared, undo = apply_size_policy(pixels, factor, options.size_policy)
+        prepared, encoded, undo = prepare_pixels(pixels, factor, options.size_policy, options.pad_to)
         ref = _reference(pixels, undo)
-        extra = {"width": w, "height": h, "undo": undo, "ref": ref, "source_sha256": source_sha}
+        extra = {"width": w, "height": h, "size": encoded, "undo": undo, "ref": ref, "source_sha256": source_sha}
         if item.output is None:
             return Loaded(index, item, prepared, extra)
         reuse = _existing_reconstruction(item, provenance(item, source_sha, False), ref)
@@ -1115,18 +1300,18 @@ def roundtrip_paths(
             return f"replaced an unreadable reconstruction ({exc})"
         return rec if rec.shape == ref.shape else "replaced a reconstruction of another size"
 
-    def compute(batch: list[Loaded]) -> list[Any]:
-        x = _pixels_batch(batch)
-        noise = None
-        if options.sample:
-            shape = (vae.config.latent_channels, x.shape[2] // factor, x.shape[3] // factor)
-            noise = torch.stack([_noise(options.seed, b.item.rel, shape) for b in batch])
-        enc = runner.encode(x, None, noise)
-        errors = _note_batch(engine, batch, enc, "encode")
-        dec = runner.decode(enc.tensor, None)
-        errors = [a or b for a, b in zip(errors, _note_batch(engine, batch, dec, "decode"))]
-        images = dec.tensor.permute(0, 2, 3, 1).numpy()  # (N, 3, H, W) -> (N, H, W, 3)
-        return [err if err is not None else images[i] for i, err in enumerate(errors)]
+    def compute(batch: list[Loaded]) -> Deferred:
+        x, noise = _stage_images(runner, batch, options.sample, options.seed)
+        pending = runner.submit_roundtrip(x, noise, as_uint8=options.size_policy != "resize")
+
+        def outputs() -> list[Any]:
+            enc, dec = pending.result()
+            errors = _note_batch(engine, batch, enc, "encode")
+            errors = [a or b for a, b in zip(errors, _note_batch(engine, batch, dec, "decode"))]
+            images = _images_nhwc(dec.tensor)
+            return [err if err is not None else images[i] for i, err in enumerate(errors)]
+
+        return Deferred(outputs)
 
     def save(loaded: Loaded, image: np.ndarray) -> None:
         e = loaded.extra
@@ -1140,8 +1325,9 @@ def roundtrip_paths(
             write_image(diff_path(target), diff_map(e["ref"], rec, options.diff_gain), provenance=maps)
         write_image(target, rec, provenance=provenance(loaded.item, e["source_sha256"], False))  # last
 
-    engine.run(load, lambda b: b.x.shape, compute, save)
-    return _report("roundtrip", engine, vae, start, removed, notes)
+    probe = _image_probe(factor, options.size_policy, options.pad_to)
+    engine.run(load, lambda b: b.extra["size"], compute, save, probe)
+    return _report("roundtrip", engine, vae, start, removed, notes, runner)
 
 
 def _reference(pixels: np.ndarray, undo: dict[str, Any]) -> np.ndarray:

@@ -7,6 +7,7 @@ peak RSS cannot be attributed to one operation once others have run in it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -17,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -44,6 +45,8 @@ ROW_KEYS = (
     "peak_rss_bytes",  # absolute peak RSS of the worker process (CPU, isolated runs only)
     "peak_allocated_bytes",  # absolute peak of torch's CUDA allocator, weights included (CUDA only)
     "warmup_s",  # duration of the first warm-up call (first-call costs: kernel selection, allocator growth)
+    "device_busy",  # share of one more call's time the device computed (CUDA: kernel time; CPU: time in
+    # torch operators), by torch.profiler; the rest went to the host (Python, kernel launches, waiting)
     "iters",
     "device",  # human-readable device name
     "model",  # what was loaded (path or "vaecli-default")
@@ -206,6 +209,7 @@ def _prepare(vae: AutoencoderKL, job: Job) -> tuple[Runner, Callable[[], Any]]:
         compile=job.compile, kernels=job.kernels,
     )
     runner = Runner(vae, options)
+    runner.autotune.min_repeats = 0  # the same shape every call: the warm-up absorbs cuDNN's search
     gen = torch.Generator().manual_seed(0)
     n, side = job.batch_size, job.resolution
     if job.op == "encode":
@@ -246,6 +250,7 @@ def _time(vae: AutoencoderKL, runner: Runner, call: Callable[[], Any], job: Job)
         # Out of memory (Runner's, or the host's) at one size must not cost the rows of the others.
         error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     median = statistics.median(times) if times and error is None else None
+    busy = _busy_share(call, dev) if median is not None else None
     row = {
         "op": job.op,
         "resolution": job.resolution,
@@ -261,6 +266,7 @@ def _time(vae: AutoencoderKL, runner: Runner, call: Callable[[], Any], job: Job)
         "peak_rss_bytes": None,
         "peak_allocated_bytes": None,
         "warmup_s": warmup_s,
+        "device_busy": busy,
         "iters": len(times),
         "device": device_name(dev),
         "model": vae.info.name if vae.info is not None else None,
@@ -268,6 +274,44 @@ def _time(vae: AutoencoderKL, runner: Runner, call: Callable[[], Any], job: Job)
         "error": error,
     }
     return row
+
+
+def _busy_share(call: Callable[[], Any], dev: torch.device) -> float | None:
+    """Share of one call's wall time the device spent computing: the sum of CUDA kernel times, or on the
+    CPU of the time inside torch operators (self times: nested operators counted once), by torch.profiler.
+    None when the profiler is unavailable or fails."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        _sync(dev)
+        with _fd2_silenced(), profile(activities=activities) as prof:  # kineto logs to fd 2 at start and stop
+            start = time.perf_counter()
+            call()
+            _sync(dev)
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        if dev.type == "cuda":
+            busy_us = sum(e.self_device_time_total for e in events)
+        else:
+            busy_us = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::"))
+    except Exception:  # noqa: BLE001 - the share is extra information; its absence is reported as None
+        return None
+    return min(1.0, busy_us / 1e6 / wall) if wall > 0 else None
+
+
+@contextlib.contextmanager
+def _fd2_silenced() -> Iterator[None]:
+    """Send what C++ code writes to file descriptor 2 to /dev/null (Python's sys.stderr is flushed first)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _sync(dev: torch.device) -> None:

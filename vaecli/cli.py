@@ -428,18 +428,51 @@ def _guard(as_json: bool, debug: bool, command: str | None = None) -> Iterator[N
         raise _usage(f"unexpected error ({type(exc).__name__}: {_one_line(str(exc))[:300]}){hint}", as_json) from None
 
 
+class _Live:
+    """The progress callback of a run: each failed item's error line on stderr the moment it fails, and a
+    Rich bar (done/total, ok, failed, skipped, images/s, ETA) when enabled. Called from the thread that
+    finished the item (often a writer's); Rich's console serialises the output."""
+
+    def __init__(self, bar: Any, debug: bool) -> None:
+        self.bar, self.debug = bar, debug
+        self.printed: set[int] = set()  # ids of the items whose error line is out (_finish skips them)
+        self.task = bar.add_task("", total=None, rate="", tally="") if bar is not None else None
+        self.start = time.perf_counter()
+
+    def __call__(self, counts: Any) -> None:
+        item = counts.item
+        if item is not None and item.status == "failed":
+            _error_line(item, self.debug)
+            self.printed.add(id(item))
+        if self.bar is None:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = f"{counts.done / elapsed:.2f} img/s" if elapsed > 0 and counts.done else ""
+        parts = [f"{counts.ok} ok"] + [f"{n} {name}" for name, n in (("failed", counts.failed), ("skipped", counts.skipped)) if n]
+        self.bar.update(self.task, completed=counts.done, total=counts.total, rate=rate, tally=", ".join(parts))
+
+
+def _error_line(item: Any, debug: bool) -> None:
+    """`error: <input>: <reason>` on stderr, escaped (and the traceback with --debug)."""
+    line = f"{printable(item.input)}: {printable(_one_line(item.error or ''))}"
+    err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+    if debug and item.detail:
+        sys.stderr.write(item.detail)
+
+
 @contextmanager
-def _progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A Rich progress bar on stderr (count, images/s, ETA), or nothing when disabled."""
+def _progress(label: str, enabled: bool, debug: bool = False) -> Iterator[_Live]:
+    """The run's progress callback (_Live); its bar is drawn on stderr only when enabled."""
     if not enabled:
-        yield None
+        yield _Live(None, debug)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     bar = Progress(
         TextColumn(f"[bold]{label}"),
-        BarColumn(),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[tally]}"),
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
@@ -447,16 +480,8 @@ def _progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None] 
         console=err_console,
         transient=True,
     )
-    task = bar.add_task(label, total=None, rate="")
-    start = time.perf_counter()
-
-    def update(done: int, total: int) -> None:
-        elapsed = time.perf_counter() - start
-        rate = f"{done / elapsed:.2f} img/s" if elapsed > 0 and done else ""
-        bar.update(task, completed=done, total=total, rate=rate)
-
     with bar:
-        yield update
+        yield _Live(bar, debug)
 
 
 def _show_progress(quiet: bool) -> bool:
@@ -536,16 +561,14 @@ def _run_options(
                       kernels=kernels.value)
 
 
-def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None) -> None:
-    """Print failures (stderr), then the JSON document or a summary; exit 1 when some item failed."""
+def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None, live: _Live | None = None) -> None:
+    """Print the failures not printed as they happened (stderr), then the JSON document or a summary;
+    exit 1 when some item failed."""
     if _secondary_rank():  # torchrun: rank 0 reports every rank's items, errors included
         raise typer.Exit(ITEMS_FAILED if report.count("failed") else 0)
     for r in report.items:
-        if r.status == "failed":
-            line = f"{printable(r.input)}: {printable(_one_line(r.error or ''))}"
-            err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
-            if debug and r.detail:
-                sys.stderr.write(r.detail)
+        if r.status == "failed" and (live is None or id(r) not in live.printed):
+            _error_line(r, debug)
     doc = report.to_dict()
     if not report.items:
         raise _usage("no inputs found (expected files with a supported suffix, or folders holding them)", as_json)
@@ -565,6 +588,8 @@ def _summary(report: Any, doc: dict[str, Any]) -> None:
         f"{report.command}: [green]{doc['ok']} ok[/], {doc['skipped']} skipped, "
         f"[{'red' if doc['failed'] else 'green'}]{doc['failed']} failed[/] in {doc['elapsed_s']:.2f} s{rate}"
     )
+    if doc.get("device_busy_share") is not None and doc.get("images_per_s"):
+        line += f"; model busy {doc['device_busy_share']:.0%} of the time"
     if doc.get("mean_psnr") is not None:
         line += f"; mean PSNR {doc['mean_psnr']:.2f} dB, mean SSIM {doc['mean_ssim']:.4f}"
     out_console.print(line)
@@ -673,7 +698,7 @@ def encode(
             bind_local_device()  # under torchrun with CUDA: this rank's GPU
             # With Ray the driver only holds the weights for the actors; each actor picks its own device.
             vae = _load(ModelChoice(model, family, subfolder, revision, variant), Device.cpu if engine == Engine.ray else device, as_json, debug)
-            with _progress("dataset", _show_progress(quiet)) as progress:
+            with _progress("dataset", _show_progress(quiet), debug) as progress:
                 report = prepare_dataset(vae, inputs, out, ds, run, shard=part, progress=progress, engine=spread)
             if not as_json and not _secondary_rank():
                 if report.shards:
@@ -683,7 +708,7 @@ def encode(
                 for miss in getattr(report, "missing", []):
                     source = printable(str(miss.get("source", miss)))
                     out_console.print(f"missing source (latent kept, dropped from manifest): {escape(source)}")
-            _finish(report, as_json, debug)
+            _finish(report, as_json, debug, live=progress)
             return
         _refuse_torchrun("encode without --dataset")
         dataset_only = {"--bucket-resolution": bucket_resolution is not None, "--bucket-step": bucket_step is not None,
@@ -709,9 +734,9 @@ def encode(
             flat=flat,
         )
         vae = _load(ModelChoice(model, family, subfolder, revision, variant), device, as_json, debug)
-        with _progress("encode", _show_progress(quiet)) as progress:
+        with _progress("encode", _show_progress(quiet), debug) as progress:
             report = encode_paths(vae, [Path(i) for i in inputs], out, options, run, progress)
-        _finish(report, as_json, debug)
+        _finish(report, as_json, debug, live=progress)
 
 
 @app.command(cls=_HelpCommand, short_help="Latent files back to images at their original size.")
@@ -770,9 +795,9 @@ def decode(
             overwrite=overwrite,
         )
         vae = _load(ModelChoice(model, family, subfolder, revision, variant), device, as_json, debug)
-        with _progress("decode", _show_progress(quiet)) as progress:
+        with _progress("decode", _show_progress(quiet), debug) as progress:
             report = decode_paths(vae, inputs, out, options, run, progress)
-        _finish(report, as_json, debug)
+        _finish(report, as_json, debug, live=progress)
 
 
 @app.command(cls=_HelpCommand, short_help="Encode and decode; PSNR, SSIM and max error per image.")
@@ -833,7 +858,7 @@ def roundtrip(
             overwrite=overwrite,
         )
         vae = _load(ModelChoice(model, family, subfolder, revision, variant), device, as_json, debug)
-        with _progress("roundtrip", _show_progress(quiet)) as progress:
+        with _progress("roundtrip", _show_progress(quiet), debug) as progress:
             report = roundtrip_paths(vae, inputs, out, options, run, progress)
         table = Table(title="roundtrip", show_lines=False)
         for name, justify in (("input", "left"), ("status", "left"), ("PSNR dB", "right"), ("SSIM", "right"), ("max err", "right")):
@@ -847,7 +872,7 @@ def roundtrip(
                 f"{m['ssim']:.4f}" if "ssim" in m else "-",
                 str(m["max_abs_error"]) if "max_abs_error" in m else "-",
             )
-        _finish(report, as_json, debug, table if report.items else None)
+        _finish(report, as_json, debug, table if report.items else None, progress)
 
 
 @app.command(cls=_HelpCommand, short_help="Time encode and decode: ms/image, images/s, peak memory.")
@@ -916,6 +941,7 @@ def bench(
             )
         else:
             out_console.print(bench_table(rows))
+            out_console.print("busy: share of a call's time the device computed (the rest: host work and waiting)")
         if failed:
             raise typer.Exit(ITEMS_FAILED)
 
@@ -925,7 +951,7 @@ def bench_table(rows: list[dict[str, Any]]) -> Table:
     from rich import box
 
     table = Table(title="bench", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for name in ("op", "res", "batch", "dtype", "tiling", "ms/img", "img/s", "peak MiB", "warm-up s"):
+    for name in ("op", "res", "batch", "dtype", "tiling", "ms/img", "img/s", "busy", "peak MiB", "warm-up s"):
         table.add_column(name, justify="left" if name in ("op", "dtype", "tiling") else "right",
                          min_width=len(name), overflow="fold")
     for r in rows:
@@ -938,6 +964,7 @@ def bench_table(rows: list[dict[str, Any]]) -> Table:
             str(r.get("tiling")),
             _fmt(r.get("ms_per_img"), ".1f"),
             _fmt(r.get("img_per_s"), ".2f"),
+            _fmt(r.get("device_busy"), ".0%"),
             _fmt(peak / 2**20 if isinstance(peak, (int, float)) else None, ".0f"),
             _fmt(r.get("warmup_s"), ".2f"),
         )

@@ -70,9 +70,14 @@ def read_image(
 
 
 def decode_image(
-    fh: BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS, convention: str = "vaecli"
+    fh: BinaryIO, alpha: str = "white", max_pixels: int = DEFAULT_MAX_PIXELS, convention: str = "vaecli",
+    keep_uint8: bool = False,
 ) -> np.ndarray:
-    """read_image on an open file or in-memory bytes (e.g. a file whose bytes were just hashed)."""
+    """read_image on an open file or in-memory bytes (e.g. a file whose bytes were just hashed).
+
+    keep_uint8: 8-bit images without transparency come back as uint8 (H, W, 3), a quarter of the bytes;
+    value / 255 gives read_image's floats exactly (the batch pipeline converts on the device).
+    """
     from PIL import Image, ImageOps
 
     if convention not in PIXEL_CONVENTIONS:
@@ -89,7 +94,7 @@ def decode_image(
                 rgb = img if img.mode == "RGB" else img.convert("RGB")
                 return np.asarray(rgb, dtype=np.float32) / 255.0  # (H, W, 3), as stored
             img = ImageOps.exif_transpose(img)
-            return _to_rgb01(img, alpha)
+            return _to_rgb01(img, alpha, keep_uint8)
         except InputError:
             raise
         except Image.DecompressionBombError:  # a frame larger than the first (we never change Pillow's limit)
@@ -98,6 +103,28 @@ def decode_image(
             raise InputError(f"out of memory while decoding this {w}x{h} image") from None
         except Exception as exc:  # noqa: BLE001 - Pillow reports bad data with many types (OSError, ValueError, ...)
             raise InputError(f"corrupt or truncated image ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def image_size(fh: BinaryIO, exif: bool = True) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied; as stored when not `exif`),
+    from its header alone.
+
+    For grouping images by size before they are read: EXIF found after the pixel data (possible in PNG)
+    is not looked for, since finding it would mean decoding the image.
+    """
+    from PIL import Image
+
+    with _open_pil(fh) as img:
+        w, h = img.size
+        orientation = 1
+        raw = img.info.get("exif") if exif else None
+        if isinstance(raw, bytes) and raw:
+            exif = Image.Exif()
+            exif.load(raw)
+            orientation = exif.get(0x0112, 1)
+        elif exif and hasattr(img, "tag_v2"):  # TIFF keeps it among its tags
+            orientation = img.tag_v2.get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # 5-8: rotated by 90 degrees
 
 
 def _open_pil(fh: BinaryIO) -> Any:
@@ -143,8 +170,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _to_rgb01(img: Any, alpha: str) -> np.ndarray:
-    """A loaded PIL image in any mode -> float32 (H, W, 3) in [0, 1]."""
+def _to_rgb01(img: Any, alpha: str, keep_uint8: bool = False) -> np.ndarray:
+    """A loaded PIL image in any mode -> float32 (H, W, 3) in [0, 1] (or uint8, see decode_image)."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img).astype(np.float32)  # (H, W) 16-bit, 32-bit int or float gray
@@ -162,6 +189,8 @@ def _to_rgb01(img: Any, alpha: str) -> np.ndarray:
         img = img.convert("RGBA")
     elif mode != "RGB":
         img = img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+    if keep_uint8 and not has_alpha:
+        return np.array(img)  # (H, W, 3) uint8, writable
     a = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3|4)
     if a.shape[2] == 3:
         return np.ascontiguousarray(a)
@@ -173,7 +202,9 @@ def _to_rgb01(img: Any, alpha: str) -> np.ndarray:
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Float [0, 1] -> uint8, rounding to nearest."""
+    """Float [0, 1] -> uint8, rounding to nearest (uint8 is returned as it is)."""
+    if pixels.dtype == np.uint8:
+        return pixels
     return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -446,6 +477,26 @@ def read_tensor(fh: BinaryIO, entry: TensorEntry, name: str, check: ShapeCheck |
     if entry.dtype == "BF16":
         return torch.from_numpy(array.astype(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(array.astype(np.float32))
+
+
+class _Shape(Exception):
+    """Carries a latent's shape out of load_latent's check, before any tensor data is read."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = shape
+
+
+def latent_shape(fh: BinaryIO, suffix: str) -> tuple[int, int, int]:
+    """The (C, h, w) shape of a latent file from its header alone (the same parsing as load_latent)."""
+
+    def stop(shape: tuple[int, int, int]) -> None:
+        raise _Shape(shape)
+
+    try:
+        load_latent(fh, suffix, stop)
+    except _Shape as found:
+        return found.shape
+    raise InputError("latent file without a shape")  # not reached: load_latent checks the shape first
 
 
 def read_npy(fh: BinaryIO, check: ShapeCheck | None = None, kind: str = "f", limit: int | None = None) -> np.ndarray:

@@ -75,7 +75,7 @@ def prepare_with_ray(
         if settled is None:
             todo.append(src)
         else:
-            tally.add(len(settled.results), len(settled.results))
+            tally.add(len(settled.results), settled.results)
             outcomes.append(settled)
     if todo:
         outcomes += _run_on_cluster(ray, vae, todo, share.job, options, run, engine, tally)
@@ -120,7 +120,7 @@ def _run_on_cluster(
         outcomes = []
         for row in mapped.iter_rows():
             outcome: ShardOutcome = pickle.loads(row["outcome"])
-            tally.add(len(outcome.results), len(outcome.results))
+            tally.add(len(outcome.results), outcome.results)
             outcomes.append(outcome)
         return outcomes
     finally:

@@ -20,9 +20,9 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
-from ..batch import Item, ItemResult, Loaded, Progress, _Engine
+from ..batch import Counts, Item, ItemResult, Loaded, Progress, _Engine
 from ..errors import ConfigError, InputError
 from ..io import read_image
 from .encoder import DatasetEncoder
@@ -82,18 +82,26 @@ class ShardOutcome:
 
 
 class Tally:
-    """Samples done of samples seen, across shards and chunks, reported to a progress callback."""
+    """Samples finished (by status) of samples seen, across shards and chunks, reported to a progress callback."""
 
     def __init__(self, progress: Progress | None) -> None:
-        self.progress, self.done, self.total = progress, 0, 0
+        self.progress, self.total = progress, 0
+        self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self._lock = threading.Lock()
 
-    def add(self, done: int = 0, total: int = 0) -> None:
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, total: int = 0, results: Sequence[ItemResult] = ()) -> None:
+        """Count `total` more samples seen and the finished `results` (statuses ok, failed, skipped)."""
         with self._lock:
-            self.done += done
             self.total += total
+            for r in results:
+                if r.status in self.counts:
+                    self.counts[r.status] += 1
             if self.progress is not None:
-                self.progress(self.done, self.total)
+                self.progress(Counts(self.total, **self.counts))
 
 
 def check_unique_names(shards: list[ShardInput], layout: str) -> None:
@@ -114,7 +122,7 @@ def process_shard(job: ShardJob, src: ShardInput, tally: Tally) -> ShardOutcome:
     started = time.time()
     settled, identity, note = check_shard(job, src)
     if settled is not None:
-        tally.add(len(settled.results), len(settled.results))
+        tally.add(len(settled.results), settled.results)
         outcome = settled
     else:
         assert identity is not None
@@ -258,12 +266,11 @@ def _encode_chunk(
 
 
 def _progress_delta(tally: Tally) -> Progress:
-    """An engine progress callback (done, total of one chunk) that adds what is new to the tally."""
-    last = [0]
+    """An engine progress callback (counts of one chunk) that adds each finished sample to the tally."""
 
-    def update(done: int, total: int) -> None:
-        tally.add(done=done - last[0])
-        last[0] = done
+    def update(counts: Counts) -> None:
+        if counts.item is not None:
+            tally.add(results=[counts.item])
 
     return update
 
