@@ -16,6 +16,8 @@ JSON is rewritten after every row; sections that would start past the time budge
             from process start to the first compiled decode, compiled vs eager ms (skipped with --quick)
   tiling    tiled vs untiled encode/decode at 2048 and 4096 (bf16, default plan): time, peak memory,
             max |diff| and PSNR of the tiled result against the untiled one
+  pipeline  issue 13: JPEG folders (512^2, mixed sizes) end to end against the model alone, 8192^2
+            decode/encode with --tiling auto and off (scripts/pipeline_throughput.py's gpu_rows)
 The summary at the end prints each row's speedup over diffusers and the issue's bars as pass/fail.
 """
 
@@ -389,12 +391,25 @@ def compile_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any
     return run
 
 
+def pipeline_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]], None]:
+    """Issue 13's rows (scripts/pipeline_throughput.gpu_rows): 512^2 and mixed-size JPEG folders through the
+    CLI's pipeline against the model alone, and 8192^2 decode/encode with --tiling auto and off, in what is
+    left of the budget (what does not fit is skipped, saying so)."""
+
+    def run(report: Report, out: dict[str, Any]) -> None:
+        import pipeline_throughput
+
+        out.update(pipeline_throughput.gpu_rows(budget_s=max(0.0, report.left() - 5), device=args.device, quick=args.quick))
+
+    return run
+
+
 # -- summary and helpers ------------------------------------------------------------------------------------
 
 
 SECTIONS = {  # name -> (section maker, seconds it needs at least to start), in the order they run
     "env": (env_section, 0), "rows": (rows_section, 30), "accuracy": (accuracy_section, 15),
-    "compile": (compile_section, 90), "tiling": (tiling_section, 40),
+    "compile": (compile_section, 90), "tiling": (tiling_section, 40), "pipeline": (pipeline_section, 60),
 }
 
 

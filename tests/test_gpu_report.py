@@ -43,7 +43,8 @@ def test_quick_report_survives_a_failing_section(tmp_path, monkeypatch, capsys):
     sections = doc["sections"]
     assert sections["env"]["status"] == "failed" and "simulated failure" in sections["env"]["error"]
     # ran after the failure; the failing implementation is recorded where it ran
-    assert [sections[s]["status"] for s in ("rows", "tiling", "accuracy")] == ["ok", "ok", "partial"]
+    assert [sections[s]["status"] for s in ("rows", "tiling", "accuracy", "pipeline")] == ["ok", "ok", "partial", "ok"]
+    assert sections["pipeline"]["same"]["roundtrip"] and "big" in sections["pipeline"]
     assert sections["compile"] == {"status": "skipped", "reason": "--quick (a CPU compile takes minutes)"}
     rows = sections["rows"]["rows"]
     assert [(r["op"], r["resolution"], r["batch"]) for r in rows] == [
