@@ -133,7 +133,8 @@ def rows_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]],
     def run(report: Report, out: dict[str, Any]) -> None:
         device = torch.device(args.device)
         out["rows"], out["skipped_rows"] = [], []
-        reserve = 10 if args.quick else 160  # for the sections after this one (accuracy, compile, tiling)
+        later = args.chosen & {"accuracy", "compile", "tiling", "pipeline"}
+        reserve = 10 if args.quick or not later else 160  # for the sections chosen after this one
         for dtype_name in args.dtypes.split(","):
             if report.left() < reserve + 20:
                 out["skipped_rows"].append(f"{dtype_name}: time budget")
@@ -476,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = set(args.sections.split(",")) if args.sections else set(SECTIONS) - ({"compile"} if args.quick else set())
     if not chosen <= set(SECTIONS):
         parser.error(f"unknown sections: {', '.join(sorted(chosen - set(SECTIONS)))}")
+    args.chosen = chosen
     for name, (make, need) in SECTIONS.items():
         skip = None
         if name not in chosen:
