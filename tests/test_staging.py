@@ -115,6 +115,23 @@ def test_pinned_pool_waits_for_copies_before_reuse():
     assert c.data_ptr() == a.data_ptr() and dev.pool.allocated == 2
 
 
+def test_pinned_pool_with_many_free_buffers_of_different_sizes():
+    """Mixed-size batches leave free buffers of several sizes: taking one that is not first in the free
+    list, and trimming the list, must pick buffers by identity (an H100 run failed here: list.remove
+    compared tensors elementwise)."""
+    dev = SimulatedDevice(lag=0)
+    bufs = [dev.pool.take(n) for n in (300_000, 100_000, 200_000, 50_000)]
+    for b in bufs:
+        dev.pool.release(b, dev.event())
+    mid = dev.pool.take(150_000)  # the smallest that fits: the 200_000 one, third in the free list
+    assert mid.data_ptr() == bufs[2].data_ptr() and dev.pool.allocated == 4
+    dev.pool._keep = 1
+    dev.pool.release(mid, dev.event())
+    big = dev.pool.take(10)  # reclaim trims to the largest buffer only, then hands it out
+    assert big.data_ptr() == bufs[0].data_ptr() and dev.pool.allocated == 4
+    dev.upload([np.arange(5000, dtype=np.float32), np.ones(70_000, dtype=np.float32)])  # a real upload after
+
+
 def test_download_results_outlive_their_pinned_buffer():
     """Outputs handed to writers are copies: the pooled buffer is reused by the next batch."""
     dev = SimulatedDevice(lag=0)

@@ -59,10 +59,10 @@ class PinnedPool:
     def take(self, nbytes: int) -> torch.Tensor:
         """A flat uint8 buffer of exactly `nbytes` (a view of a pooled one of at least that size)."""
         self._reclaim()
-        fits = [b for b in self._free if b.numel() >= nbytes]
+        fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
         if fits:
-            buf = min(fits, key=lambda b: b.numel())
-            self._free.remove(buf)
+            # by index: list.remove would compare tensors with ==, elementwise (an error for other sizes)
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         else:
             buf = self._t.host_empty(max(nbytes + nbytes // 4, 1 << 16))  # headroom: sizes vary a little
             self.allocated += 1
@@ -78,7 +78,7 @@ class PinnedPool:
             (self._free.append(buf) if event.query() else still.append((event, buf)))
         self._busy = still
         while len(self._free) > self._keep:  # a run of ever larger sizes must not keep every old buffer
-            self._free.remove(min(self._free, key=lambda b: b.numel()))
+            self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
 
 
 @dataclass
