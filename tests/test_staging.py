@@ -132,6 +132,14 @@ def test_pinned_pool_with_many_free_buffers_of_different_sizes():
     dev.upload([np.arange(5000, dtype=np.float32), np.ones(70_000, dtype=np.float32)])  # a real upload after
 
 
+def test_download_packs_tensors_of_any_dtypes_in_any_order():
+    dev = SimulatedDevice(lag=0)
+    tensors = [torch.tensor([True, False, True]), torch.arange(6, dtype=torch.float32).view(2, 3),
+               torch.arange(5, dtype=torch.uint8), torch.full((2, 2), 0.5, dtype=torch.float16)]
+    for got, want in zip(dev.download(tensors).wait(), tensors):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_download_results_outlive_their_pinned_buffer():
     """Outputs handed to writers are copies: the pooled buffer is reused by the next batch."""
     dev = SimulatedDevice(lag=0)

@@ -208,11 +208,13 @@ class Transfers:
             done.record()
             return Download([t if t.device.type == "cpu" else t.cpu() for t in tensors], done)
         sizes = [t.numel() * t.element_size() for t in tensors]
-        buf = self.pool.take(sum(sizes))
-        offsets = np.cumsum([0, *sizes])
-        hosts = [
-            buf[lo:hi].view(t.dtype).view(t.shape) for t, lo, hi in zip(tensors, offsets[:-1], offsets[1:])
-        ]
+        # each tensor starts at a multiple of 16 bytes: a byte view is reinterpreted as any dtype only
+        # at an offset aligned to its element size (a bool mask before float32 outputs would not be)
+        starts = [0]
+        for n in sizes[:-1]:
+            starts.append(starts[-1] + -(-n // 16) * 16)
+        buf = self.pool.take(starts[-1] + (sizes[-1] if sizes else 0))
+        hosts = [buf[lo : lo + n].view(t.dtype).view(t.shape) for t, lo, n in zip(tensors, starts, sizes)]
         if self.down is not None:
             self.down.wait_stream(torch.cuda.current_stream(self.device))  # after the work that makes them
         with self.side(self.down):
