@@ -59,6 +59,7 @@ def test_second_process_runs_the_compiled_package(tmp_path):
     loaded = [e for e in second["events"] if e.startswith("loaded compiled decode 1x4x4x4")]
     assert built and loaded, (first["events"], second["events"])
     assert len(list((tmp_path / "aoti").glob("decode-*.pt2"))) == 1
+    assert len(list((tmp_path / "aoti").glob("decode-*.ok"))) == 1  # checked in a separate process, once
     build_s = float(re.search(r" in ([\d.]+) s", built[0]).group(1))
     load_s = float(re.search(r" in ([\d.]+) s", loaded[0]).group(1))
     # Starts fast: no export and no compiler, only imports (on a CPU torch._inductor's imports and its
@@ -101,6 +102,43 @@ def test_runner_compiles_per_shape_and_falls_back_on_failure(monkeypatch):
     assert failed.events == ["compile of decode 2x4x4x4 failed, running eager: no C++ compiler found"]
     assert torch.isfinite(failed.tensor).all() and runner.decode(torch.randn(2, 4, 4, 4)).events == []
     assert len(built) == 2  # a failed shape is not retried
+
+
+def _tiny_vae():
+    torch.manual_seed(0)
+    cfg = VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
+    return AutoencoderKL(cfg).eval()
+
+
+@pytest.mark.parametrize("check, reason", [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "crashed the process that loaded it (SIGSEGV)"),
+    (None, "failed to load and run ("),  # the real check on a package file that is not one
+])
+def test_a_package_that_crashes_its_loader_runs_eager(monkeypatch, tmp_path, check, reason):
+    """AOTInductor's loader can die with SIGSEGV (H100, torch 2.11): the package is loaded first in a
+    separate process; when that fails, the run goes on eager and says why, and later runs know it."""
+    monkeypatch.setenv("VAECLI_CACHE_DIR", str(tmp_path))
+    if check is not None:
+        monkeypatch.setattr(accel, "_LOAD_CHECK", check)
+    vae = _tiny_vae()
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    runner = Runner(vae, RunOptions(compile=True))
+    package = accel.cache_dir() / f"decode-{accel.package_key(vae, 'decode', z, runner.plan)}.pt2"
+    package.parent.mkdir(parents=True)
+    package.write_bytes(b"not a package")  # in the cache already: nothing is built
+    result = runner.decode(z)
+    assert len(result.events) == 1 and result.events[0].startswith(
+        f"compile of decode 1x4x4x4 failed, running eager: the compiled package {reason}"), result.events
+    assert torch.equal(result.tensor, Runner(vae).decode(z).tensor)
+    assert package.with_suffix(".failed").exists() and not package.with_suffix(".ok").exists()
+
+    def no_second_check(*args, **kwargs):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(accel.subprocess, "run", no_second_check)  # the verdict is kept beside the package
+    again = Runner(vae, RunOptions(compile=True)).decode(z)
+    assert again.events == result.events
 
 
 def test_cache_dir(monkeypatch, tmp_path):

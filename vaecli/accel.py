@@ -26,6 +26,8 @@ import ctypes.util
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -113,10 +115,82 @@ def compile_op(model: AutoencoderKL, op: str, example: torch.Tensor, plan: Plan)
     built = not path.exists()
     if built:
         _build(_Op(model, op, plan).eval(), example, path)
-    package = torch._inductor.aoti_load_package(str(path))
     state = _Op(model, op, plan).state_dict()
+    trouble = checked_load(path, state, example)
+    if trouble is not None:
+        raise RuntimeError(trouble)
+    package = torch._inductor.aoti_load_package(str(path))
     package.load_constants({k: state[k] for k in package.get_constant_fqns()}, check_full_update=True, user_managed=True)
     return Compiled(package, path, built, time.perf_counter() - start)
+
+
+# Loads a package and runs it once on zeros (zero weights too), in a process of its own: on an H100
+# (torch 2.11.0+cu130, 2026-11-27; scripts/compile_probe.py) AOTInductor's package loader died with SIGSEGV
+# inside torch._C._aoti.AOTIModelPackageLoader, in a fresh process as in the one that built the package.
+# A crash there cannot be caught, so each package is tried once where a crash costs nothing.
+_LOAD_CHECK = """
+import json, sys, torch
+spec = json.load(sys.stdin)
+package = torch._inductor.aoti_load_package(spec["path"])
+zeros = lambda t: torch.empty_strided(t["shape"], t["stride"], dtype=getattr(torch, t["dtype"]), device=t["device"]).zero_()
+constants = {k: zeros(spec["constants"][k]) for k in package.get_constant_fqns()}
+package.load_constants(constants, check_full_update=True, user_managed=True)
+package(zeros(spec["input"]))
+if spec["input"]["device"].startswith("cuda"):
+    torch.cuda.synchronize()
+print("loaded and ran")
+"""
+LOAD_CHECK_TIMEOUT_S = 600.0
+
+
+def checked_load(path: Path, state: dict[str, torch.Tensor], example: torch.Tensor) -> str | None:
+    """None when the package at `path` loads and runs in a separate process, else why not. The verdict is
+    kept beside the package (NAME.ok / NAME.failed), so each package is tried once per cache."""
+    ok, failed = path.with_suffix(".ok"), path.with_suffix(".failed")
+    if ok.exists():
+        return None
+    if failed.exists():
+        return failed.read_text().strip() or "an earlier load check failed"
+
+    def describe(t: torch.Tensor) -> dict:
+        return {"shape": list(t.shape), "stride": list(t.stride()), "dtype": str(t.dtype).removeprefix("torch."),
+                "device": str(t.device)}
+
+    spec = {"path": str(path), "input": describe(example), "constants": {k: describe(v) for k, v in state.items()}}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK], input=json.dumps(spec), capture_output=True,
+                              text=True, timeout=LOAD_CHECK_TIMEOUT_S)
+        code = proc.returncode
+        tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+    except subprocess.TimeoutExpired:
+        code, tail = None, ""
+    if code == 0:
+        _note(ok, "loaded and ran in a separate process")
+        return None
+    if code is None:
+        how = f"did not load and run within {LOAD_CHECK_TIMEOUT_S:.0f} s"
+    elif code < 0:
+        how = f"crashed the process that loaded it ({_signal_name(-code)})"
+    else:
+        how = f"failed to load and run ({tail or f'exit {code}'})"
+    reason = f"the compiled package {how} with torch {torch.__version__}"
+    _note(failed, reason)
+    return reason
+
+
+def _note(path: Path, text: str) -> None:
+    """Keep a verdict beside its package; a cache that cannot be written to only means checking again."""
+    try:
+        path.write_text(text + "\n")
+    except OSError:
+        pass
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _build(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
