@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import vaecli  # noqa: E402
 from bench_vs_diffusers import bench_op, build_models, inference, sync  # noqa: E402
-from vaecli import kernels  # noqa: E402
+from vaecli import accel, kernels  # noqa: E402
 from vaecli.bench import device_name  # noqa: E402
 from vaecli.pipeline import DTYPES, RunOptions, Runner  # noqa: E402
 from vaecli.plans import TABLE, apply_layout, plan_for  # noqa: E402
@@ -118,6 +118,7 @@ def env_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]], 
         out.update(
             device=device_name(args.device), torch=torch.__version__, diffusers=diffusers.__version__,
             python=platform.python_version(), vaecli=vaecli.__version__, git=_git_rev(),
+            code=accel._code_hash(),  # model, plans and kernels as run (a device's copy of .git may be older)
             triton=_version("triton"), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
             capability=list(torch.cuda.get_device_capability()) if args.device == "cuda" else None,
             kernels_run_here={str(dt).removeprefix("torch."): kernels.device_ok(torch.empty(1, device=args.device, dtype=dt))
@@ -148,11 +149,12 @@ def rows_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]],
                 plan = plan_for(device, ours.config, mode)
                 if plan != base:
                     variants[f"vaecli-kernels-{mode}"] = (ours, plan)
-            # candidate for the CUDA row of plans.TABLE: channels-last weights and activations with the kernels
+            # the other candidate for the CUDA row of plans.TABLE: the kernels in the other memory layout
             kernels_on = plan_for(device, ours.config, "on")
-            if kernels_on.layout != torch.channels_last:
-                nhwc = dataclasses.replace(kernels_on, name="kernels-nhwc", layout=torch.channels_last)
-                variants["vaecli-kernels-nhwc"] = (apply_layout(copy.deepcopy(ours), nhwc), nhwc)
+            other = "nchw" if kernels_on.layout == torch.channels_last else "nhwc"
+            flipped = dataclasses.replace(kernels_on, name=f"kernels-{other}",
+                                          layout=torch.channels_last if other == "nhwc" else torch.contiguous_format)
+            variants[f"vaecli-kernels-{other}"] = (apply_layout(copy.deepcopy(ours), flipped), flipped)
             for op, side, batch in ROWS:
                 side, batch = (QUICK_SIDE[side], QUICK_BATCH[batch]) if args.quick else (side, batch)
                 if report.left() < reserve:

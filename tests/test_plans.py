@@ -25,7 +25,7 @@ def _pair(reference, dtype=torch.float32, **config):
 
 
 def test_every_device_row_names_every_choice_and_its_measurement():
-    fields = {"nhwc_from", "norm", "upsample", "wide_from", "attention", "kernels"}
+    fields = {"nhwc_from", "nhwc_needs_norm_kernel", "norm", "upsample", "wide_from", "attention", "kernels"}
     for device, row in TABLE.items():
         assert set(row) == fields, device
         assert all(len(choice.measured) > 15 for choice in row.values()), device
@@ -41,7 +41,8 @@ def test_plan_for_devices_and_kernel_modes():
     wide = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
                      up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
     cuda = plan_for("cuda", wide)
-    assert (cuda.layout, cuda.norm, cuda.upsample, cuda.kernels) == (torch.contiguous_format, "native", "nearest", frozenset(KERNEL_OPS))
+    assert (cuda.layout, cuda.norm, cuda.upsample, cuda.kernels) == (torch.channels_last, "native", "nearest", frozenset(KERNEL_OPS))
+    assert plan_for("cuda", narrow).layout == torch.channels_last  # on CUDA with the kernels, every width
     plain = plan_for("cuda", wide, "off")
     assert (plain.layout, plain.norm, plain.upsample, plain.kernels) == (torch.contiguous_format, "native", "nearest", frozenset())
     assert plan_for("cpu", wide).layout == torch.channels_last and plan_for("cpu", narrow).layout == torch.contiguous_format

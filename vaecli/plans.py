@@ -44,13 +44,19 @@ TABLE: dict[str, dict[str, Choice]] = {
         "upsample": Choice("transposed", "docs/performance.md, CPU 2026-11-27: one 512ch 64x64 fp32 NHWC layer: "
                                          "nearest+conv 2043 ms, subpixel 1369 ms, conv_transpose2d 855 ms; SD decode "
                                          "256^2 fp32: 0.73 of diffusers' time, 0.86 with subpixel (same run)"),
+        "nhwc_needs_norm_kernel": Choice(False, "aten's CPU GroupNorm has a channels-last kernel "
+                                                "(GroupNormKernelImplChannelsLastInternal)"),
         "wide_from": Choice(256, "narrow layers: diffusers' exact sequence (bit-identical outputs)"),
         "attention": Choice("sdpa", "diffusers' call (AttnProcessor2_0); one head over all positions"),
         "kernels": Choice((), "Triton has no CPU backend; its interpreter (tests) is far slower than aten"),
     },
     "cuda": {
-        "nhwc_from": Choice(None, "H100 2026-11-27 (../shared/bench/h100-2026-11-27): NHWC path 1.3-1.8x slower "
-                                  "than diffusers' NCHW; aten GroupNorm on NHWC ~2x slower than NCHW (sglang)"),
+        "nhwc_from": Choice(0, "docs/performance.md, H100 2026-11-27 (gpu_report, 555d39b): with the kernels, "
+                               "NHWC beat NCHW in 17 of 18 rows (bf16 decode 1024 2.40x vs 2.06x diffusers' "
+                               "speed, fp32 encode 512 b16 1.36x vs 1.15x; fp32 decode 512 b16 1.20x both)"),
+        "nhwc_needs_norm_kernel": Choice(True, "H100 2026-11-27 (../shared/bench/h100-2026-11-27): without the "
+                                               "Triton norm, the NHWC path ran 1.3-1.8x slower than diffusers' "
+                                               "NCHW; aten's GroupNorm on NHWC ~2x slower than on NCHW (sglang)"),
         "norm": Choice("native", "diffusers' call; aten's CUDA kernel accumulates fp16/bf16 in fp32 (see "
                                  "_group_norm); the fp32 copy was part of the slower H100 path"),
         "upsample": Choice("nearest", "diffusers' sequence; subpixel's strided copies were part of the slower H100 "
@@ -65,6 +71,7 @@ TABLE: dict[str, dict[str, Choice]] = {
     },
     "mps": {
         "nhwc_from": Choice(None, "not measured: diffusers' layout"),
+        "nhwc_needs_norm_kernel": Choice(False, "not measured: NHWC is not used on MPS"),
         "norm": Choice("fp32", "not measured: MPS GroupNorm's accumulation precision for fp16 is undocumented, "
                                "so statistics are taken on an fp32 copy"),
         "upsample": Choice("nearest", "not measured: diffusers' sequence"),
@@ -193,8 +200,9 @@ def plan_for(device: str | torch.device, config: VAEConfig, kernels: str = "auto
     if kind not in TABLE:
         return REFERENCE  # a device nobody measured: diffusers' sequence
     value = {name: choice.value for name, choice in TABLE[kind].items()}
-    nhwc = value["nhwc_from"] is not None and max(config.block_out_channels) >= value["nhwc_from"]
     ops = {"auto": frozenset(value["kernels"]), "on": frozenset(KERNEL_OPS), "off": frozenset()}[kernels]
+    nhwc = (value["nhwc_from"] is not None and max(config.block_out_channels) >= value["nhwc_from"]
+            and ("norm" in ops or not value["nhwc_needs_norm_kernel"]))
     return Plan(
         name=kind,
         layout=torch.channels_last if nhwc else torch.contiguous_format,
