@@ -146,8 +146,11 @@ class Plan:
         """Per (image, group) count, mean and centred sum of squares of x, fp32 (tiling's statistics)."""
         from .kernels import groupnorm_silu as gn
 
-        if "norm" in self.kernels and gn.supported(x, groups):
-            return gn.moments(x, groups)
+        if "norm" in self.kernels and gn.usable(x):
+            # the kernels take dense NCHW/NHWC tensors: a crop is copied first (the reference takes views)
+            dense = x.contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+            if gn.supported(dense, groups):
+                return gn.moments(dense, groups)
         return gn.moments_reference(x, groups)
 
     def upsample_conv(self, conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -130,13 +130,12 @@ class _Sums:
         g = self.total.shape[1]
         fy = x.shape[-2] / size_in[0]  # this layer's resolution relative to the tile input
         fx = x.shape[-1] / size_in[1]
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         for b, (y0, y1, x0, x1) in enumerate(chunk.owned):
             part = x[b : b + 1, :, int(y0 * fy) : int(y1 * fy), int(x0 * fx) : int(x1 * fx)]
             # Count, mean and centred sum of squares per group of the owned cells (fp32, no cancellation;
-            # the plan's kernel where it has one, which wants a dense crop), combined into the image's
-            # float64 sums (sum, sum of squares).
-            stats = plan.moments(part.contiguous(memory_format=layout), g)  # (1, G) each
+            # the plan's kernel where it has one), combined into the image's float64 sums (sum, sum of
+            # squares).
+            stats = plan.moments(part, g)  # (1, G) each
             count, mean, m2 = (t.double().view(g) for t in stats)
             img = chunk.tiles[b].image
             self.total[img] += mean * count

@@ -32,13 +32,19 @@ def reference(
 
 
 def moments_reference(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per (image, group) element count, mean and centred sum of squares, fp32 (two passes over x)."""
-    n = x.shape[0]
-    g = x.float().reshape(n, groups, -1)  # (N, G, C/G * H * W); a copy when x is NHWC
-    mean = g.mean(dim=2)
-    m2 = (g - mean.unsqueeze(2)).square().sum(dim=2)
-    count = torch.full_like(mean, g.shape[2])
-    return count, mean, m2
+    """Per (image, group) element count, mean and centred sum of squares, fp32, of x in any layout or crop.
+
+    torch.var_mean reduces a strided view in one pass with Welford's update (no cancellation, no full-size
+    temporaries: tiling calls this on crops of every tile); fp16/bf16 inputs go to fp32 one group at a
+    time, so the statistics are fp32's while the copy stays a group's size."""
+    g = x.unflatten(1, (groups, -1))  # (N, G, C/G, H, W): a view whatever x's strides
+    if g.dtype == torch.float32:
+        var, mean = torch.var_mean(g, dim=(2, 3, 4), correction=0)
+    else:
+        pairs = [torch.var_mean(g[:, i].float(), dim=(1, 2, 3), correction=0) for i in range(groups)]
+        var, mean = torch.stack([v for v, _ in pairs], 1), torch.stack([m for _, m in pairs], 1)
+    count = torch.full_like(mean, g[0, 0].numel())
+    return count, mean, var * count
 
 
 def apply_reference(
