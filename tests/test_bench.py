@@ -68,7 +68,7 @@ def test_peak_memory_is_the_timed_calls_alone(tiny_model, monkeypatch):
     assert row["device_busy"] == 0.5
     if row["peak_memory_bytes"] is None:
         pytest.skip("this kernel cannot reset a process's peak RSS (/proc/self/clear_refs)")
-    assert 0 < row["peak_memory_bytes"] < 200 * 2**20
+    assert row["peak_memory_bytes"] < 200 * 2**20  # 0 is possible: freed memory of earlier tests is reused
 
 
 def test_out_of_memory_fails_its_row_only(tiny_model, monkeypatch):
