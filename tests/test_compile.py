@@ -111,6 +111,38 @@ def _tiny_vae():
     return AutoencoderKL(cfg).eval()
 
 
+def _package_paths(vae, z, plan):
+    """Where compile_op keeps the two package forms of vae's decode for inputs shaped like z."""
+    key = accel.package_key(vae, "decode", z, plan)
+    state = accel._Op(vae, "decode", plan).state_dict()
+    return (accel.cache_dir() / f"decode-{key}.pt2",
+            accel.cache_dir() / f"decode-{key}-embedded-{accel._weights_hash(state)}.pt2")
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="AOTInductor compiles C++ for CPU packages: no C++ compiler here")
+def test_when_bound_packages_fail_to_load_the_weights_go_inside(monkeypatch, tmp_path):
+    """The second package form: a runtime whose loader fails on packages with weights bound at load
+    gets one with the weights compiled in, checked the same way, which then runs."""
+    monkeypatch.setenv("VAECLI_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")
+    vae = _tiny_vae()
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    runner = Runner(vae, RunOptions(compile=True))
+    bound, embedded = _package_paths(vae, z, runner.plan)
+    bound.parent.mkdir(parents=True)
+    bound.write_bytes(b"not a package")  # a bound package that does not load
+    result = runner.decode(z)
+    assert len(result.events) == 1 and result.events[0].startswith("compiled decode 1x4x4x4 in ")
+    assert result.events[0].endswith(f" s ({embedded.name})")
+    assert bound.with_suffix(".failed").exists() and embedded.with_suffix(".ok").exists()
+    torch.testing.assert_close(result.tensor, Runner(vae).decode(z).tensor, atol=1e-5, rtol=1e-5)
+    other = _tiny_vae()
+    with torch.no_grad():
+        other.decoder.conv_out.bias.add_(0.5)  # other weights, same config: another embedded package
+    assert _package_paths(other, z, runner.plan)[1] != embedded
+
+
 @pytest.mark.parametrize("check, reason", [
     ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "crashed the process that loaded it (SIGSEGV)"),
     (None, "failed to load and run ("),  # the real check on a package file that is not one
@@ -124,14 +156,16 @@ def test_a_package_that_crashes_its_loader_runs_eager(monkeypatch, tmp_path, che
     vae = _tiny_vae()
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     runner = Runner(vae, RunOptions(compile=True))
-    package = accel.cache_dir() / f"decode-{accel.package_key(vae, 'decode', z, runner.plan)}.pt2"
-    package.parent.mkdir(parents=True)
-    package.write_bytes(b"not a package")  # in the cache already: nothing is built
+    bound, embedded = _package_paths(vae, z, runner.plan)
+    bound.parent.mkdir(parents=True)
+    for package in (bound, embedded):
+        package.write_bytes(b"not a package")  # both forms in the cache already: nothing is built
     result = runner.decode(z)
     assert len(result.events) == 1 and result.events[0].startswith(
-        f"compile of decode 1x4x4x4 failed, running eager: the compiled package {reason}"), result.events
+        f"compile of decode 1x4x4x4 failed, running eager: bound: the compiled package {reason}"), result.events
     assert torch.equal(result.tensor, Runner(vae).decode(z).tensor)
-    assert package.with_suffix(".failed").exists() and not package.with_suffix(".ok").exists()
+    for package in (bound, embedded):
+        assert package.with_suffix(".failed").exists() and not package.with_suffix(".ok").exists()
 
     def no_second_check(*args, **kwargs):
         raise AssertionError("checked again")

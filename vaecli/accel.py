@@ -109,19 +109,47 @@ class _Op(torch.nn.Module):
 def compile_op(model: AutoencoderKL, op: str, example: torch.Tensor, plan: Plan) -> Compiled:
     """The compiled `op` ("encode" -> moments, "decode" -> image) for inputs shaped like `example`:
     loaded from cache_dir() when a previous process built it, else exported, compiled and saved there
-    (atomically). Raises whatever export or compilation raises (callers fall back to eager)."""
+    (atomically). Raises whatever export or compilation raises, or why no package form loads (callers
+    fall back to eager).
+
+    Two package forms, tried in order, each checked once in a separate process (`checked_load`):
+    "bound": the weights stay outside the package and the model's own tensors are bound at load (one copy,
+    one package per shape for any weights); "embedded": the weights are compiled into the package
+    (AOTInductor's default form, a package per shape and per set of weights), for runtimes whose loader
+    fails on the first form (the H100 of 2026-11-27 crashed loading "bound" packages)."""
     start = time.perf_counter()
-    path = cache_dir() / f"{op}-{package_key(model, op, example, plan)}.pt2"
-    built = not path.exists()
-    if built:
-        _build(_Op(model, op, plan).eval(), example, path)
     state = _Op(model, op, plan).state_dict()
-    trouble = checked_load(path, state, example)
-    if trouble is not None:
-        raise RuntimeError(trouble)
-    package = torch._inductor.aoti_load_package(str(path))
-    package.load_constants({k: state[k] for k in package.get_constant_fqns()}, check_full_update=True, user_managed=True)
-    return Compiled(package, path, built, time.perf_counter() - start)
+    key = package_key(model, op, example, plan)
+    reasons = []
+    for form in PACKAGE_FORMS:
+        suffix = "" if form == "bound" else f"-embedded-{_weights_hash(state)}"
+        path = cache_dir() / f"{op}-{key}{suffix}.pt2"
+        built = not path.exists()
+        if built:
+            _build(_Op(model, op, plan).eval(), example, path, embed=form == "embedded")
+        trouble = checked_load(path, state, example, bind=form == "bound")
+        if trouble is not None:
+            reasons.append(f"{form}: {trouble}")
+            continue
+        package = torch._inductor.aoti_load_package(str(path))
+        if form == "bound":
+            constants = {k: state[k] for k in package.get_constant_fqns()}
+            package.load_constants(constants, check_full_update=True, user_managed=True)
+        return Compiled(package, path, built, time.perf_counter() - start)
+    raise RuntimeError("; ".join(reasons))
+
+
+PACKAGE_FORMS = ("bound", "embedded")
+
+
+def _weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """Of the weights' values (an embedded package holds them): names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().cpu().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # Loads a package and runs it once on zeros (zero weights too), in a process of its own: on an H100
@@ -133,8 +161,9 @@ import json, sys, torch
 spec = json.load(sys.stdin)
 package = torch._inductor.aoti_load_package(spec["path"])
 zeros = lambda t: torch.empty_strided(t["shape"], t["stride"], dtype=getattr(torch, t["dtype"]), device=t["device"]).zero_()
-constants = {k: zeros(spec["constants"][k]) for k in package.get_constant_fqns()}
-package.load_constants(constants, check_full_update=True, user_managed=True)
+if spec["bind"]:
+    constants = {k: zeros(spec["constants"][k]) for k in package.get_constant_fqns()}
+    package.load_constants(constants, check_full_update=True, user_managed=True)
 package(zeros(spec["input"]))
 if spec["input"]["device"].startswith("cuda"):
     torch.cuda.synchronize()
@@ -143,9 +172,10 @@ print("loaded and ran")
 LOAD_CHECK_TIMEOUT_S = 600.0
 
 
-def checked_load(path: Path, state: dict[str, torch.Tensor], example: torch.Tensor) -> str | None:
-    """None when the package at `path` loads and runs in a separate process, else why not. The verdict is
-    kept beside the package (NAME.ok / NAME.failed), so each package is tried once per cache."""
+def checked_load(path: Path, state: dict[str, torch.Tensor], example: torch.Tensor, bind: bool = True) -> str | None:
+    """None when the package at `path` loads and runs in a separate process (bind: with zero tensors bound
+    as its weights), else why not. The verdict is kept beside the package (NAME.ok / NAME.failed), so each
+    package is tried once per cache."""
     ok, failed = path.with_suffix(".ok"), path.with_suffix(".failed")
     if ok.exists():
         return None
@@ -156,7 +186,8 @@ def checked_load(path: Path, state: dict[str, torch.Tensor], example: torch.Tens
         return {"shape": list(t.shape), "stride": list(t.stride()), "dtype": str(t.dtype).removeprefix("torch."),
                 "device": str(t.device)}
 
-    spec = {"path": str(path), "input": describe(example), "constants": {k: describe(v) for k, v in state.items()}}
+    spec = {"path": str(path), "bind": bind, "input": describe(example),
+            "constants": {k: describe(v) for k, v in state.items()}}
     try:
         proc = subprocess.run([sys.executable, "-c", _LOAD_CHECK], input=json.dumps(spec), capture_output=True,
                               text=True, timeout=LOAD_CHECK_TIMEOUT_S)
@@ -193,16 +224,16 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _build(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def _build(module: torch.nn.Module, example: torch.Tensor, path: Path, embed: bool = False) -> None:
     with torch.no_grad():
         program = torch.export.export(module, (example,))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
-        # Weights stay outside the package (bound at load): one copy, the model's own.
+        # "bound" form: the weights stay outside the package (bound at load: one copy, the model's own)
         torch._inductor.aoti_compile_and_package(
-            program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False}
+            program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": embed}
         )
         os.replace(tmp, path)  # another process compiling the same key writes the same file
     finally:
