@@ -1,6 +1,6 @@
 """One command for a GPU session: vaecli against diffusers on every row of issue 12, in one process.
 
-    python scripts/gpu_report.py --json gpu_report.json          # CUDA, at most --budget seconds (330)
+    python scripts/gpu_report.py --json gpu_report.json          # CUDA, at most --budget seconds (480)
     python scripts/gpu_report.py --device cpu --quick --json r.json  # tiny model, small sizes (CI smoke test)
 
 Sections, in order (each guarded: one that fails is recorded with its error and the next one runs; the
@@ -8,16 +8,18 @@ JSON is rewritten after every row; sections that would start past the time budge
   env       device, driver/library versions, the plan table (vaecli.plans) with its measurements
   rows      encode/decode x 512/1024 x batch 1/16 (--quick: 64/128 x 1/2), bf16 then fp16 then fp32:
             diffusers, vaecli's default plan, the same with every Triton kernel and with none (where that
-            differs from the default), and the kernels on channels-last weights and activations;
+            differs from the default), and the kernels in the other memory layout (NCHW/NHWC);
             alternating calls, medians, time ratio and max |diff| vs diffusers
   accuracy  the embedded default model on the bundled photos: bf16 (default plan, kernels on/off) against
             diffusers fp32 on the same weights; latent max |diff|, 8-bit PSNR of decodes
-  compile   --compile in a cold then a warm process (fresh package cache), decode 1024 bf16: seconds
-            from process start to the first compiled decode, compiled vs eager ms (skipped with --quick)
   tiling    tiled vs untiled encode/decode at 2048 and 4096 (bf16, default plan): time, peak memory,
             max |diff| and PSNR of the tiled result against the untiled one
   pipeline  issue 13: JPEG folders (512^2, mixed sizes) end to end against the model alone, 8192^2
-            decode/encode with --tiling auto and off (scripts/pipeline_throughput.py's gpu_rows)
+            decode/encode with --tiling auto and off (scripts/pipeline_throughput.py's gpu_rows), at
+            most PIPELINE_CAP_S seconds
+  compile   --compile in a cold then a warm process (fresh package cache), decode 1024 bf16: seconds
+            from process start to the first compiled decode, compiled vs eager ms, and the events (which
+            package form loaded, or why none did); skipped with --quick
 The summary at the end prints each row's speedup over diffusers and the issue's bars as pass/fail.
 """
 
@@ -370,8 +372,8 @@ def compile_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any
         side = 64 if args.quick else 1024
         env = dict(os.environ, VAECLI_CACHE_DIR=tempfile.mkdtemp(prefix="vaecli-report-cache-"), PYTHONPATH=str(ROOT))
         out["op"], out["resolution"], out["runs"] = "decode", side, []
-        for name, cap in (("cold", 150), ("warm", 60)):
-            limit = min(cap, report.left() - (45 if name == "cold" else 5))  # leave the tiling section its time
+        for name, cap in (("cold", 300), ("warm", 90)):  # cold: up to two package forms built and checked
+            limit = min(cap, report.left() - (20 if name == "cold" else 2))  # the last section: the rest
             if limit < 30:
                 out["runs"].append({"process": name, "skipped": "time budget"})
                 out["status"] = "partial"
@@ -402,7 +404,8 @@ def pipeline_section(args: argparse.Namespace) -> Callable[[Report, dict[str, An
     def run(report: Report, out: dict[str, Any]) -> None:
         import pipeline_throughput
 
-        out.update(pipeline_throughput.gpu_rows(budget_s=max(0.0, report.left() - 5), device=args.device, quick=args.quick))
+        budget = min(PIPELINE_CAP_S, report.left() - (COMPILE_NEED_S if "compile" in args.chosen else 5))
+        out.update(pipeline_throughput.gpu_rows(budget_s=max(0.0, budget), device=args.device, quick=args.quick))
 
     return run
 
@@ -410,9 +413,11 @@ def pipeline_section(args: argparse.Namespace) -> Callable[[Report, dict[str, An
 # -- summary and helpers ------------------------------------------------------------------------------------
 
 
+PIPELINE_CAP_S = 150  # issue 13's rows get at most this, so that the compile section still runs after them
+COMPILE_NEED_S = 120
 SECTIONS = {  # name -> (section maker, seconds it needs at least to start), in the order they run
     "env": (env_section, 0), "rows": (rows_section, 30), "accuracy": (accuracy_section, 15),
-    "compile": (compile_section, 90), "tiling": (tiling_section, 40), "pipeline": (pipeline_section, 60),
+    "tiling": (tiling_section, 40), "pipeline": (pipeline_section, 60), "compile": (compile_section, COMPILE_NEED_S),
 }
 
 
@@ -461,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny model, small sizes, no compile section")
-    parser.add_argument("--budget", type=float, default=330.0, help="seconds; later sections are skipped past it")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds; later sections are skipped past it")
     parser.add_argument("--iters", type=int, default=5, help="timed calls per implementation (batch 1)")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="rows section precisions, in this order")
     parser.add_argument("--json", type=Path, default=None, help="write the report here (rewritten as it grows)")
