@@ -133,7 +133,8 @@ def test_tiling_runs_the_plans_layout_and_kernels(monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(gn, name, counted)
-    on, off = plan_for("cuda", cfg, "on"), plan_for("cuda", cfg, "off")  # the CUDA plan's NCHW tiles, on CPU tensors
+    # CUDA plans on CPU tensors: NHWC tiles with the kernels, NCHW without
+    on, off = plan_for("cuda", cfg, "on"), plan_for("cuda", cfg, "off")
     with torch.no_grad():
         y_on, rep = tiled_decode(vae, z, 12, 4, plan=on)  # f = 2: 2x2 tiles of 6 cells on an 8x8 latent
         y_off, _ = tiled_decode(vae, z, 12, 4, plan=off)

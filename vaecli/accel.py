@@ -160,7 +160,8 @@ _LOAD_CHECK = """
 import json, sys, torch
 spec = json.load(sys.stdin)
 package = torch._inductor.aoti_load_package(spec["path"])
-zeros = lambda t: torch.empty_strided(t["shape"], t["stride"], dtype=getattr(torch, t["dtype"]), device=t["device"]).zero_()
+def zeros(t):
+    return torch.empty_strided(t["shape"], t["stride"], dtype=getattr(torch, t["dtype"]), device=t["device"]).zero_()
 if spec["bind"]:
     constants = {k: zeros(spec["constants"][k]) for k in package.get_constant_fqns()}
     package.load_constants(constants, check_full_update=True, user_managed=True)
