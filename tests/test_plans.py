@@ -25,7 +25,7 @@ def _pair(reference, dtype=torch.float32, **config):
 
 
 def test_every_device_row_names_every_choice_and_its_measurement():
-    fields = {"nhwc_from", "nhwc_needs_norm_kernel", "norm", "upsample", "wide_from", "attention", "kernels"}
+    fields = {"nhwc_from", "nhwc_needs_norm_kernel", "norm", "upsample", "wide_from", "tiles_nhwc", "attention", "kernels"}
     for device, row in TABLE.items():
         assert set(row) == fields, device
         assert all(len(choice.measured) > 15 for choice in row.values()), device

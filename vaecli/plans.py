@@ -47,6 +47,10 @@ TABLE: dict[str, dict[str, Choice]] = {
         "nhwc_needs_norm_kernel": Choice(False, "aten's CPU GroupNorm has a channels-last kernel "
                                                 "(GroupNormKernelImplChannelsLastInternal)"),
         "wide_from": Choice(256, "narrow layers: diffusers' exact sequence (bit-identical outputs)"),
+        "tiles_nhwc": Choice(True, "2-core CPU 2026-11-27, `vaecli bench -r 1024 --tiling on`, default model (narrow, "
+                                   "NCHW untiled), two runs each: tiled decode 8.8-9.3 s and 436-501 MB with NHWC "
+                                   "tiles, 9.8-9.9 s and 492-585 MB with NCHW; encode 276-325 MB vs 350-354 MB. "
+                                   "Tiled results are not diffusers' bit for bit in any layout"),
         "attention": Choice("sdpa", "diffusers' call (AttnProcessor2_0); one head over all positions"),
         "kernels": Choice((), "Triton has no CPU backend; its interpreter (tests) is far slower than aten"),
     },
@@ -62,6 +66,8 @@ TABLE: dict[str, dict[str, Choice]] = {
         "upsample": Choice("nearest", "diffusers' sequence; subpixel's strided copies were part of the slower H100 "
                                       "path; transposed and the fused kernel await scripts/gpu_report.py"),
         "wide_from": Choice(0, "every layer: the CUDA choices do not depend on width"),
+        "tiles_nhwc": Choice(False, "tiles follow the layout (NHWC only with the norm kernel: "
+                                    "nhwc_needs_norm_kernel)"),
         "attention": Choice("sdpa", "diffusers' call; flash/efficient SDPA kernels in fp16/bf16"),
         "kernels": Choice(("norm", "upsample"), "docs/performance.md, H100 2026-11-27 (gpu_report, b21920b): "
                                                 "SD layout, speedup over diffusers with both kernels vs without, "
@@ -76,6 +82,7 @@ TABLE: dict[str, dict[str, Choice]] = {
                                "so statistics are taken on an fp32 copy"),
         "upsample": Choice("nearest", "not measured: diffusers' sequence"),
         "wide_from": Choice(0, "every layer: the MPS choices do not depend on width"),
+        "tiles_nhwc": Choice(False, "not measured: tiles follow the layout"),
         "attention": Choice("sdpa", "not measured: diffusers' call"),
         "kernels": Choice((), "Triton has no MPS backend"),
     },
@@ -116,6 +123,7 @@ class Plan:
 
     name: str  # "reference", or the TABLE row it came from
     layout: torch.memory_format = torch.contiguous_format  # activations and conv weights
+    tiles_nhwc: bool = False  # tiled calls keep their tiles channels-last whatever `layout` says
     norm: str = "native"  # NORMS
     upsample: str = "nearest"  # UPSAMPLES, for layers at least `wide_from` wide
     wide_from: int = 0
@@ -163,6 +171,11 @@ class Plan:
         form = self.upsample if conv.out_channels >= self.wide_from else "nearest"
         return {"nearest": uc.reference, "subpixel": uc.subpixel, "transposed": uc.transposed}[form](x, w, b)
 
+    @property
+    def tile_layout(self) -> torch.memory_format:
+        """The memory layout of tiles in tiled calls."""
+        return torch.channels_last if self.tiles_nhwc else self.layout
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Single-head self-attention, as the plan says (SDPA on every device so far)."""
         return F.scaled_dot_product_attention(q, k, v)
@@ -171,6 +184,7 @@ class Plan:
         """The plan as JSON-friendly values (reports, cache keys)."""
         return {
             "name": self.name, "layout": "nhwc" if self.layout == torch.channels_last else "nchw",
+            "tiles": "nhwc" if self.tile_layout == torch.channels_last else "nchw",
             "norm": self.norm, "upsample": self.upsample, "wide_from": self.wide_from,
             "attention": self.attention, "kernels": sorted(self.kernels),
         }
@@ -209,6 +223,7 @@ def plan_for(device: str | torch.device, config: VAEConfig, kernels: str = "auto
     return Plan(
         name=kind,
         layout=torch.channels_last if nhwc else torch.contiguous_format,
+        tiles_nhwc=value["tiles_nhwc"],
         norm=value["norm"],
         upsample=value["upsample"],
         wide_from=value["wide_from"],

@@ -184,10 +184,10 @@ class _Lockstep:
         self.chunks = [self.crop(tiles) for tiles in self.batches]
 
     def crop(self, tiles: list[Tile]) -> _Chunk:
-        """A chunk holding the crops of `tiles` (in the plan's layout) and their owned boxes."""
+        """A chunk holding the crops of `tiles` (in the plan's tile layout) and their owned boxes."""
         s, sy, sx = self.scale, self.gy.size, self.gx.size
         x = torch.stack([self.src[t.image, :, t.y * s : (t.y + sy) * s, t.x * s : (t.x + sx) * s] for t in tiles])
-        x = x.contiguous(memory_format=self.plan.layout)
+        x = x.contiguous(memory_format=self.plan.tile_layout)
         owned = [(*(v * s for v in self.gy.owned(t.iy)), *(v * s for v in self.gx.owned(t.ix))) for t in tiles]
         return _Chunk(tiles, owned, x)
 
