@@ -35,6 +35,20 @@ def test_every_device_row_names_every_choice_and_its_measurement():
     assert {d: row["kernels"].value for d, row in TABLE.items()} == {"cpu": (), "cuda": KERNEL_OPS, "mps": ()}
 
 
+def test_cuda_plan_without_triton_keeps_nchw_and_no_kernels(monkeypatch):
+    """torch builds without Triton (Windows) get diffusers' layout: NHWC pays only with the norm kernel."""
+    from vaecli import kernels
+
+    cfg = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    monkeypatch.setattr(kernels, "triton_installed", lambda: False)
+    plan = plan_for("cuda", cfg)
+    assert (plan.layout, plan.kernels) == (torch.contiguous_format, frozenset())
+    assert plan_for("cuda", cfg, "on").kernels == frozenset(KERNEL_OPS)  # asked for: per-call fallbacks
+    monkeypatch.setattr(kernels, "triton_installed", lambda: True)
+    assert plan_for("cuda", cfg).layout == torch.channels_last
+
+
 def test_plan_for_devices_and_kernel_modes():
     narrow = VAEConfig(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
                        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8)

@@ -218,6 +218,11 @@ def plan_for(device: str | torch.device, config: VAEConfig, kernels: str = "auto
         return REFERENCE  # a device nobody measured: diffusers' sequence
     value = {name: choice.value for name, choice in TABLE[kind].items()}
     ops = {"auto": frozenset(value["kernels"]), "on": frozenset(KERNEL_OPS), "off": frozenset()}[kernels]
+    if kernels == "auto" and ops:
+        from . import kernels as triton_kernels
+
+        if not triton_kernels.available_for(torch.device(device)):
+            ops = frozenset()  # no Triton here (or too old a GPU): the row's choices without kernels
     nhwc = (value["nhwc_from"] is not None and max(config.block_out_channels) >= value["nhwc_from"]
             and ("norm" in ops or not value["nhwc_needs_norm_kernel"]))
     return Plan(

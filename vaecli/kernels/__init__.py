@@ -44,6 +44,18 @@ def device_ok(t: torch.Tensor) -> bool:
     return capability_ok(_capability(t.device.index if t.device.index is not None else torch.cuda.current_device()), t.dtype)
 
 
+def available_for(device: torch.device) -> bool:
+    """The kernels can be expected to run on `device` at all: Triton installed (CUDA builds of torch ship it;
+    Windows builds do not) and, where the GPU can be asked, compute capability 7.0 or later. Plans choose
+    their layout by this: without the norm kernel, channels-last costs on CUDA."""
+    if not triton_installed():
+        return False
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return capability_ok(_capability(index), torch.float16)
+    return True
+
+
 def capability_ok(capability: tuple[int, int], dtype: torch.dtype) -> bool:
     """Triton needs compute capability 7.0 (Volta); bf16 arithmetic needs 8.0 (Ampere)."""
     return capability[0] >= (8 if dtype == torch.bfloat16 else 7)
