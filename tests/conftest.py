@@ -36,3 +36,17 @@ def make_reference(seed: int = 0, jitter: float = 0.02, **config):
 @pytest.fixture
 def reference():
     return make_reference
+
+
+@pytest.fixture(scope="module")
+def vae():
+    """A tiny 4-level model with seeded random weights (the pipeline and staging tests' model)."""
+    from vaecli.config import VAEConfig
+    from vaecli.model import AutoencoderKL
+
+    torch.manual_seed(0)
+    cfg = VAEConfig(
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1,
+    )
+    return AutoencoderKL(cfg).eval()

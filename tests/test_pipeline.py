@@ -5,20 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vaecli.config import LatentSpec, VAEConfig
+from vaecli.config import LatentSpec
 from vaecli.model import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions, compute_dtype, precision_ladder
 from vaecli.tiling import Grid, tiled_decode, tiled_encode_moments
-
-
-@pytest.fixture(scope="module")
-def vae():
-    torch.manual_seed(0)
-    cfg = VAEConfig(
-        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1,
-    )
-    return AutoencoderKL(cfg).eval()
 
 
 def image(n=2, h=48, w=64, seed=0):

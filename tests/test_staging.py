@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vaecli.config import VAEConfig
 from vaecli.io import to_uint8
-from vaecli.model import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions
 from vaecli.staging import Transfers, to_model_range, to_uint8_nhwc
 
@@ -58,16 +56,6 @@ class SimulatedDevice(Transfers):
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         self.uploads += 1
         return host.clone()
-
-
-@pytest.fixture(scope="module")
-def vae():
-    torch.manual_seed(0)
-    cfg = VAEConfig(
-        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1,
-    )
-    return AutoencoderKL(cfg).eval()
 
 
 def pictures(sizes, seed=0, dtype=np.uint8):
