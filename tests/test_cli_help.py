@@ -49,7 +49,8 @@ def test_help_at_80_columns_is_whole(command):
         for opt in param.opts if param.param_type_name == "option" else ():
             assert opt in text, opt
     if command == "encode":
-        assert "[default:(resolution/2)]" in flat and "[default:(resolution*2)]" in flat
+        assert "[default:(resolution/2;--formatkohya:256,assd-scripts)]" in flat
+        assert "[default:(resolution*2;--formatkohya:1024,assd-scripts)]" in flat
         for panel in ("Model:", "Precision and memory:", "Output:", "Dataset preparation (--dataset):"):
             assert panel in lines, panel
 

@@ -61,18 +61,21 @@ def test_plan_for_devices_and_kernel_modes():
     assert (plain.layout, plain.norm, plain.upsample, plain.kernels) == (torch.contiguous_format, "native", "nearest", frozenset())
     assert plan_for("cpu", wide).layout == torch.channels_last and plan_for("cpu", narrow).layout == torch.contiguous_format
     assert plan_for("cuda:1", wide, "on").kernels == frozenset(KERNEL_OPS)
-    assert plan_for("cpu", wide, "off").kernels == frozenset()
+    assert plan_for("cpu", wide, "off") is REFERENCE and plan_for("cuda", wide, "off") is REFERENCE
     assert plan_for("xpu", wide) is REFERENCE  # a device nobody measured: diffusers' sequence
     with pytest.raises(ConfigError, match="kernels mode"):
         plan_for("cpu", wide, "fast")
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", [NARROW, WIDE], ids=["narrow", "wide"])
-def test_cuda_plan_without_kernels_is_diffusers_bit_for_bit(reference, dtype, config):
-    """The CUDA path with `--kernels off`, run on CPU tensors, computes exactly diffusers' sequence of operations."""
+def test_plan_without_kernels_is_diffusers_bit_for_bit(reference, dtype, config, device):
+    """`--kernels off` on every device (the CUDA path run on CPU tensors) computes exactly diffusers'
+    sequence of operations: wide models too, where the CPU default runs NHWC with transposed upsampling."""
     ref, ours = _pair(reference, dtype, **config)
-    plan = plan_for("cuda", ours.config, "off")
+    plan = plan_for(device, ours.config, "off")
+    assert plan is REFERENCE
     apply_layout(ours, plan)
     x = (torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dtype)
     z = torch.randn(1, 4, 4, 5, generator=torch.Generator().manual_seed(1)).to(dtype)

@@ -30,7 +30,7 @@ from .config import LatentSpec
 from .discovery import Item, OutputNames, check_layout, check_output_root, discover, output_is_file
 from .errors import ConfigError, InputError, Interrupted, VaecliError
 from .exports import CONTAINER_SUFFIX, COMFYUI_LEGACY_SCALE, alpha_for, kohya_plain_arrays, write_comfyui, write_kohya
-from .files import folder_syncs_deferred, open_regular, sha256_of
+from .files import folder_syncs_deferred, json_path, open_regular, sha256_of
 from .io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_OUTPUT_SUFFIXES,
@@ -144,7 +144,8 @@ class ItemResult:
     detail: str | None = None  # traceback of an unexpected error, shown with --debug
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"input": self.input, "output": self.output, "status": self.status}
+        # absolute paths: the same document whatever the working folder (scripts join and compare them)
+        d: dict[str, Any] = {"input": json_path(self.input), "output": json_path(self.output), "status": self.status}
         if self.error is not None:
             d["error"] = self.error
         d.update(self.metrics)
@@ -255,6 +256,12 @@ def open_model(
         source, device=resolve_device(device), dtype=torch.float32, family=family, subfolder=subfolder,
         revision=revision, variant=variant,
     )
+
+
+def model_notes(vae: AutoencoderKL) -> list[str]:
+    """What was assumed while loading the model, for the run's notes (a guessed normalization, groups)."""
+    info = getattr(vae, "info", None)
+    return [f"model: {n}" for n in info.notes] if info else []
 
 
 def model_summary(vae: AutoencoderKL) -> dict[str, Any]:
@@ -662,7 +669,7 @@ def _report(
         computed=engine.computed,
         tiles=engine.tiles,
         temp_files_removed=removed,
-        notes=notes,
+        notes=model_notes(vae) + runner.notes + notes,
         device_busy_s=runner.busy_s,
     )
 

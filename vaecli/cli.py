@@ -28,7 +28,10 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from . import __version__
+from .discovery import output_path
+from .files import json_path
 from .errors import VaecliError
+
 
 class _HelpCommand(TyperCommand):
     """Help as plain text wrapped to the terminal (never cut short, also at 80 columns), options grouped
@@ -196,8 +199,9 @@ CompileOpt = Annotated[
 KernelsOpt = Annotated[
     Kernels,
     typer.Option("--kernels", help="Triton kernels (fused GroupNorm+SiLU, upsample+conv): auto = where measured "
-                 "faster (CUDA GPUs; docs/performance.md), on = wherever they can run, off = never "
-                 "(diffusers' exact sequence of operations).", rich_help_panel=RUN),
+                 "faster (CUDA GPUs; docs/performance.md), on = wherever they can run, off = diffusers' exact "
+                 "sequence of operations on every device (NCHW, native GroupNorm, nearest+conv, SDPA; no kernels and "
+                 "none of the CPU's fast forms): its outputs bit for bit (untiled).", rich_help_panel=RUN),
 ]
 SlicingOpt = Annotated[
     Optional[int], typer.Option("--slicing", metavar="N", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)
@@ -613,7 +617,7 @@ def _summary(report: Any, doc: dict[str, Any]) -> None:
 @app.command(cls=_HelpCommand, short_help="Images to latent files; with --dataset a training cache.")
 def encode(
     inputs: EncodeInputsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder for <rel>.safetensors latents.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", parser=output_path, help="Output folder for <rel>.safetensors latents.", show_default=False)],
     model: ModelOpt = None,
     family: FamilyOpt = None,
     subfolder: SubfolderOpt = None,
@@ -640,8 +644,8 @@ def encode(
     dataset: Annotated[bool, typer.Option("--dataset", help="Prepare a training cache: aspect buckets, crops, manifest.jsonl, invalidation.", rich_help_panel=DATASET)] = False,
     bucket_resolution: Annotated[Optional[int], typer.Option("--bucket-resolution", metavar="PIXELS", min=8, help="Side of the square bucket whose area all buckets share (SD 1.x: 512, SDXL: 1024).", show_default="512", rich_help_panel=DATASET)] = None,
     bucket_step: Annotated[Optional[int], typer.Option("--bucket-step", metavar="PIXELS", min=8, help="Bucket sides are multiples of this.", show_default="64", rich_help_panel=DATASET)] = None,
-    min_bucket_size: Annotated[Optional[int], typer.Option("--min-bucket-size", metavar="PIXELS", help="Shortest bucket side.", show_default="resolution/2", rich_help_panel=DATASET)] = None,
-    max_bucket_size: Annotated[Optional[int], typer.Option("--max-bucket-size", metavar="PIXELS", help="Longest bucket side.", show_default="resolution*2", rich_help_panel=DATASET)] = None,
+    min_bucket_size: Annotated[Optional[int], typer.Option("--min-bucket-size", metavar="PIXELS", help="Shortest bucket side.", show_default="resolution/2; --format kohya: 256, as sd-scripts", rich_help_panel=DATASET)] = None,
+    max_bucket_size: Annotated[Optional[int], typer.Option("--max-bucket-size", metavar="PIXELS", help="Longest bucket side.", show_default="resolution*2; --format kohya: 1024, as sd-scripts", rich_help_panel=DATASET)] = None,
     no_upscale: Annotated[bool, typer.Option("--no-upscale", help="Never enlarge: small images get a bucket that fits inside them.", rich_help_panel=DATASET)] = False,
     random_crop: Annotated[bool, typer.Option("--random-crop", help="Crop at a random offset (from --crop-seed and the path) instead of the centre.", rich_help_panel=DATASET)] = False,
     crop_seed: Annotated[int, typer.Option("--crop-seed", metavar="N", help="Seed of --random-crop.", rich_help_panel=DATASET)] = 0,
@@ -742,7 +746,7 @@ def encode(
 @app.command(cls=_HelpCommand, short_help="Latent files back to images at their original size.")
 def decode(
     inputs: InputsArg,
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="Output folder for <rel>.<format> images.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", parser=output_path, help="Output folder for <rel>.<format> images.", show_default=False)],
     model: ModelOpt = None,
     family: FamilyOpt = None,
     subfolder: SubfolderOpt = None,
@@ -804,7 +808,7 @@ def decode(
 def roundtrip(
     inputs: InputsArg,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write reconstructions to OUT/<rel>.png.", show_default=False)
+        Optional[Path], typer.Option("--out", "-o", metavar="PATH", parser=output_path, help="Write reconstructions to OUT/<rel>.png.", show_default=False)
     ] = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
@@ -936,9 +940,8 @@ def bench(
         for r in failed:
             err_console.print(f"[red]error:[/] {r.get('op')} {r.get('resolution')}: {escape(printable(_one_line(str(r['error']))))}", soft_wrap=True)
         if as_json:
-            _print_json(
-                {"results": rows, "ok": len(rows) - len(failed), "failed": len(failed), "skipped": 0, "items": items}
-            )
+            _print_json({"command": "bench", "results": rows, "ok": len(rows) - len(failed), "failed": len(failed),
+                         "skipped": 0, "items": items})
         else:
             out_console.print(bench_table(rows))
             out_console.print("busy: share of a call's time the device computed (the rest: host work and waiting)")
@@ -978,6 +981,7 @@ def _fmt(value: Any, spec: str) -> str:
 @app.command(cls=_HelpCommand, short_help="A model's layout, config, normalization and sha256.")
 def info(
     model: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Model folder, weights file or Hub id; default: the embedded model.")] = None,
+    model_opt: Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help="The same as MODEL, as the other commands take it.", rich_help_panel=MODEL)] = None,
     family: FamilyOpt = None,
     subfolder: SubfolderOpt = None,
     revision: RevisionOpt = None,
@@ -987,12 +991,16 @@ def info(
 ) -> None:
     """Show a model's layout, config, parameter count, latent normalization, weights sha256 and notes."""
     with _guard(as_json, debug, "info"):
+        if model is not None and model_opt is not None and model != model_opt:
+            raise VaecliError(f"two models named: {model} and --model {model_opt}; give one")
+        model = model if model is not None else model_opt
         vae = _load(ModelChoice(model, family, subfolder, revision, variant), Device.cpu, as_json, debug)
         cfg = vae.config
         minfo = vae.info
         doc: dict[str, Any] = {
+            "command": "info",
             "model": minfo.name,
-            "path": minfo.path,
+            "path": json_path(minfo.path),
             "layout": minfo.layout,
             "config_source": minfo.config_source,
             "parameters": sum(p.numel() for p in vae.parameters()),
@@ -1008,23 +1016,35 @@ def info(
             item = {"input": minfo.name, "output": None, "status": "ok", "notes": list(minfo.notes)}
             _print_json({**doc, "ok": 1, "failed": 0, "skipped": 0, "items": [item]})
             return
-        table = Table(show_header=False, box=None)
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column(overflow="fold")
-        for key in ("model", "path", "layout", "config_source", "weights_sha256"):
-            table.add_row(key, escape(printable(str(doc[key]))))
-        table.add_row("parameters", f"{doc['parameters']:,}")
-        table.add_row("architecture", f"block_out_channels {list(cfg.block_out_channels)}, layers_per_block "
-                      f"{cfg.layers_per_block}, groups {cfg.norm_num_groups}, latent channels {cfg.latent_channels}, f={cfg.downsample_factor}")
+        rows: list[tuple[str, str]] = [(key, str(doc[key])) for key in ("model", "path", "layout", "config_source",
+                                                                        "weights_sha256")]
+        rows.append(("parameters", f"{doc['parameters']:,}"))
+        rows.append(("architecture", f"block_out_channels {list(cfg.block_out_channels)}, layers_per_block "
+                     f"{cfg.layers_per_block}, groups {cfg.norm_num_groups}, latent channels {cfg.latent_channels}, "
+                     f"f={cfg.downsample_factor}"))
         spec = cfg.latent_spec
         norm = f"scaling_factor {spec.scaling_factor:g}"
         if spec.shift_factor:
             norm += f", shift_factor {spec.shift_factor:g}"
         if spec.latents_mean is not None:
             norm += f", latents_mean {list(spec.latents_mean)}, latents_std {list(spec.latents_std or ())}"
-        table.add_row("latent normalization", norm)
-        table.add_row("force_upcast", str(cfg.force_upcast))
-        for note in minfo.notes:
-            table.add_row("note", escape(printable(note)))
-        out_console.print(table)
+        rows += [("latent normalization", norm), ("force_upcast", str(cfg.force_upcast))]
+        rows += [("note", note) for note in minfo.notes]
+        _print_fields(rows)
         out_console.print_json(json.dumps(doc["config"]))
+
+
+def _print_fields(rows: list[tuple[str, str]]) -> None:
+    """`key  value` lines: a table folded to a terminal's width, whole lines when piped (hashes and paths
+    stay greppable and copyable)."""
+    if not out_console.is_terminal:
+        for key, value in rows:
+            sys.stdout.write(f"{key}: {printable(value)}\n")
+        sys.stdout.flush()
+        return
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, escape(printable(value)))
+    out_console.print(table)

@@ -304,3 +304,6 @@ class ModelInfo:
     weights_sha256: str  # sha256 over the VAE tensors (names, dtypes, shapes, bytes), independent of file format
     config_source: str  # "config.json", "given", or "inferred from shapes (+ family preset)"
     notes: tuple[str, ...] = field(default_factory=tuple)  # assumptions made while loading, for the user to see
+    # The latent normalization was guessed (a bare weights file, no --family): SD and SDXL files have the
+    # same shapes, so a latent cache built on the guess may be normalized for the wrong model.
+    family_assumed: bool = False

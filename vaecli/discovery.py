@@ -58,10 +58,22 @@ class OutputNames:
     lookalikes: tuple[str, ...] = ()  # suffixes of this kind of output (the command's other formats included)
 
 
+class FolderPath(type(Path())):  # type: ignore[misc]  # the concrete class: PosixPath or WindowsPath
+    """An output path written with a trailing separator (`-o x.safetensors/`): a folder, whatever its suffix."""
+
+
+def output_path(text: str) -> Path:
+    """`-o` as typed: a trailing / (or the OS separator) says folder, which Path() would forget."""
+    return FolderPath(text) if text.endswith(("/", os.sep)) and text.strip("/" + os.sep) else Path(text)
+
+
 def output_is_file(inputs: Sequence[str | Path], out: Path | None, names: OutputNames | None) -> bool:
     """Whether `-o out` names the one output file instead of a folder: it ends in an output suffix of the
-    command and is no existing folder. It then takes exactly one input, a file, and the suffix written."""
-    if out is None or names is None or out.suffix.lower() not in names.lookalikes or out.is_dir():
+    command and is neither an existing folder nor written with a trailing separator (FolderPath). It then
+    takes exactly one input, a file, and the suffix written."""
+    if out is None or names is None or isinstance(out, FolderPath) or out.suffix.lower() not in names.lookalikes:
+        return False
+    if out.is_dir():
         return False
     if len(inputs) != 1 or Path(inputs[0]).expanduser().is_dir():
         what = "the input is a folder" if len(inputs) == 1 else f"{len(inputs)} inputs are given"

@@ -25,6 +25,22 @@ from typing import BinaryIO, Callable, Iterator
 
 from .errors import InputError, VaecliError
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(text: str) -> bool:
+    """Whether `text` is a URL (s3://, https://, ...) rather than a local path."""
+    return _URL.match(text) is not None
+
+
+def json_path(text: str | os.PathLike[str] | None) -> str | None:
+    """A local path as JSON reports write it: absolute and normalized (no `..`, symlinks kept as named),
+    the same whatever the working folder or the way the path was typed; URLs as given."""
+    if text is None:
+        return None
+    text = os.fspath(text)
+    return text if is_url(text) else os.path.abspath(text)
+
 FOREIGN_TEMP_AGE_S = 24 * 3600  # a writer's temp file is modified while it writes; a day-old one is abandoned
 _TEMP = re.compile(r"^\..*\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
 _LEGACY_TEMP = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")  # vaecli 0.1 names: PID only, no host, no start time

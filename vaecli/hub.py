@@ -64,12 +64,52 @@ def fetch(src: HubSource) -> Path:
             f"{src.repo_id!r} is not a local file or folder; to load it from the Hugging Face Hub, install "
             f"the hub extra: {EXTRA_HINT}"
         ) from None
-    for offline in (True, False):
+    try:
+        return _fetch(src, offline=True)
+    except _NotCached:
+        pass
+    _check_reachable(src)
+    return _fetch(src, offline=False)
+
+
+REACH_TIMEOUT_S = 3.0  # a TCP connect to the Hub; huggingface_hub's own retries took ~23 s to give up offline
+
+
+def _check_reachable(src: HubSource) -> None:
+    """Fail fast when the Hub's host cannot be reached at all (no network, no DNS): one TCP connect with a
+    short timeout instead of the client's retries. Skipped behind a proxy, which may reach what we cannot."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return
+    failure: list[str] = []
+
+    def connect() -> None:
         try:
-            return _fetch(src, offline)
-        except _NotCached:
-            continue
-    raise AssertionError("unreachable: the online attempt raises or returns")
+            socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+        except OSError as exc:
+            failure.append(exc.strerror or type(exc).__name__)
+
+    # getaddrinfo has no timeout of its own: the connect runs in a thread that is abandoned if it hangs
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(REACH_TIMEOUT_S + 0.5)
+    if probe.is_alive() or failure:
+        why = failure[0] if failure else "no answer"
+        raise WeightsError(
+            f"{_where(src)}: not in the local cache, and the Hub ({host}) cannot be reached ({why}): connect once "
+            "to download it, set HF_ENDPOINT to a mirror, or pass a local path"
+        )
 
 
 class _NotCached(Exception):

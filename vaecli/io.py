@@ -155,6 +155,10 @@ def _open_pil(fh: BinaryIO) -> Any:
             continue  # not this format after all, as Image.open treats it
         except Exception as exc:  # noqa: BLE001 - a header Pillow cannot parse, whatever the exception type
             raise InputError(f"corrupt or truncated image ({_first_line(exc)})") from None
+    kind = latent_kind(prefix)
+    if kind is not None:
+        raise InputError(f"this is {kind}, not an image: decode latent files with `vaecli decode`; encode reads images "
+                         f"({_SUPPORTED})")
     raise InputError(f"not an image, or an unsupported format ({_SUPPORTED})")
 
 
@@ -439,13 +443,48 @@ def read_latent(path: Path, check: ShapeCheck | None = None) -> LatentFile:
     suffix = path.suffix.lower()
     if suffix not in LATENT_SUFFIXES:
         check_regular(path)
+        with open_regular(path) as fh:
+            _refuse_image(fh)
         raise InputError(f"unsupported latent format {suffix!r} (use {', '.join(LATENT_SUFFIXES)})")
     with open_regular(path) as fh:
         return load_latent(fh, suffix, check)
 
 
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+                (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def image_kind(prefix: bytes) -> str | None:
+    """The image format a file's first bytes announce (PNG, JPEG, WebP, GIF, BMP, TIFF), or None."""
+    if prefix[:4] == b"RIFF" and prefix[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _IMAGE_MAGIC if prefix.startswith(magic)), None)
+
+
+def latent_kind(prefix: bytes) -> str | None:
+    """The latent container a file's first bytes announce (safetensors, .npy, .npz), or None."""
+    if prefix.startswith(b"\x93NUMPY"):
+        return "a .npy array"
+    if prefix.startswith(b"PK\x03\x04"):
+        return "an .npz (zip) archive"
+    if len(prefix) >= 9 and prefix[8:9] == b"{" and 0 < struct.unpack("<Q", prefix[:8])[0] < _MAX_HEADER:
+        return "a safetensors file"
+    return None
+
+
+def _refuse_image(fh: BinaryIO) -> None:
+    """`decode photo.jpg`: name the mistake instead of a parse error of the wrong format."""
+    fh.seek(0)
+    kind = image_kind(fh.read(16))
+    fh.seek(0)
+    if kind is not None:
+        raise InputError(f"this is a {kind} image, not a latent file: encode images with `vaecli encode` "
+                         f"(decode reads latent files: {', '.join(LATENT_SUFFIXES)})")
+
+
 def load_latent(fh: BinaryIO, suffix: str, check: ShapeCheck | None = None) -> LatentFile:
     """read_latent on an open file (e.g. one whose bytes were just hashed)."""
+    _refuse_image(fh)
     fh.seek(0)
     if suffix == ".npy":
         return LatentFile(_as_chw(torch.from_numpy(read_npy(fh, check))), None, "bare")

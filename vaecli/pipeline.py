@@ -78,6 +78,42 @@ def compute_dtype(requested: torch.dtype, force_upcast: bool, upcast: bool | Non
     return requested
 
 
+_SLOW_PRECISION = 3.0  # probe time ratio to fp32 above which a half-precision CPU run gets a note
+
+
+def _probe_ms(dtype: torch.dtype) -> float:
+    """Best of three timings of one 64-channel 3x3 convolution at 32x32 in `dtype` on the CPU (ms)."""
+    x = torch.randn(1, 64, 32, 32).to(dtype)
+    w = torch.randn(64, 64, 3, 3).to(dtype) * 0.05
+    best = float("inf")
+    with torch.no_grad():
+        torch.nn.functional.conv2d(x, w, padding=1)  # first call: kernel selection, not timed
+        for _ in range(3):
+            t = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def cpu_precision_notes(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """A note when fp16/bf16 on this CPU has no fast kernels (measured, ~50 ms): CPUs without AVX512-FP16/
+    AMX run fp16 convolutions on a slow generic path, ~135x fp32's time in one user's 128 px decode."""
+    if device.type != "cpu" or dtype not in (torch.float16, torch.bfloat16):
+        return []
+    base = _probe_ms(torch.float32)
+    ratio = _probe_ms(dtype) / base
+    if ratio <= _SLOW_PRECISION:
+        return []
+    name = DTYPE_NAMES[dtype]
+    note = (f"--dtype {name} is slow on this CPU (a probe convolution took {ratio:.0f}x fp32's time: no fast {name} "
+            f"kernels here); --dtype fp32 is faster on this machine")
+    if dtype == torch.float16:
+        bf16 = _probe_ms(torch.bfloat16) / base
+        if bf16 <= _SLOW_PRECISION:
+            note += f", or --dtype bf16 ({bf16:.1f}x fp32's probe time)"
+    return [note]
+
+
 def precision_ladder(start: torch.dtype, device: torch.device) -> list[torch.dtype]:
     """The precisions to try in order when outputs are not finite: fp16 -> bf16 (where supported) -> fp32."""
     ladder = [start]
@@ -195,6 +231,7 @@ class Runner:
         self._plans: dict[tuple[str, tuple[int, ...], torch.dtype], CallPlan] = {}
         self.busy_s = 0.0  # time the device spent in model calls (device events on CUDA), for reports
         self.autotune = Autotune(self.device)
+        self.notes = cpu_precision_notes(self.device, self.dtype)  # for the run's report
 
     def model(self, dtype: torch.dtype) -> AutoencoderKL:
         """The model in `dtype`, converted from the loaded one on first use."""

@@ -209,15 +209,17 @@ REFERENCE = Plan("reference")  # diffusers' sequence: NCHW, native GroupNorm, ne
 
 
 def plan_for(device: str | torch.device, config: VAEConfig, kernels: str = "auto") -> Plan:
-    """The plan for running `config`'s model on `device`, from TABLE; kernels "on"/"off" override its
-    choice of Triton kernels ("on" still falls back per call where a kernel cannot run)."""
+    """The plan for running `config`'s model on `device`, from TABLE; kernels "on" forces the Triton
+    kernels ("on" still falls back per call where a kernel cannot run); "off" is diffusers' exact sequence
+    of operations on every device (REFERENCE: no kernels and none of TABLE's layouts or forms either), so
+    `--kernels off` reproduces diffusers' outputs bit for bit wherever it runs."""
     if kernels not in KERNEL_MODES:
         raise ConfigError(f"unknown kernels mode {kernels!r}; use {', '.join(KERNEL_MODES)}")
     kind = torch.device(device).type
-    if kind not in TABLE:
-        return REFERENCE  # a device nobody measured: diffusers' sequence
+    if kind not in TABLE or kernels == "off":
+        return REFERENCE  # a device nobody measured, or exactness asked for: diffusers' sequence
     value = {name: choice.value for name, choice in TABLE[kind].items()}
-    ops = {"auto": frozenset(value["kernels"]), "on": frozenset(KERNEL_OPS), "off": frozenset()}[kernels]
+    ops = frozenset(value["kernels"]) if kernels == "auto" else frozenset(KERNEL_OPS)
     if kernels == "auto" and ops:
         from . import kernels as triton_kernels
 

@@ -446,6 +446,7 @@ def load_vae(
     state, layout = to_diffusers_layout(raw)
     del raw
     notes: list[str] = []
+    family_assumed = False
     cfg = _resolve_config(config)
     if cfg is not None:
         config_source = "given"
@@ -458,6 +459,7 @@ def load_vae(
             cfg = apply_family(cfg, family)
     else:
         cfg, notes = infer_config(state, family)
+        family_assumed = family is None
         config_source = "inferred from shapes" + (f" + {family} preset" if family else "")
     check_architecture(cfg, state, str(weights_path))
     check_values(state, str(weights_path))
@@ -467,7 +469,7 @@ def load_vae(
     check_keys(model, state, str(weights_path))
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    model.info = ModelInfo(name, str(weights_path), layout, sha, config_source, tuple(notes))
+    model.info = ModelInfo(name, str(weights_path), layout, sha, config_source, tuple(notes), family_assumed)
     model = model.to(device=torch.device(device))
     # Frozen, in eval mode: encode/decode build no autograd graph (no memory held for a backward pass)
     # unless the input requires grad or the caller unfreezes the weights to fine-tune.

@@ -22,12 +22,14 @@ from ..batch import (
     Report,
     Skip,
     _Engine,
+    model_notes,
     _sha256_file,
     batch_sizer,
     check_output_root,
     discover,
 )
 from ..errors import ConfigError, InputError, VaecliError
+from ..files import json_path
 from ..io import IMAGE_SUFFIXES, clean_temp_files, latent_output_state, read_image
 from ..model import AutoencoderKL
 from ..pipeline import BatchResult, RunOptions
@@ -86,7 +88,7 @@ class DatasetReport(Report):
             ranks=self.ranks,
             missing=self.missing,
             shard=f"{self.shard[0]}/{self.shard[1]}",
-            manifest=self.manifest,
+            manifest=json_path(self.manifest),
             merged=self.merged,
             notes=self.notes,
         )
@@ -121,6 +123,14 @@ def prepare_dataset(
     """
     start = time.perf_counter()
     out = Path(out)
+    info = getattr(vae, "info", None)
+    if info is not None and info.family_assumed:
+        # SD and SDXL weights have the same shapes: a cache normalized on a guess trains the wrong scale.
+        raise ConfigError(
+            f"{info.name} has no config: its latent normalization would be a guess (SD's), and a latent cache "
+            "must be normalized for its model; name the family (--family sd, sdxl, sd3 or flux; family=... in "
+            "Python) or give the model's config.json"
+        )
     check_options(options, vae.config.downsample_factor)
     shards = shard_inputs(inputs)
     _check_layout(options, engine, shards is not None)
@@ -130,6 +140,7 @@ def prepare_dataset(
         report = prepare_with_ray(vae, shards or [], out, options, run, shard, progress, engine)
     else:
         report = _prepare_here(vae, inputs, shards, out, options, run, shard, progress)
+    report.notes[:0] = [n for n in model_notes(vae) if n not in report.notes]
     report.elapsed_s = time.perf_counter() - start
     return report
 
@@ -225,7 +236,7 @@ def _prepare_share(
         temp_files_removed=removed,
         missing=missing,
         shard=(index, count),
-        notes=notes,
+        notes=enc.runner.notes + notes,
     )
     kept = [records[i] for i, r in enumerate(engine.results) if r.status in ("ok", "skipped") and i in records]
     _write_share_manifest(report, out, kept, count)

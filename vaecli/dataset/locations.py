@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Sequence
 
 from ..errors import ConfigError, InputError
+from ..files import is_url  # noqa: F401 - also this module's public name
 
 SHARD_SUFFIXES = {".tar": "tar", ".parquet": "parquet"}
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -46,10 +47,6 @@ def expand_braces(text: str) -> list[str]:
     else:
         raise ConfigError(f"{text}: cannot expand {{{body}}}; use {{first..last}} or {{a,b,c}}")
     return [done for option in options for done in expand_braces(head + option + tail)]
-
-
-def is_url(text: str) -> bool:
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
 
 
 def shard_kind(text: str) -> str | None:

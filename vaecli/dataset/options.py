@@ -16,6 +16,7 @@ FORMAT_SUFFIX = CONTAINER_SUFFIX
 MANIFEST = "manifest.jsonl"
 DATASET_VERSION = 1  # bump when the meaning of a manifest field or of a setting changes
 RESAMPLE = "bicubic-antialias"
+KOHYA_MIN_BUCKET, KOHYA_MAX_BUCKET = 256, 1024  # sd-scripts' DreamBoothDatasetParams defaults
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
 
@@ -25,8 +26,8 @@ class DatasetOptions:
 
     bucket_resolution: int = 512  # side of the square whose area every bucket shares (SD 1.x; SDXL: 1024)
     bucket_step: int = 64  # bucket sides are multiples of this (a multiple of the VAE's factor, 8)
-    min_bucket_size: int | None = None  # shortest bucket side; None: bucket_resolution // 2
-    max_bucket_size: int | None = None  # longest bucket side; None: bucket_resolution * 2
+    min_bucket_size: int | None = None  # shortest bucket side; None: resolution // 2 (kohya format: 256)
+    max_bucket_size: int | None = None  # longest bucket side; None: resolution * 2 (kohya format: 1024)
     no_upscale: bool = False  # never enlarge: a small image gets a bucket that fits inside it (kohya's)
     random_crop: bool = False  # crop at a random offset (from crop_seed and the path) instead of the centre
     crop_seed: int = 0
@@ -56,9 +57,18 @@ class DatasetOptions:
         return "kohya" if self.format == "kohya" else "vaecli"
 
     def bucket_bounds(self) -> tuple[int, int]:
-        """(min, max) bucket side after defaults (half and twice the resolution, kept on the step grid)."""
+        """(min, max) bucket side after defaults, kept on the step grid: half and twice the resolution, or for
+        --format kohya sd-scripts' own defaults, so that kohya finds the buckets it computes when it trains."""
         step = max(1, self.bucket_step)
         lo, hi = self.min_bucket_size, self.max_bucket_size
+        if self.format == "kohya":
+            # sd-scripts' min_bucket_reso / max_bucket_reso defaults, rounded to the step as
+            # adjust_min_max_bucket_reso_by_steps does (down for the minimum, up for the maximum).
+            if lo is None:
+                lo = KOHYA_MIN_BUCKET - KOHYA_MIN_BUCKET % step
+            if hi is None:
+                hi = KOHYA_MAX_BUCKET + (step - KOHYA_MAX_BUCKET % step) % step
+            return lo, hi
         if lo is None:
             lo = -(-self.bucket_resolution // 2 // step) * step  # rounded up to the step
         if hi is None:
@@ -78,7 +88,11 @@ def check_options(options: DatasetOptions, factor: int) -> None:
     if o.bucket_resolution < o.bucket_step:
         problems.append(f"--bucket-resolution {o.bucket_resolution} is smaller than --bucket-step {o.bucket_step}")
     if not (o.bucket_step <= lo <= o.bucket_resolution <= hi):
-        problems.append(f"bucket sizes must satisfy bucket-step <= min ({lo}) <= resolution <= max ({hi})")
+        why = ""
+        if o.format == "kohya" and (o.min_bucket_size is None or o.max_bucket_size is None):
+            why = (f" (--format kohya defaults to sd-scripts' min_bucket_reso {KOHYA_MIN_BUCKET} and max_bucket_reso "
+                   f"{KOHYA_MAX_BUCKET}; give --min-bucket-size/--max-bucket-size as you pass them to kohya)")
+        problems.append(f"bucket sizes must satisfy bucket-step <= min ({lo}) <= resolution <= max ({hi}){why}")
     if o.bucket_step >= 1 and (lo % o.bucket_step or hi % o.bucket_step):
         problems.append(
             f"--min-bucket-size {lo} and --max-bucket-size {hi} must be multiples of --bucket-step {o.bucket_step}"

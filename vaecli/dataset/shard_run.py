@@ -56,6 +56,7 @@ class ShardShare:
             temp_files_removed=removed,
             shard=share,
             shards=[o.summary() for o in outcomes],
+            notes=list(self.job.enc.runner.notes),
         )
 
     def merge(self, report: DatasetReport, clean: bool) -> None:
