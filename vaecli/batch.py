@@ -306,12 +306,15 @@ def batch_sizer(
     device = next(vae.parameters()).device
     dtype = compute_dtype(run.dtype, vae.config.force_upcast, run.upcast)
     f = vae.config.downsample_factor
+    patch = vae.config.latent_spec.patch_size
+    patched = vae.config.latent_channels * patch * patch if patch > 1 else None  # channels of patchified latents
     cache: dict[Hashable, int] = {}
 
     def size(key: Hashable) -> int:
         if key not in cache:
             shape = tuple(key)  # type: ignore[arg-type]
-            h, w = (shape[-2] * f, shape[-1] * f) if latent_keys else (shape[0], shape[1])
+            cell = f * patch if shape[0] == patched else f
+            h, w = (shape[-2] * cell, shape[-1] * cell) if latent_keys else (shape[0], shape[1])
             cache[key] = auto_batch_size(vae.config, h, w, dtype, device)
         return cache[key]
 
@@ -793,6 +796,8 @@ def decoded_size(meta: Mapping[str, str], h: int, w: int, factor: int, max_pixel
     if policy not in SIZE_POLICIES:
         raise InputError(f"latent metadata names an unknown size policy {policy!r}")
     eh, ew = h * factor, w * factor
+    # the multiple the size policy used: FLUX.2 pads to 16 pixels even where its raw latents have 8-pixel cells
+    multiple = _meta_int(meta, "size_multiple") if "size_multiple" in meta else factor
     for key, side in (("encoded_height", eh), ("encoded_width", ew)):
         if key in meta and _meta_int(meta, key) != side:
             raise InputError(
@@ -804,7 +809,7 @@ def decoded_size(meta: Mapping[str, str], h: int, w: int, factor: int, max_pixel
         _check_crop_box(meta, eh, ew, oh, ow)
         size = (eh, ew)
     else:
-        if encoded_side(oh, factor, policy) != eh or encoded_side(ow, factor, policy) != ew:
+        if encoded_side(oh, multiple, policy) != eh or encoded_side(ow, multiple, policy) != ew:
             raise InputError(
                 f"latent metadata says the original was {ow}x{oh} ({policy}), which does not give the latent's "
                 f"{ew}x{eh} pixels: the file is inconsistent"
@@ -975,8 +980,8 @@ def encode_paths(
     items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, latent_names(CONTAINER_SUFFIX[fmt]),
                                          flat=options.flat)
     runner = Runner(vae, run)
-    factor = vae.config.downsample_factor
-    spec = None if options.raw or fmt != "vaecli" else vae.config.latent_spec  # kohya, ComfyUI: raw latents
+    factor = vae.config.size_multiple  # image sides: the downsample factor, times FLUX.2's patch
+    spec = None if options.raw else container_spec(vae.config.latent_spec, fmt)
     store_dtype = DTYPES[options.latent_dtype]
     info = model_summary(vae)
     settings = {
@@ -1036,7 +1041,8 @@ def encode_paths(
             **settings,
             "seed_key": meta_name(loaded.item.rel) if options.sample else "",
             "compute_dtype": DTYPE_NAMES[runner.dtype],
-            "downsample_factor": str(factor),
+            "downsample_factor": str(vae.config.downsample_factor),
+            **({"size_multiple": str(factor)} if factor != vae.config.downsample_factor else {}),
             "original_width": str(e["width"]),
             "original_height": str(e["height"]),
             "encoded_width": str(e["size"][1]),
@@ -1064,6 +1070,18 @@ def encode_paths(
 # ------------------------------------------------------------------------------------------------ decode
 
 
+def container_spec(spec: LatentSpec, fmt: str) -> LatentSpec | None:
+    """The normalization a container stores latents in: ours records any; kohya caches hold raw VAE
+    latents; ComfyUI's .latent holds what its VAE node outputs: raw for the unpatchified families, the
+    normalized patchified form for FLUX.2 (comfy/latent_formats.py Flux2: 128 channels, 16x downscale,
+    no process_in scaling)."""
+    if fmt == "vaecli":
+        return spec
+    if fmt == "comfyui" and spec.patch_size > 1:
+        return spec
+    return None
+
+
 def latent_spec_from_meta(meta: Mapping[str, str], channels: int | None = None) -> LatentSpec | None:
     """The normalization a latent file was stored with (None for raw latents). LatentSpec checks its values
     (finite, non-zero scale, positive stds); here: an explicit scaling_factor, per-channel lists of `channels`."""
@@ -1083,14 +1101,21 @@ def latent_spec_from_meta(meta: Mapping[str, str], channels: int | None = None) 
         raise InputError(f"latent metadata 'latent_spec': {exc}") from None
 
 
-def stored_spec(lf: LatentFile, channels: int, model_scale: float) -> LatentSpec | None:
+def stored_spec(lf: LatentFile, channels: int, model_spec: LatentSpec) -> LatentSpec | None:
     """The normalization a latent file's values carry, from its container's own convention: ComfyUI's
-    marker (present: raw; absent: SD-scaled, as LoadLatent reads it), kohya's raw caches, our metadata.
-    A bare tensor carries none: InputError asking for --scaling-factor."""
+    marker (present: raw; absent: SD-scaled, as LoadLatent reads it; FLUX.2: normalized and patchified),
+    kohya's raw caches, our metadata. A bare tensor carries none: InputError asking for --scaling-factor.
+    `channels`: the file's; `model_spec`: the decoding model's normalization."""
+    model_scale = model_spec.scaling_factor
     if lf.container in ("comfyui", "kohya"):
+        patched = lf.container == "comfyui" and model_spec.patch_size > 1
         if lf.meta is not None and lf.meta.get("latent_spec", "none") != "none":
+            if patched:
+                return latent_spec_from_meta(lf.meta, channels)
             raise InputError(f"inconsistent file: its metadata says normalized latents, but a {lf.container} file "
                              "holds raw ones")
+        if patched and channels == len(model_spec.latents_mean or ()):
+            return model_spec  # ComfyUI's own FLUX.2 latents: normalized by the VAE's statistics
         if lf.container == "comfyui" and not lf.marker:
             return LatentSpec(COMFYUI_LEGACY_SCALE)  # LoadLatent multiplies such files by 1/0.18215
         return None
@@ -1143,6 +1168,14 @@ def decode_paths(
     runner = Runner(vae, run)
     factor = vae.config.downsample_factor
     channels = vae.config.latent_channels
+    model_spec = vae.config.latent_spec
+    patch = model_spec.patch_size
+    # FLUX.2's normalized latents are patchified: C*p*p channels, cells of factor*p pixels; raw ones are not
+    accepted = sorted({channels, channels * patch * patch})
+
+    def cell(c: int) -> int:
+        return factor * patch if patch > 1 and c == channels * patch * patch else factor
+
     info = model_summary(vae)
     override = options.scaling_factor is not None or options.shift_factor is not None
     flag_spec = LatentSpec(
@@ -1160,14 +1193,17 @@ def decode_paths(
 
     def check_shape(shape: tuple[int, int, int]) -> None:
         c, h, w = shape
-        if c != channels:
+        if c not in accepted:
+            expect = " or ".join(map(str, accepted)) + (" (normalized, patchified)" if len(accepted) > 1 else "")
             raise InputError(
-                f"latent has {c} channels but the model expects {channels}; it was made for another kind of VAE (pass its --model)"
+                f"latent has {c} channels but the model expects {expect}; it was made for another kind of VAE "
+                "(pass its --model)"
             )
-        if options.max_pixels > 0 and h * w * factor * factor > options.max_pixels:
+        f = cell(c)
+        if options.max_pixels > 0 and h * w * f * f > options.max_pixels:
             raise InputError(
-                f"decodes to {w * factor}x{h * factor} pixels, above the limit of {options.max_pixels / 1e6:.1f} MP; "
-                f"pass --max-pixels {h * w * factor * factor} to decode it"
+                f"decodes to {w * f}x{h * f} pixels, above the limit of {options.max_pixels / 1e6:.1f} MP; "
+                f"pass --max-pixels {h * w * f * f} to decode it"
             )
 
     def load(index: int, item: Item) -> Loaded | Skip:
@@ -1179,15 +1215,19 @@ def decode_paths(
                 return Skip()
             lf = load_latent(fh, item.input.suffix.lower(), check_shape)
         meta = lf.meta
-        _, h, w = lf.tensor.shape
+        c, h, w = lf.tensor.shape
+        f = cell(c)
         if meta is not None:
             _check_meta_header(meta, info, options.force)
-            target = (decoded_size(meta, h, w, factor, options.max_pixels), meta.get("size_policy", "pad"))
+            target = (decoded_size(meta, h, w, f, options.max_pixels), meta.get("size_policy", "pad"))
         else:  # the latent's own size: a bucket (kohya, ComfyUI) or whatever a bare tensor holds
-            target = ((h * factor, w * factor), "crop")
-        spec = flag_spec if override else stored_spec(lf, channels, vae.config.scaling_factor)
+            target = ((h * f, w * f), "crop")
+        spec = flag_spec if override else stored_spec(lf, c, model_spec)
         if not torch.isfinite(lf.tensor).all():
             raise InputError("latent holds NaN or Inf values")
+        if (spec.patch_size if spec is not None else 1) * factor != f:
+            raise InputError(f"latent of {c} channels does not fit its recorded normalization "
+                             f"({spec.describe() if spec is not None else 'raw'}) for this model")
         z = spec.denormalize(lf.tensor) if spec is not None else lf.tensor
         if not torch.isfinite(z).all():
             raise InputError("latent overflows when its normalization is undone (values far out of range)")
@@ -1249,7 +1289,7 @@ def roundtrip_paths(
     siblings = (lambda target: (diff_path(target),)) if options.diff else None
     items, notes, removed = _prepare_run(inputs, IMAGE_SUFFIXES, out, image_names("png"), siblings)
     runner = Runner(vae, run)
-    factor = vae.config.downsample_factor
+    factor = vae.config.size_multiple  # FLUX.2: 16, the sizes its pipelines take
     size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
     engine = _Engine(items, size, options.workers, progress, batch_for, runner.device)
     settings = {

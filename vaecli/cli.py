@@ -1004,9 +1004,13 @@ def info(
             "layout": minfo.layout,
             "config_source": minfo.config_source,
             "parameters": sum(p.numel() for p in vae.parameters()),
+            "family": cfg.family,
+            "class_name": cfg.class_name,
             "downsample_factor": cfg.downsample_factor,
+            "size_multiple": cfg.size_multiple,
             "latent_channels": cfg.latent_channels,
             "latent_spec": cfg.latent_spec.to_dict(),
+            "normalization": cfg.latent_spec.describe(),
             "force_upcast": cfg.force_upcast,
             "weights_sha256": minfo.weights_sha256,
             "notes": list(minfo.notes),
@@ -1019,16 +1023,20 @@ def info(
         rows: list[tuple[str, str]] = [(key, str(doc[key])) for key in ("model", "path", "layout", "config_source",
                                                                         "weights_sha256")]
         rows.append(("parameters", f"{doc['parameters']:,}"))
-        rows.append(("architecture", f"block_out_channels {list(cfg.block_out_channels)}, layers_per_block "
-                     f"{cfg.layers_per_block}, groups {cfg.norm_num_groups}, latent channels {cfg.latent_channels}, "
-                     f"f={cfg.downsample_factor}"))
+        from .families import of_config
+
+        rows.insert(1, ("family", f"{of_config(cfg).title}: {cfg.class_name}"))
+        rows.append(("architecture", cfg.architecture()))
         spec = cfg.latent_spec
-        norm = f"scaling_factor {spec.scaling_factor:g}"
-        if spec.shift_factor:
-            norm += f", shift_factor {spec.shift_factor:g}"
-        if spec.latents_mean is not None:
-            norm += f", latents_mean {list(spec.latents_mean)}, latents_std {list(spec.latents_std or ())}"
-        rows += [("latent normalization", norm), ("force_upcast", str(cfg.force_upcast))]
+        norm = spec.describe()
+        if spec.patch_size == 1:  # the values themselves (FLUX.2's hundreds of statistics: --json)
+            norm += f" (scaling_factor {spec.scaling_factor:g}" + (f", shift_factor {spec.shift_factor:g}" if
+                                                                     spec.shift_factor else "")
+            if spec.latents_mean is not None:
+                norm += f", latents_mean {list(spec.latents_mean)}, latents_std {list(spec.latents_std or ())}"
+            norm += ")"
+        rows += [("latent normalization", norm), ("image sides", f"multiples of {cfg.size_multiple} pixels"),
+                 ("force_upcast", str(cfg.force_upcast))]
         rows += [("note", note) for note in minfo.notes]
         _print_fields(rows)
         out_console.print_json(json.dumps(doc["config"]))

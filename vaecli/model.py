@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .config import ModelInfo, VAEConfig
+from .config import Flux2Config, ModelInfo, VAEConfig
 from .errors import InputError
 from .plans import REFERENCE, NormStats, Plan
 
@@ -184,7 +184,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        chs, g, act = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups, cfg.act_fn
+        chs, g, act = tuple(reversed(cfg.decoder_channels)), cfg.norm_num_groups, cfg.act_fn
         self.conv_in = nn.Conv2d(cfg.latent_channels, chs[0], 3, padding=1)
         self.mid_block = MidBlock(chs[0], g, act, cfg.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
@@ -338,3 +338,20 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x, checkpointing, plan=plan)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, checkpointing, plan)
+
+
+class AutoencoderKLFlux2(AutoencoderKL):
+    """FLUX.2's VAE (diffusers' AutoencoderKLFlux2): AutoencoderKL's computation, plus the batch-norm running
+    statistics of the patchified latents as buffers (`bn.*` keys). encode/decode do not apply them (neither
+    does diffusers); the FLUX.2 pipelines normalize with them, which `config.latent_spec` does."""
+
+    def __init__(self, config: Flux2Config, info: ModelInfo | None = None) -> None:
+        super().__init__(config, info)
+        self.bn = nn.BatchNorm2d(config.bn_channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum,
+                                 affine=False, track_running_stats=True)
+
+
+def build_model(config: VAEConfig, info: ModelInfo | None = None) -> AutoencoderKL:
+    """The model class of a KL config: AutoencoderKLFlux2 for Flux2Config, else AutoencoderKL."""
+    cls = AutoencoderKLFlux2 if isinstance(config, Flux2Config) else AutoencoderKL
+    return cls(config, info)

@@ -647,7 +647,7 @@ class MemoryModel:
 def estimate_peak_bytes(config: VAEConfig, n: int, height: int, width: int, element_size: int, op: str = "decode") -> int:
     """Rough peak memory of an untiled call at image size height x width (UNTILED_PEAK copies of the widest
     full-resolution tensor: the decoder upsamples its second level's channels to full size)."""
-    chs = config.block_out_channels
+    chs = config.decoder_channels if op == "decode" else config.block_out_channels
     widest = max(chs[0], chs[1] if len(chs) > 1 else chs[0])
     return int(UNTILED_PEAK[op] * n * height * width * widest * element_size)
 
@@ -660,7 +660,7 @@ def estimate_tiled_bytes(
     output (float32), and with whole-image statistics the tiles' full-resolution activations stored in half
     precision (widened by the overlap), plus the untiled latent-resolution trunk of the decoder.
     Not yet measured on a GPU; on a failure the ladder corrects it (MemoryModel.learn)."""
-    chs = config.block_out_channels
+    chs = config.decoder_channels if op == "decode" else config.block_out_channels
     tile = min(tile, max(height, width))
     need = estimate_peak_bytes(config, min(batch, n), tile, tile, element_size, op)
     out_channels = config.out_channels if op == "decode" else 2 * config.latent_channels

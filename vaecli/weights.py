@@ -11,9 +11,10 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import DEFAULT_FAMILY, ModelInfo, VAEConfig, apply_family
+from . import families
+from .config import DEFAULT_FAMILY, Flux2Config, ModelInfo, VAEConfig, apply_family
 from .errors import ConfigError, WeightsError
-from .model import AutoencoderKL
+from .model import AutoencoderKL, build_model
 
 DEFAULT_MODEL = "vaecli-default"
 SAFE_SUFFIXES = (".safetensors",)
@@ -190,7 +191,7 @@ def extract_vae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if sub:
             return sub
     # Files from some tools keep non-VAE extras (e.g. model_ema.*, loss.*): only the VAE's own parts count.
-    own = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+    own = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")  # bn.: FLUX.2's statistics
     return {k: v for k, v in state.items() if k.startswith(own)}
 
 
@@ -208,7 +209,7 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
         h.update(f"{key}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: num_batches_tracked
     return h.hexdigest()
 
 
@@ -232,7 +233,9 @@ def architecture_from_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, Any
     layers = 0
     while f"encoder.down_blocks.0.resnets.{layers}.conv1.weight" in state:
         layers += 1
+    decoder = tuple(reversed([int(shape(f"decoder.up_blocks.{i}.resnets.0.conv2.weight")[0]) for i in range(levels)]))
     return dict(
+        decoder_channels=decoder,  # the decoder's levels in encoder order
         in_channels=int(shape("encoder.conv_in.weight")[1]),
         out_channels=int(shape("decoder.conv_out.weight")[0]),
         block_out_channels=tuple(int(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]) for i in range(levels)),
@@ -251,19 +254,35 @@ def infer_config(state: Mapping[str, torch.Tensor], family: str | None = None) -
     """
     notes: list[str] = []
     arch = architecture_from_shapes(state)
+    decoder = arch.pop("decoder_channels")
     levels = len(arch["block_out_channels"])
     groups = 32  # every released LDM VAE; GroupNorm's group count leaves no trace in the weights
-    if any(c % groups for c in arch["block_out_channels"]):
+    if any(c % groups for c in (*arch["block_out_channels"], *decoder)):
         import math
 
-        groups = math.gcd(*arch["block_out_channels"], 32)
+        groups = math.gcd(*arch["block_out_channels"], *decoder, 32)
         notes.append(f"norm_num_groups cannot be read from weights; 32 does not divide the channels, using {groups}")
-    cfg = VAEConfig(
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        norm_num_groups=groups,
-        **arch,
-    )
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels)
+    if families.by_keys(state.keys()) is families.FAMILIES[1]:  # FLUX.2: its statistics are in the weights
+        if family is not None and family.lower() != "flux2":
+            raise ConfigError(f"these are a FLUX.2 VAE's weights (batch-norm statistics): --family {family} does "
+                              "not apply to them (drop it, or name --family flux2)")
+        bn = int(state["bn.running_mean"].numel() if "bn.running_mean" in state else state["bn.running_var"].numel())
+        patch = math_isqrt(bn // arch["latent_channels"])
+        notes.append("FLUX.2 VAE (AutoencoderKLFlux2), identified by its batch-norm statistics; batch_norm_eps "
+                     "1e-4 (diffusers' default: not in the weights)")
+        cfg = Flux2Config(**blocks, norm_num_groups=groups, patch_size=(patch, patch),
+                          decoder_block_out_channels=decoder if decoder != arch["block_out_channels"] else None,
+                          **arch)
+        return cfg, notes
+    if decoder != arch["block_out_channels"]:
+        raise WeightsError(f"the decoder's channels {list(decoder)} differ from the encoder's "
+                           f"{list(arch['block_out_channels'])}: not an AutoencoderKL (an asymmetric FLUX.2 decoder "
+                           "needs its config.json, _class_name AutoencoderKLFlux2)")
+    cfg = VAEConfig(**blocks, norm_num_groups=groups, **arch)
+    if family is not None and family.lower() == "flux2":
+        raise ConfigError("--family flux2: these weights have no batch-norm statistics (bn.running_mean), so they "
+                          "are not a FLUX.2 VAE")
     if family is None:
         family = DEFAULT_FAMILY
         notes.append(
@@ -274,6 +293,15 @@ def infer_config(state: Mapping[str, torch.Tensor], family: str | None = None) -
     return apply_family(cfg, family), notes
 
 
+def math_isqrt(n: int) -> int:
+    import math
+
+    root = math.isqrt(max(n, 1))
+    if root * root != n:
+        raise WeightsError(f"batch-norm statistics of {n} values per latent channel: not a square patch")
+    return root
+
+
 def check_architecture(config: VAEConfig, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Compare the config with what the weights' shapes say before any model is built, so a config that
     does not describe these weights (or a hostile one) fails at once with the fields that differ."""
@@ -281,7 +309,9 @@ def check_architecture(config: VAEConfig, state: Mapping[str, torch.Tensor], sou
         arch = architecture_from_shapes(state)
     except WeightsError:
         return  # too incomplete to tell: the strict key check names what is missing
-    diffs = [f"{k} {getattr(config, k)!r} in the config, {v!r} in the weights"
+    names = {"decoder_channels": "decoder_block_out_channels"}
+    diffs = [f"{names.get(k, k)} {list(getattr(config, k)) if k in names else getattr(config, k)!r} in the config, "
+             f"{list(v) if k in names else v!r} in the weights"
              for k, v in arch.items() if getattr(config, k) != v]
     if diffs:
         raise WeightsError(f"{source}: the config does not describe these weights: " + "; ".join(diffs))
@@ -302,6 +332,11 @@ def check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source
     )
     if not (missing or unexpected or wrong):
         return
+    if unexpected and all(k.startswith("bn.") for k in unexpected):
+        raise WeightsError(f"{source}: these weights hold a FLUX.2 VAE's batch-norm statistics ({', '.join(unexpected)}) "
+                           f"but the config says {getattr(model, 'config', None).__class__.__name__ and model.config.class_name}: "
+                           "a FLUX.2 VAE's config.json names _class_name AutoencoderKLFlux2 (loaded as AutoencoderKL, "
+                           "its latents would be normalized wrongly)")
 
     def listing(items: list[str]) -> str:
         return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
@@ -320,7 +355,8 @@ def check_values(state: Mapping[str, torch.Tensor], source: str) -> None:
     """Refuse integer (quantized) or non-finite weights at load time: converted or used silently, they would
     give garbage or NaN for every image, blamed later on the inputs."""
     for kind, bad in (
-        ("are not floating point (quantized weights are not supported)", [k for k, v in state.items() if not v.is_floating_point()]),
+        ("are not floating point (quantized weights are not supported)",
+         [k for k, v in state.items() if not v.is_floating_point() and not k.endswith(".num_batches_tracked")]),
         ("hold NaN or Inf values (a damaged file?)", [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]),
     ):
         if bad:
@@ -332,15 +368,15 @@ def _resolve_config(config: VAEConfig | Mapping[str, Any] | str | Path | None) -
     if config is None or isinstance(config, VAEConfig):
         return config
     if isinstance(config, Mapping):
-        return VAEConfig.from_dict(config)
+        return families.config_from_dict(config)
     path = Path(config)
     if path.is_dir():
         for candidate in (path / "config.json", path / "vae" / "config.json"):
             if _regular_file(candidate):
-                return VAEConfig.from_json(candidate)
+                return families.config_from_json(candidate)
         raise ConfigError(f"{path}: no config.json in this folder (or its vae/ subfolder)")
     if _regular_file(path):
-        return VAEConfig.from_json(path)
+        return families.config_from_json(path)
     raise ConfigError(f"config {config}: no such file or folder")
 
 
@@ -453,21 +489,27 @@ def load_vae(
         if family is not None:
             cfg = apply_family(cfg, family)
     elif beside is not None:
-        cfg = VAEConfig.from_json(beside)
+        cfg = families.config_from_json(beside)
         config_source = "config.json"
         if family is not None:
             cfg = apply_family(cfg, family)
     else:
         cfg, notes = infer_config(state, family)
-        family_assumed = family is None
+        family_assumed = family is None and not isinstance(cfg, Flux2Config)  # FLUX.2: read from its weights
         config_source = "inferred from shapes" + (f" + {family} preset" if family else "")
     check_architecture(cfg, state, str(weights_path))
     check_values(state, str(weights_path))
     sha = weights_sha256(state)
     with torch.device("meta"):
-        model = AutoencoderKL(cfg)
+        model = build_model(cfg)
     check_keys(model, state, str(weights_path))
-    state = {k: v.to(dtype) for k, v in state.items()}
+    if isinstance(cfg, Flux2Config):
+        # The pipelines' normalization, computed as they compute it (float32): std = sqrt(running_var + eps).
+        mean = state["bn.running_mean"].float()
+        std = torch.sqrt(state["bn.running_var"].float() + cfg.batch_norm_eps)
+        cfg = cfg.replace(bn_mean=tuple(mean.tolist()), bn_std=tuple(std.tolist()))
+        model.config = cfg
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.info = ModelInfo(name, str(weights_path), layout, sha, config_source, tuple(notes), family_assumed)
     model = model.to(device=torch.device(device))
