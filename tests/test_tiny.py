@@ -149,6 +149,30 @@ def test_plan_layout_same_values(name):
         torch.testing.assert_close(ours.decode(z, plan=plan), ref.decode(z).sample, **TOL)
 
 
+def test_kernel_plan_same_values(monkeypatch):
+    """The plan's Triton kernels (interpreted on CPU) on the upsampling pairs and TAEF2's GroupNorm: the
+    same values as diffusers' sequence, and the kernels really run."""
+    from vaecli.kernels import groupnorm_silu as gn, upsample_conv as uc
+    from vaecli.plans import KERNEL_OPS
+
+    ref, ours, _ = taef2_pair()
+    calls = {"norm": 0, "upsample": 0}
+    for name, module, fn in (("norm", gn, "group_norm"), ("upsample", uc, "fused")):
+        original = getattr(module, fn)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, fn, counted)
+    plan = Plan("test-kernels", kernels=frozenset(KERNEL_OPS))
+    x, z = inputs(ref, (16, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x, plan=plan).mode(), ref.encode(x).latents, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.decode(z, plan=plan), ref.decode(z).sample, atol=1e-4, rtol=1e-4)
+    assert calls == {"norm": 4, "upsample": 2}  # 2 + 2 branch norms; 2 nearest x2 pairs (16 channels)
+
+
 def test_deterministic_posterior_and_moments():
     ref, ours = pair("levels4-relu-c4")
     x, _ = inputs(ref)
@@ -169,6 +193,10 @@ def test_deterministic_posterior_and_moments():
     assert ours.config.deterministic is True and ours.config.family == "tiny"
     assert ours.config.class_name == "AutoencoderTiny"
     assert ours.config.latent_spec.is_identity
+    assert ours.config.block_out_channels == ours.config.decoder_block_out_channels == (24,) * 4
+    from vaecli.plans import plan_for
+
+    assert plan_for("cpu", ours.config).name == "cpu"  # the device table reads the widths of either model kind
     # forward ignores sampling: there is nothing to sample
     with torch.no_grad():
         assert torch.equal(ours(x, sample_posterior=True, generator=torch.Generator().manual_seed(1)), ours(x))
@@ -230,14 +258,14 @@ def taef2_pair():
     from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
 
     cfg = dict(encoder_block_out_channels=[8] * 3, num_encoder_blocks=[1, 1, 2],
-               decoder_block_out_channels=[12] * 3, num_decoder_blocks=[2, 1, 1], latent_channels=16)
+               decoder_block_out_channels=[16] * 3, num_decoder_blocks=[2, 1, 1], latent_channels=16)
     ref = make_tiny_reference(**cfg)
     ours = AutoencoderTiny(TinyConfig.from_dict({**ref.config, "midblock_gn": True})).eval()
     state = dict(ref.state_dict())
     enc_blocks = [i for i, m in enumerate(ref.encoder.layers) if isinstance(m, AutoencoderTinyBlock)][-2:]
     dec_blocks = [i for i, m in enumerate(ref.decoder.layers) if isinstance(m, AutoencoderTinyBlock)][:2]
     pools = []
-    for half, indices, ch in (("encoder", enc_blocks, 8), ("decoder", dec_blocks, 12)):
+    for half, indices, ch in (("encoder", enc_blocks, 8), ("decoder", dec_blocks, 16)):
         for n, i in enumerate(indices):
             pool = _pool(ch, seed=10 * len(pools) + n)
             pools.append(pool)

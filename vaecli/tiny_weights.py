@@ -133,13 +133,11 @@ def _regular_file(path: Path) -> bool:
     return True
 
 
-def _sibling(path: Path, half: str) -> Path | None:
-    """The `half` file beside `path` with the same name prefix, the same suffix first."""
-    m = _HALF_NAME.match(path.name[: -len(path.suffix)] if path.suffix else path.name)
-    assert m is not None
+def _sibling(path: Path, prefix: str, half: str) -> Path | None:
+    """The `<prefix>_<half>` file beside `path`, with `path`'s suffix first."""
     suffixes = (path.suffix.lower(),) + tuple(s for s in PAIR_SUFFIXES if s != path.suffix.lower())
     for suffix in suffixes:
-        candidate = path.with_name(f"{m['prefix']}_{half}{suffix}")
+        candidate = path.with_name(f"{prefix}_{half}{suffix}")
         if _regular_file(candidate):
             return candidate
     return None
@@ -156,7 +154,7 @@ def find_tiny_pair(path: Path) -> tuple[Path, Path] | None:
         if m is None:
             return None
         other = "decoder" if m["half"] == "encoder" else "encoder"
-        found = _sibling(path, other)
+        found = _sibling(path, m["prefix"], other)
         if found is None:
             raise WeightsError(
                 f"{path} is the {m['half']} half of a tiny VAE, but its {other} half "
@@ -207,7 +205,9 @@ def _layers(state: Mapping[str, torch.Tensor], half: str) -> dict[int, dict[str,
 
 def _need(layers: dict[int, dict[str, torch.Size]], index: int, name: str, half: str) -> torch.Size:
     if index not in layers or name not in layers[index]:
-        raise WeightsError(f"cannot read the architecture from the weights: tensor {half}.layers.{index}.{name} is missing")
+        raise WeightsError(
+            f"cannot read the architecture from the weights: tensor {half}.layers.{index}.{name} is missing"
+        )
     return layers[index][name]
 
 
@@ -232,7 +232,9 @@ def infer_tiny_config(state: Mapping[str, torch.Tensor]) -> tuple[TinyConfig, li
     enc, dec = _layers(state, "encoder"), _layers(state, "decoder")
     for half, layers in (("encoder", enc), ("decoder", dec)):
         if not layers:
-            raise WeightsError(f"cannot read the architecture: no {half}.layers.* tensors (a tiny VAE needs both halves)")
+            raise WeightsError(
+                f"cannot read the architecture: no {half}.layers.* tensors (a tiny VAE needs both halves)"
+            )
     first_enc = _need(enc, 0, "weight", "encoder")  # (ch, in, 3, 3)
     enc_blocks, _, latent, enc_pool = _levels(enc, 0, "encoder")
     first_dec = _need(dec, 0, "weight", "decoder")  # (ch, latent, 3, 3); layer 1 is the activation

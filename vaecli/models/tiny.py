@@ -93,6 +93,12 @@ class TinyConfig:
         return 2 ** (len(self.encoder_block_out_channels) - 1)
 
     @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        """The decoder's widths: the copy diffusers registers in an AutoencoderTiny's config, which pipelines
+        (and plans.plan_for) read as the model's widths."""
+        return self.decoder_block_out_channels
+
+    @property
     def latent_spec(self) -> LatentSpec:
         """The normalization diffusion pipelines apply to this model's latents: diffusers' scaling/shift
         fields, 1.0 and 0.0 for every released tiny VAE, i.e. the identity. A tiny VAE was distilled to
@@ -128,8 +134,7 @@ class TinyConfig:
             if f.name == "midblock_gn" and not value:
                 continue  # diffusers would warn about an unknown field
             data[f.name] = list(value) if isinstance(value, tuple) else value
-        # diffusers registers this copy (pipelines read it for their VAE scale factor); we write it alike.
-        data["block_out_channels"] = list(self.decoder_block_out_channels)
+        data["block_out_channels"] = list(self.block_out_channels)  # diffusers writes this copy too
         return data
 
     def replace(self, **changes: Any) -> "TinyConfig":
@@ -251,7 +256,9 @@ class Block(nn.Module):
     def __init__(self, ch: int, act: str, pool: bool) -> None:
         super().__init__()
         # Every AutoencoderTiny block maps ch -> ch, so diffusers' `skip` is always an Identity (no weights).
-        self.conv = nn.Sequential(_conv3x3(ch, ch), Activation(act), _conv3x3(ch, ch), Activation(act), _conv3x3(ch, ch))
+        self.conv = nn.Sequential(
+            _conv3x3(ch, ch), Activation(act), _conv3x3(ch, ch), Activation(act), _conv3x3(ch, ch)
+        )
         self.pool = (
             nn.Sequential(nn.Conv2d(ch, 4 * ch, 1, bias=False), nn.GroupNorm(4, 4 * ch), Activation("relu"),
                           nn.Conv2d(4 * ch, ch, 1, bias=False))
