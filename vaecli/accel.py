@@ -244,7 +244,7 @@ def _build(module: torch.nn.Module, example: torch.Tensor, path: Path, embed: bo
 
 def package_key(model: AutoencoderKL, op: str, example: torch.Tensor, plan: Plan) -> str:
     """Everything the compiled program depends on except the weights' values (bound at load)."""
-    w = model.encoder.conv_in.weight
+    w = next(model.parameters())  # AutoencoderKL: encoder.conv_in.weight; any family: its first layer
     dev = example.device
     gpu = [torch.cuda.get_device_name(dev), list(torch.cuda.get_device_capability(dev))] if dev.type == "cuda" else None
     facts = {

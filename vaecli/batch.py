@@ -1128,6 +1128,35 @@ def stored_spec(lf: LatentFile, channels: int, model_spec: LatentSpec) -> Latent
     )
 
 
+def _preview_latents(stored: torch.Tensor, spec: LatentSpec | None, tiny: AutoencoderKL) -> torch.Tensor:
+    """A full VAE's diffusion latents as its tiny autoencoder takes them (unpatchified), or InputError when
+    the file holds raw latents or latents of another latent space than the tiny model's."""
+    if spec is None:
+        raise InputError("raw latents: a tiny autoencoder decodes a full VAE's normalized (diffusion) latents, "
+                         "and this file does not record how to normalize them; decode it with its full VAE, "
+                         "or encode without --raw")
+    space = tiny.info.latent_space if tiny.info else None
+    if space is not None:
+        from .config import FAMILY_PRESETS
+
+        if space == "flux2":
+            fits = spec.patch_size == 2
+        else:
+            preset = FAMILY_PRESETS[space]
+            fits = (spec.patch_size == 1 and spec.latents_mean is None
+                    and math.isclose(spec.scaling_factor, preset["scaling_factor"], rel_tol=1e-4)
+                    and math.isclose(spec.shift_factor or 0.0, preset["shift_factor"] or 0.0, abs_tol=1e-6))
+        if not fits:
+            raise InputError(f"latent space mismatch: this file's latents are normalized as {spec.describe()}, "
+                             f"not as {space} latents, which this tiny autoencoder decodes (--family {space})")
+    z = spec.unpatchify(stored)  # FLUX.2: (4C, h/2, w/2) -> (C, h, w), what TAEF2 takes
+    if z.shape[-3] != tiny.config.latent_channels:
+        raise InputError(f"latent space mismatch: the file's latents have {z.shape[-3]} channels, this tiny "
+                         f"autoencoder decodes {tiny.config.latent_channels}: use the one of its family (TAESD/"
+                         "TAESDXL: 4, TAESD3/TAEF1: 16, TAEF2: 32)")
+    return z
+
+
 def _check_meta_header(meta: Mapping[str, str], info: Mapping[str, Any], force: bool) -> None:
     """Format version and maker of one of our latent files."""
     version = meta.get("format_version", "0")
@@ -1169,7 +1198,10 @@ def decode_paths(
     factor = vae.config.downsample_factor
     channels = vae.config.latent_channels
     model_spec = vae.config.latent_spec
-    patch = model_spec.patch_size
+    # A tiny autoencoder previews the diffusion latents of a full VAE of its latent space (files of another
+    # model by design); FLUX.2's come patchified, TAEF2 takes them unpatchified.
+    preview = getattr(vae.config, "deterministic", False)
+    patch = 2 if preview else model_spec.patch_size
     # FLUX.2's normalized latents are patchified: C*p*p channels, cells of factor*p pixels; raw ones are not
     accepted = sorted({channels, channels * patch * patch})
 
@@ -1218,7 +1250,7 @@ def decode_paths(
         c, h, w = lf.tensor.shape
         f = cell(c)
         if meta is not None:
-            _check_meta_header(meta, info, options.force)
+            _check_meta_header(meta, info, options.force or preview)
             target = (decoded_size(meta, h, w, f, options.max_pixels), meta.get("size_policy", "pad"))
         else:  # the latent's own size: a bucket (kohya, ComfyUI) or whatever a bare tensor holds
             target = ((h * f, w * f), "crop")
@@ -1228,7 +1260,10 @@ def decode_paths(
         if (spec.patch_size if spec is not None else 1) * factor != f:
             raise InputError(f"latent of {c} channels does not fit its recorded normalization "
                              f"({spec.describe() if spec is not None else 'raw'}) for this model")
-        z = spec.denormalize(lf.tensor) if spec is not None else lf.tensor
+        if preview:
+            z = model_spec.denormalize(_preview_latents(lf.tensor, spec, vae))
+        else:
+            z = spec.denormalize(lf.tensor) if spec is not None else lf.tensor
         if not torch.isfinite(z).all():
             raise InputError("latent overflows when its normalization is undone (values far out of range)")
         record = engine.results[index].notes

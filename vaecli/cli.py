@@ -102,6 +102,7 @@ class Family(str, Enum):
     sdxl = "sdxl"
     sd3 = "sd3"
     flux = "flux"
+    flux2 = "flux2"
 
 
 class Tiling(str, Enum):
@@ -164,7 +165,9 @@ ModelOpt = Annotated[
 ]
 FamilyOpt = Annotated[
     Optional[Family],
-    typer.Option("--family", help="Latent normalization for a single weights file without config.", rich_help_panel=MODEL),
+    typer.Option("--family", help="Latent normalization for a single weights file without config (FLUX.2 files are "
+                 "recognised by their batch-norm statistics); with a tiny autoencoder, the latent space it decodes "
+                 "(files of another family are refused).", rich_help_panel=MODEL),
 ]
 SubfolderOpt = Annotated[
     Optional[str],

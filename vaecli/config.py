@@ -474,3 +474,6 @@ class ModelInfo:
     # The latent normalization was guessed (a bare weights file, no --family): SD and SDXL files have the
     # same shapes, so a latent cache built on the guess may be normalized for the wrong model.
     family_assumed: bool = False
+    # A tiny autoencoder decodes the diffusion latents of one full VAE: which one, when the user named it
+    # (--family sd, sdxl, sd3, flux, flux2); decode then refuses latent files of another family.
+    latent_space: str | None = None

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .config import Flux2Config, VAEConfig
 from .errors import ConfigError
+from .models.tiny import TinyConfig
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,18 @@ FAMILIES: tuple[Family, ...] = (
            "scaling_factor (and shift_factor or per-channel latents_mean/std) from the config"),
     Family("flux2", "AutoencoderKLFlux2", "FLUX.2 VAE (FLUX.2 [dev], [klein])", Flux2Config,
            _flux2_keys, "2x2 patchify, then per-channel batch-norm running statistics from the weights"),
+    Family("tiny", "AutoencoderTiny", "tiny autoencoder (TAESD, TAESDXL, TAESD3, TAEF1, TAEF2)", TinyConfig,
+           lambda keys: _tiny_keys(keys), "none: its latents are the diffusion latents of the full VAE it was "
+           "distilled from (FLUX.2: normalized, unpatchified)"),
 )
+
+
+def _tiny_keys(keys: set[str]) -> bool:
+    from .tiny_weights import is_tiny_state  # tiny_weights reads files through weights.py, which imports us
+
+    return is_tiny_state(keys)
 # Classes people may point us at that we do not run (yet): named in the refusal, never guessed as another.
-KNOWN_UNSUPPORTED = ("AutoencoderKLQwenImage", "AutoencoderKLWan", "AsymmetricAutoencoderKL", "ConsistencyDecoderVAE",
+KNOWN_UNSUPPORTED = ("AutoencoderKLQwenImage", "AutoencoderKLQwenImage21", "AutoencoderKLWan", "AsymmetricAutoencoderKL", "ConsistencyDecoderVAE",
                      "AutoencoderDC", "AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo", "AutoencoderKLCogVideoX",
                      "AutoencoderKLMochi", "AutoencoderKLAllegro", "AutoencoderKLTemporalDecoder", "AutoencoderOobleck")
 

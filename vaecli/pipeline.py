@@ -320,7 +320,9 @@ class Runner:
         return t.to(self.device)
 
     def _latents_post(self, spec: LatentSpec | None, noise: torch.Tensor | None) -> Post:
-        noise_dev = self._on_device(noise) if noise is not None else None
+        # A deterministic encoder (AutoencoderTiny) has a point posterior: a sample is its mode exactly.
+        deterministic = getattr(self.config, "deterministic", False)
+        noise_dev = self._on_device(noise) if noise is not None and not deterministic else None
 
         def post(moments: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
             mean, logvar = moments.chunk(2, dim=1)  # (N, 2c, h, w) -> 2 x (N, c, h, w)

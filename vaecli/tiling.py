@@ -299,6 +299,27 @@ def _per_tile(run: _Lockstep, local, blend: "_Blender") -> None:
         blend.add(tiles, local(chunk.x))
 
 
+def _local_model(model: torch.nn.Module) -> bool:
+    """A model without whole-image layers (AutoencoderTiny: convolutions and ReLUs only, the one GroupNorm
+    of TAEF2 inside a block): tiles need no shared statistics, each tile is the model on its crop."""
+    return not isinstance(model, AutoencoderKL)
+
+
+def _tiled_local(model: torch.nn.Module, x: torch.Tensor, op: str, tile_px: int, overlap_px: int, batch: int,
+                 plan: Plan) -> tuple[torch.Tensor, TileReport]:
+    """Overlapping tiles through the whole model, blended with the ramps (no statistics to share)."""
+    f = model.config.downsample_factor
+    scale_in = f if op == "encode" else 1
+    run = _Lockstep(x, scale_in, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
+    fn = (lambda t: model.encode_moments(t, plan=plan)) if op == "encode" else (lambda t: model.decode(t, plan=plan))
+    if len(run.tiles) == x.shape[0]:
+        return fn(x), run.report
+    channels = 2 * model.config.latent_channels if op == "encode" else model.config.out_channels
+    blend = _Blender(run, 1 if op == "encode" else f, channels)
+    _per_tile(run, fn, blend)
+    return blend.result().to(x.dtype), run.report
+
+
 def tiled_encode_moments(
     model: AutoencoderKL, x: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4,
     whole_image_stats: bool = True, plan: Plan = REFERENCE,
@@ -309,6 +330,8 @@ def tiled_encode_moments(
     shifts); the pipeline falls back to it only when the lockstep runs out of memory. plan: how the
     layers run (plans.py), for every tile and for the statistics.
     """
+    if _local_model(model):
+        return _tiled_local(model, x, "encode", tile_px, overlap_px, batch, plan)
     f = model.config.downsample_factor
     run = _Lockstep(x, f, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
     if len(run.tiles) == x.shape[0]:  # one tile per image covers it: that is the untiled computation
@@ -336,6 +359,8 @@ def tiled_decode(
 ) -> tuple[torch.Tensor, TileReport]:
     """Raw latents (N, c, h, w) -> image (N, C, h*f, w*f), the upsampling part tile by tile
     (whole_image_stats and plan: as in tiled_encode_moments)."""
+    if _local_model(model):
+        return _tiled_local(model, z, "decode", tile_px, overlap_px, batch, plan)
     f = model.config.downsample_factor
     z = z.contiguous(memory_format=plan.layout)
     if model.post_quant_conv is not None:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from . import families
-from .config import DEFAULT_FAMILY, Flux2Config, ModelInfo, VAEConfig, apply_family
+from .config import DEFAULT_FAMILY, FAMILY_PRESETS, Flux2Config, ModelInfo, VAEConfig, apply_family
 from .errors import ConfigError, WeightsError
 from .model import AutoencoderKL, build_model
 
@@ -477,6 +477,9 @@ def load_vae(
     returned in eval mode with frozen weights (`requires_grad` false): call `.requires_grad_(True)` to train.
     """
     name = str(source) if source is not None else DEFAULT_MODEL
+    tiny = _tiny_source(Path(source).expanduser()) if source is not None and subfolder is None else None
+    if tiny is not None:
+        return _load_tiny(tiny, config, device, dtype, family)
     weights_path, beside = locate(default_model_dir() if source is None else source, subfolder, variant, revision)
     raw = read_state_dict(weights_path)
     state, layout = to_diffusers_layout(raw)
@@ -519,6 +522,57 @@ def load_vae(
     # Weights stay NCHW (diffusers' layout); a plan's layout is applied by whoever runs the model with
     # that plan (plans.apply_layout, Runner).
     return model.eval()
+
+
+def _tiny_source(path: Path) -> Path | None:
+    """`path` when it names a tiny autoencoder (AutoencoderTiny folder, TAESD pair or either half, a
+    tiny-keyed weights file), else None; a half without its other half raises WeightsError."""
+    from .tiny_weights import find_tiny_pair, is_tiny_config, is_tiny_state
+
+    if path.is_dir():
+        config = path / "config.json"
+        if _regular_file(config):
+            try:
+                data = json.loads(config.read_text())
+            except (OSError, ValueError, RecursionError):
+                return None  # the regular path reports the unreadable config
+            return path if is_tiny_config(data) else None
+        return path if find_tiny_pair(path) is not None else None
+    if not _regular_file(path):
+        return None
+    if find_tiny_pair(path) is not None:
+        return path
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception:  # noqa: BLE001 - unreadable: the regular path names the problem
+            return None
+        return path if keys and is_tiny_state(keys) else None
+    return None
+
+
+def _load_tiny(path: Path, config: Any, device: str | torch.device, dtype: torch.dtype,
+               family: str | None) -> torch.nn.Module:
+    from .tiny_weights import load_tiny
+
+    if config is not None:
+        raise ConfigError(f"{path} is a tiny autoencoder (AutoencoderTiny): its config comes from its folder or "
+                          "its weights, not from config=")
+    space = None
+    if family is not None:
+        space = family.lower()
+        if space not in (*FAMILY_PRESETS, "flux2"):
+            raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join((*FAMILY_PRESETS, 'flux2'))}")
+    model = load_tiny(path, dtype=dtype, device=device)
+    info = model.info
+    notes = info.notes + ((f"decodes {space} latents (--family {space}): files of another family are refused",)
+                          if space else ())
+    model.info = ModelInfo(info.name, info.path, info.layout, info.weights_sha256, info.config_source, notes,
+                           latent_space=space)
+    return model
 
 
 def save_vae(model: AutoencoderKL, folder: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -99,6 +99,21 @@ class TinyConfig:
         return self.decoder_block_out_channels
 
     @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        return self.decoder_block_out_channels
+
+    @property
+    def size_multiple(self) -> int:
+        return self.downsample_factor
+
+    def architecture(self) -> str:
+        """The shape of the network in one line (vaecli info)."""
+        gn = ", TAEF2 GroupNorm branch" if self.midblock_gn else ""
+        return (f"encoder {list(self.encoder_block_out_channels)} x blocks {list(self.num_encoder_blocks)}, decoder "
+                f"{list(self.decoder_block_out_channels)} x blocks {list(self.num_decoder_blocks)}, latent channels "
+                f"{self.latent_channels}, f={self.downsample_factor}{gn}")
+
+    @property
     def latent_spec(self) -> LatentSpec:
         """The normalization diffusion pipelines apply to this model's latents: diffusers' scaling/shift
         fields, 1.0 and 0.0 for every released tiny VAE, i.e. the identity. A tiny VAE was distilled to
