@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import default_data  # noqa: E402
 from vaecli.config import VAEConfig  # noqa: E402
-from vaecli.model import AutoencoderKL, DiagonalGaussian  # noqa: E402
+from vaecli.models.kl import AutoencoderKL, DiagonalGaussian  # noqa: E402
 from vaecli.weights import load_vae, save_vae  # noqa: E402
 
 SEED = 20261126

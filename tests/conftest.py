@@ -42,7 +42,7 @@ def reference():
 def vae():
     """A tiny 4-level model with seeded random weights (the pipeline and staging tests' model)."""
     from vaecli.config import VAEConfig
-    from vaecli.model import AutoencoderKL
+    from vaecli.models.kl import AutoencoderKL
 
     torch.manual_seed(0)
     cfg = VAEConfig(

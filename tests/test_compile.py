@@ -15,7 +15,7 @@ import torch
 
 from vaecli import accel
 from vaecli.config import VAEConfig
-from vaecli.model import AutoencoderKL
+from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ WORKER = """
 import json, sys, torch
 torch.set_num_threads(1)
 from vaecli.config import VAEConfig
-from vaecli.model import AutoencoderKL
+from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions
 torch.manual_seed(0)
 cfg = VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

@@ -108,7 +108,7 @@ def test_latent_spec_round_trip():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from vaecli.model import AutoencoderKL
+    from vaecli.models.kl import AutoencoderKL
 
     torch.manual_seed(0)
     return AutoencoderKL(VAEConfig.from_dict(GOOD)).eval()

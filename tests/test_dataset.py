@@ -25,7 +25,7 @@ from vaecli.dataset import (
 from vaecli.batch import Item, resample
 from vaecli.errors import ConfigError, InputError
 from vaecli.io import read_image
-from vaecli.model import AutoencoderKL
+from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner
 from vaecli.weights import load_vae, save_vae
 

@@ -7,7 +7,7 @@ import torch
 
 import vaecli
 from vaecli.config import VAEConfig
-from vaecli.model import AutoencoderKL
+from vaecli.models.kl import AutoencoderKL
 
 TOL = dict(atol=1e-5, rtol=0)  # fp32, max abs error
 

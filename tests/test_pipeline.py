@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vaecli.config import LatentSpec
-from vaecli.model import AutoencoderKL
+from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions, compute_dtype, precision_ladder
 from vaecli.tiling import Grid, tiled_decode, tiled_encode_moments
 

@@ -9,7 +9,7 @@ import torch
 from vaecli import plans
 from vaecli.config import VAEConfig
 from vaecli.errors import ConfigError
-from vaecli.model import AutoencoderKL
+from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions
 from vaecli.plans import KERNEL_OPS, NORMS, REFERENCE, TABLE, UPSAMPLES, apply_layout, plan_for
 

@@ -115,7 +115,7 @@ def test_tiling_runs_the_plans_layout_and_kernels(monkeypatch):
     pytest.importorskip("triton")
     from vaecli.config import VAEConfig
     from vaecli.kernels import groupnorm_silu as gn
-    from vaecli.model import AutoencoderKL
+    from vaecli.models.kl import AutoencoderKL
     from vaecli.plans import plan_for
 
     torch.manual_seed(0)

@@ -22,8 +22,12 @@ _EXPORTS = {
     "NonFiniteError": "errors",
     "VaecliError": "errors",
     "WeightsError": "errors",
-    "AutoencoderKL": "model",
-    "DiagonalGaussian": "model",
+    "Flux2Config": "config",
+    "AutoencoderKL": "models.kl",
+    "AutoencoderKLFlux2": "models.kl",
+    "DiagonalGaussian": "models.kl",
+    "AutoencoderTiny": "models.tiny",
+    "TinyConfig": "models.tiny",
     "Plan": "plans",
     "REFERENCE": "plans",
     "apply_layout": "plans",
@@ -52,8 +56,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
-    from .config import FAMILY_PRESETS, LatentSpec, ModelInfo, VAEConfig
+    from .config import FAMILY_PRESETS, Flux2Config, LatentSpec, ModelInfo, VAEConfig
     from .errors import ConfigError, InputError, NonFiniteError, VaecliError, WeightsError
-    from .model import AutoencoderKL, DiagonalGaussian
+    from .models.kl import AutoencoderKL, AutoencoderKLFlux2, DiagonalGaussian
+    from .models.tiny import AutoencoderTiny, TinyConfig
     from .plans import REFERENCE, Plan, apply_layout, plan_for
     from .weights import load_vae, save_vae

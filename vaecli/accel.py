@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from .model import AutoencoderKL
+from .models.kl import AutoencoderKL
 from .plans import Plan
 
 
@@ -272,7 +272,7 @@ def _code_hash() -> str:
     """Hash of the modules that define the computation: a changed model or kernel never loads a stale package."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for p in sorted([here / "model.py", here / "plans.py", *(here / "kernels").glob("*.py")]):
+    for p in sorted([*(here / "models").glob("*.py"), here / "plans.py", *(here / "kernels").glob("*.py")]):
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 

@@ -56,7 +56,7 @@ from .io import (
     write_latent,
 )
 from .metrics import diff_map, max_abs_error, psnr, ssim
-from .model import AutoencoderKL
+from .models.kl import AutoencoderKL
 from .pipeline import (
     AUTO_BATCH_MAX,
     DTYPE_NAMES,

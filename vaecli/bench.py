@@ -24,7 +24,7 @@ import torch
 
 from . import errors
 from .errors import ConfigError, InputError, VaecliError
-from .model import AutoencoderKL
+from .models.kl import AutoencoderKL
 from .pipeline import DTYPE_NAMES, DTYPES, OOM_ERRORS, RunOptions, Runner, compute_dtype, resolve_device
 from .weights import DEFAULT_MODEL, default_model_dir, load_vae, locate
 

@@ -17,7 +17,7 @@ from . import accel
 from .accel import Autotune, trim_heap
 from .config import LatentSpec, VAEConfig
 from .errors import ConfigError, VaecliError
-from .model import AutoencoderKL
+from .models.kl import AutoencoderKL
 from .plans import apply_layout, plan_for
 from .staging import Download, Transfers, to_model_range, to_uint8_nhwc
 from .tiling import tiled_decode, tiled_encode_moments

@@ -130,7 +130,7 @@ class Plan:
     attention: str = "sdpa"
     kernels: frozenset[str] = field(default_factory=frozenset)  # KERNEL_OPS run by Triton where supported
 
-    # -- the ops model.py asks for ----------------------------------------------------------------------
+    # -- the ops the models (models/) ask for ----------------------------------------------------------------------
 
     def norm_act(
         self, norm: torch.nn.GroupNorm, x: torch.Tensor, act: str | None, stats: NormStats | None = None

@@ -35,7 +35,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .model import AutoencoderKL, GroupNorm, ResnetBlock, Upsample
+from .models.kl import AutoencoderKL, GroupNorm, ResnetBlock, Upsample
 from .plans import REFERENCE, Plan
 
 # A batch of tiles (one model call) holds at most about this fraction of the image's pixels, so the

@@ -14,7 +14,7 @@ import torch
 from . import families
 from .config import DEFAULT_FAMILY, FAMILY_PRESETS, Flux2Config, ModelInfo, VAEConfig, apply_family
 from .errors import ConfigError, WeightsError
-from .model import AutoencoderKL, build_model
+from .models.kl import AutoencoderKL, build_model
 
 DEFAULT_MODEL = "vaecli-default"
 SAFE_SUFFIXES = (".safetensors",)

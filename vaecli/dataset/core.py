@@ -31,7 +31,7 @@ from ..batch import (
 from ..errors import ConfigError, InputError, VaecliError
 from ..files import json_path
 from ..io import IMAGE_SUFFIXES, clean_temp_files, latent_output_state, read_image
-from ..model import AutoencoderKL
+from ..models.kl import AutoencoderKL
 from ..pipeline import BatchResult, RunOptions
 from .distributed import (
     barrier_after_error,

@@ -17,7 +17,7 @@ import torch
 
 from ..batch import Item
 from ..errors import ConfigError
-from ..model import AutoencoderKL
+from ..models.kl import AutoencoderKL
 
 T = TypeVar("T")
 

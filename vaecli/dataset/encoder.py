@@ -19,7 +19,7 @@ import torch
 from .. import __version__
 from ..batch import _noise, model_summary, resample
 from ..errors import InputError
-from ..model import AutoencoderKL
+from ..models.kl import AutoencoderKL
 from ..pipeline import DTYPE_NAMES, DTYPES, BatchResult, RunOptions, Runner
 from .buckets import BucketChoice, crop_box, kohya_crop_ltrb, make_buckets, select_bucket
 from .options import DATASET_VERSION, LOGVAR_RANGE, RESAMPLE, DatasetOptions

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..batch import Progress, batch_sizer
 from ..errors import ConfigError
-from ..model import AutoencoderKL
+from ..models.kl import AutoencoderKL
 from ..pipeline import RunOptions
 from .core import DatasetReport
 from .distributed import torchrun_env

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..batch import Progress, batch_sizer
 from ..errors import VaecliError
 from ..io import clean_temp_files
-from ..model import AutoencoderKL
+from ..models.kl import AutoencoderKL
 from ..pipeline import RunOptions
 from .core import DatasetReport
 from .distributed import deal

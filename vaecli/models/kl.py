@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .config import Flux2Config, ModelInfo, VAEConfig
-from .errors import InputError
-from .plans import REFERENCE, NormStats, Plan
+from ..config import Flux2Config, ModelInfo, VAEConfig
+from ..errors import InputError
+from ..plans import REFERENCE, NormStats, Plan
 
 GroupNorm = nn.GroupNorm  # how it computes is the plan's choice (Plan.norm_act)
 
