@@ -74,7 +74,10 @@ class QwenImageConfig:
     z_dim: int = 16  # latent channels (the encoder writes 2 * z_dim: mean and logvar)
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # one per resolution level; len-1 stride-2 steps
     num_res_blocks: int = 2  # resnets per encoder level (decoder levels have one more)
-    attn_scales: tuple[float, ...] = ()  # encoder levels (scale 1, 1/2, 1/4, ...) with attention after each resnet
+    # Encoder levels (scale 1, 1/2, 1/4, ...) with attention after each resnet. Encoder only, as diffusers'
+    # (whose decoder ignores the field; the original Wan code adds decoder attention too). diffusers 0.42.1's
+    # own encoder fails when a level is selected (it passes cache arguments its attention block does not take).
+    attn_scales: tuple[float, ...] = ()
     temperal_downsample: tuple[bool, ...] = (False, True, True)  # per downsample: also halve time (video only)
     dropout: float = 0.0  # inside the resnets, training only
     input_channels: int = 3  # image channels read by the encoder and written by the decoder
