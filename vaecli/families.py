@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .config import Flux2Config, VAEConfig
 from .errors import ConfigError
+from .models.qwenimage import QwenImageConfig
 from .models.tiny import TinyConfig
 
 
@@ -43,7 +44,16 @@ FAMILIES: tuple[Family, ...] = (
     Family("tiny", "AutoencoderTiny", "tiny autoencoder (TAESD, TAESDXL, TAESD3, TAEF1, TAEF2)", TinyConfig,
            lambda keys: _tiny_keys(keys), "none: its latents are the diffusion latents of the full VAE it was "
            "distilled from (FLUX.2: normalized, unpatchified)"),
+    Family("qwenimage", "AutoencoderKLQwenImage", "Qwen-Image VAE (Qwen-Image, Qwen-Image-Edit; Wan 2.1's design, "
+           "one frame)", QwenImageConfig, lambda keys: _qwen_keys(keys),
+           "per-channel latents_mean / latents_std from the config: (z - mean) / std"),
 )
+
+
+def _qwen_keys(keys: set[str]) -> bool:
+    from .qwen_weights import is_qwen_state
+
+    return is_qwen_state(keys)
 
 
 def _tiny_keys(keys: set[str]) -> bool:
@@ -51,7 +61,7 @@ def _tiny_keys(keys: set[str]) -> bool:
 
     return is_tiny_state(keys)
 # Classes people may point us at that we do not run (yet): named in the refusal, never guessed as another.
-KNOWN_UNSUPPORTED = ("AutoencoderKLQwenImage", "AutoencoderKLQwenImage21", "AutoencoderKLWan", "AsymmetricAutoencoderKL", "ConsistencyDecoderVAE",
+KNOWN_UNSUPPORTED = ("AutoencoderKLQwenImage21", "AutoencoderKLWan", "AsymmetricAutoencoderKL", "ConsistencyDecoderVAE",
                      "AutoencoderDC", "AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo", "AutoencoderKLCogVideoX",
                      "AutoencoderKLMochi", "AutoencoderKLAllegro", "AutoencoderKLTemporalDecoder", "AutoencoderOobleck")
 

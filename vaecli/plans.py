@@ -225,7 +225,7 @@ def plan_for(device: str | torch.device, config: VAEConfig, kernels: str = "auto
 
         if not triton_kernels.available_for(torch.device(device)):
             ops = frozenset()  # no Triton here (or too old a GPU): the row's choices without kernels
-    nhwc = (value["nhwc_from"] is not None and max(*config.block_out_channels, *config.decoder_channels) >= value["nhwc_from"]
+    nhwc = (getattr(config, "channels_last", True) and value["nhwc_from"] is not None and max(*config.block_out_channels, *config.decoder_channels) >= value["nhwc_from"]
             and ("norm" in ops or not value["nhwc_needs_norm_kernel"]))
     return Plan(
         name=kind,

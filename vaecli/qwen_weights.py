@@ -271,7 +271,7 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[QwenImageConfig, li
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def _read_config(path: Path) -> QwenImageConfig:
+def _read_config(path: Path) -> tuple[QwenImageConfig, list[str]]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -285,7 +285,16 @@ def _read_config(path: Path) -> QwenImageConfig:
                 f"{CLASS_NAME}; vaecli does not load video VAEs"
             )
         raise WeightsError(f"{path}: _class_name is {name!r}, not {CLASS_NAME!r}: not a Qwen-Image VAE config")
-    return QwenImageConfig.from_dict(data)
+    notes: list[str] = []
+    z = data.get("z_dim", 16)
+    stats = [data.get(k) for k in ("latents_mean", "latents_std")]
+    if isinstance(z, int) and z != 16 and all(isinstance(v, list) and len(v) == 16 for v in stats):
+        # diffusers writes its 16 released statistics whatever z_dim is (a small model built with defaults):
+        # no pipeline can apply them to z_dim channels, so none is assumed.
+        data = {**data, "latents_mean": [0.0] * z, "latents_std": [1.0] * z}
+        notes.append(f"config.json's latents_mean/latents_std hold diffusers' 16 released values for z_dim {z}: "
+                     "they cannot normalize these latents; identity normalization (mean 0, std 1) used")
+    return QwenImageConfig.from_dict(data), notes
 
 
 def _vae_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -316,14 +325,13 @@ def load_qwen(
     Raises WeightsError for a Wan 2.2 or other video VAE, and for missing, unexpected or mis-shaped tensors.
     """
     weights_path, beside = locate(path)
-    cfg = _read_config(beside) if beside is not None else None  # a video VAE's config is refused before reading
+    cfg, notes = _read_config(beside) if beside is not None else (None, [])  # video VAEs refused before reading
     state = _vae_tensors(read_state_dict(weights_path))
     source = str(weights_path)
     layout = detect_layout(state)
     _refuse_other_wan(state, layout, source)
     if layout == "wan":
         state = original_to_diffusers(state)
-    notes: list[str] = []
     config_source = "config.json"
     if cfg is None:
         cfg, notes = infer_config(state)

@@ -480,6 +480,14 @@ def load_vae(
     tiny = _tiny_source(Path(source).expanduser()) if source is not None and subfolder is None else None
     if tiny is not None:
         return _load_tiny(tiny, config, device, dtype, family)
+    qwen = _qwen_source(Path(source).expanduser()) if source is not None and subfolder is None else None
+    if qwen is not None:
+        if config is not None or family is not None:
+            raise ConfigError(f"{qwen} is a Qwen-Image VAE: its config and normalization come from its folder or "
+                              "weights (drop config= / --family)")
+        from .qwen_weights import load_qwen
+
+        return load_qwen(qwen, dtype=dtype, device=device)
     weights_path, beside = locate(default_model_dir() if source is None else source, subfolder, variant, revision)
     raw = read_state_dict(weights_path)
     state, layout = to_diffusers_layout(raw)
@@ -551,6 +559,34 @@ def _tiny_source(path: Path) -> Path | None:
         except Exception:  # noqa: BLE001 - unreadable: the regular path names the problem
             return None
         return path if keys and is_tiny_state(keys) else None
+    return None
+
+
+def _qwen_source(path: Path) -> Path | None:
+    """`path` when it names a Qwen-Image (or other Wan-style) VAE: a folder whose config.json says
+    AutoencoderKLQwenImage or AutoencoderKLWan (refused by the Qwen loader with its reason), or a weights
+    file with Wan-style keys; else None."""
+    from .qwen_weights import is_qwen_config, is_qwen_state
+
+    if path.is_dir():
+        config = path / "config.json"
+        if not _regular_file(config):
+            return None
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError, RecursionError):
+            return None
+        wan = isinstance(data, dict) and data.get("_class_name") == "AutoencoderKLWan"
+        return path if is_qwen_config(data) or wan else None
+    if _regular_file(path) and path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception:  # noqa: BLE001 - unreadable: the regular path names the problem
+            return None
+        return path if keys and is_qwen_state(keys) else None
     return None
 
 

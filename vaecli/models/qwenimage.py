@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..config import LatentSpec, ModelInfo, latent_spec_problems
 from ..errors import ConfigError, InputError
-from ..model import DiagonalGaussian
+from .kl import DiagonalGaussian
 from ..plans import REFERENCE, Plan
 
 CLASS_NAME = "AutoencoderKLQwenImage"
@@ -111,6 +111,26 @@ class QwenImageConfig:
     @property
     def latent_channels(self) -> int:
         return self.z_dim
+
+    channels_last = False  # its 5D checkpoint-shaped conv weights have no channels-last layout (plans.py)
+
+    @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        """Widths per level (base_dim * dim_mult), for plans and memory estimates."""
+        return tuple(self.base_dim * m for m in self.dim_mult)
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        return self.block_out_channels
+
+    @property
+    def size_multiple(self) -> int:
+        return self.downsample_factor
+
+    def architecture(self) -> str:
+        """The shape of the network in one line (vaecli info)."""
+        return (f"base_dim {self.base_dim} x dim_mult {list(self.dim_mult)}, num_res_blocks {self.num_res_blocks}, "
+                f"attn_scales {list(self.attn_scales)}, z_dim {self.z_dim}, f={self.downsample_factor}")
 
     @property
     def downsample_factor(self) -> int:
