@@ -21,7 +21,7 @@ from vaecli.config import Flux2Config, VAEConfig
 from vaecli.errors import ConfigError, WeightsError
 from vaecli.plans import REFERENCE, apply_layout, plan_for
 from vaecli.tiling import tiled_decode
-from vaecli.weights import diffusers_to_ldm
+from vaecli.weights import diffusers_to_bfl
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32: test_model_parity's 1e-5, plus 1e-5 relative (outputs reach ~3 here)
@@ -77,8 +77,12 @@ def pipeline_normalize(ref, z):
 
 
 def bfl_file(ref, path: Path) -> Path:
-    """Black Forest Labs' single-file layout: LDM keys for encoder/decoder, the bn statistics as they are."""
-    save_file({k: v.contiguous() for k, v in diffusers_to_ldm(ref.state_dict()).items()}, str(path))
+    """Black Forest Labs' ae.safetensors layout (flux2/src/flux2/autoencoder.py): LDM keys, the moment convs
+    inside encoder/decoder (encoder.quant_conv, decoder.post_quant_conv), the bn statistics as in diffusers."""
+    state = diffusers_to_bfl(ref.state_dict())
+    if ref.config.use_quant_conv:
+        assert "encoder.quant_conv.weight" in state and "quant_conv.weight" not in state
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 
 
@@ -107,7 +111,9 @@ def test_parity_in_both_layouts(name, layout, tmp_path):
     ref = make_flux2(**CONFIGS[name])
     ours = load_both(ref, tmp_path, layout)
     assert type(ours).__name__ == "AutoencoderKLFlux2" and isinstance(ours.config, Flux2Config)
-    assert ours.info.layout == ("diffusers" if layout == "diffusers" else "ldm") and not ours.info.family_assumed
+    quant = ref.config.use_quant_conv  # without moment convs, BFL's keys are the LDM ones
+    assert ours.info.layout == ("diffusers" if layout == "diffusers" else "bfl" if quant else "ldm")
+    assert not ours.info.family_assumed
     x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         theirs, mine = ref.encode(x).latent_dist, ours.encode(x)
@@ -209,7 +215,7 @@ def test_unknown_and_unsupported_classes_are_refused(tmp_path, reference):
     ref = reference(block_out_channels=[16, 16], norm_num_groups=8)
     ref.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    for name, words in (("AutoencoderKLWan", "not supported yet"), ("UNet2DModel", "not a VAE class vaecli knows")):
+    for name, words in (("AutoencoderDC", "not supported yet"), ("UNet2DModel", "not a VAE class vaecli knows")):
         (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "_class_name": name}))
         with pytest.raises(ConfigError, match=f"this is a {name} model: {words}"):
             vaecli.load_vae(tmp_path / "m")

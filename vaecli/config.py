@@ -467,7 +467,7 @@ class ModelInfo:
 
     name: str  # what the user named (path or repo id), or "vaecli-default"
     path: str  # the weights file actually read
-    layout: str  # "diffusers" or "ldm" (original CompVis keys)
+    layout: str  # "diffusers", "ldm" (original CompVis keys), "bfl" (FLUX.2 ae.safetensors), "taesd", "wan"
     weights_sha256: str  # sha256 over the VAE tensors (names, dtypes, shapes, bytes), independent of file format
     config_source: str  # "config.json", "given", or "inferred from shapes (+ family preset)"
     notes: tuple[str, ...] = field(default_factory=tuple)  # assumptions made while loading, for the user to see

@@ -51,6 +51,12 @@ RENAME_TABLE: tuple[tuple[str, str], ...] = (
     ("{e}.mid.attn_1.proj_out.", "{e}.mid_block.attentions.0.to_out.0."),
     ("{e}.norm_out.", "{e}.conv_norm_out."),
 )
+# Black Forest Labs' FLUX.2 ae.safetensors (flux2/src/flux2/autoencoder.py): the LDM layout above, except that
+# the 1x1 moment convs live inside the encoder and decoder; bn.* is named as in diffusers.
+BFL_FLUX2_RENAME_TABLE: tuple[tuple[str, str], ...] = (
+    ("encoder.quant_conv.", "quant_conv."),
+    ("decoder.post_quant_conv.", "post_quant_conv."),
+)
 # Attention names of diffusers files written before diffusers 0.14; read, never written.
 LEGACY_ATTENTION = (("query.", "to_q."), ("key.", "to_k."), ("value.", "to_v."), ("proj_attn.", "to_out.0."))
 _ATTN_PROJ = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
@@ -195,11 +201,30 @@ def extract_vae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith(own)}
 
 
+def _swap_prefixes(state: Mapping[str, torch.Tensor], pairs: tuple[tuple[str, str], ...]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for old, new in pairs:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+def diffusers_to_bfl(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FLUX.2 VAE's diffusers state dict in Black Forest Labs' ae.safetensors layout."""
+    return _swap_prefixes(diffusers_to_ldm(state), tuple((b, a) for a, b in BFL_FLUX2_RENAME_TABLE))
+
+
 def to_diffusers_layout(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     """Diffusers-keyed VAE tensors, and the layout they came in."""
     vae = extract_vae(state)
     layout = detect_layout(vae.keys())
-    vae = ldm_to_diffusers(vae) if layout == "ldm" else dict(vae)
+    if layout == "ldm" and any(k.startswith(("encoder.quant_conv.", "decoder.post_quant_conv.")) for k in vae):
+        vae = _swap_prefixes(vae, BFL_FLUX2_RENAME_TABLE)  # BFL's FLUX.2 file
+        layout = "bfl"
+    vae = ldm_to_diffusers(vae) if layout in ("ldm", "bfl") else dict(vae)
     return _upgrade_legacy_attention(vae), layout
 
 
