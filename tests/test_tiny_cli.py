@@ -137,3 +137,17 @@ def test_bench_runs_a_tiny_model(tmp_path):
     assert all(r["ms_per_img"] > 0 for r in doc["results"])
     human = run_cli("info", tmp_path / "taesd")
     assert "tiny autoencoder" in human.stdout and "AutoencoderTiny" in human.stdout
+
+
+def test_bench_versus_the_full_model(tmp_path):
+    make_tiny(tmp_path / "taesd")
+    full = make_model(tmp_path / "full")
+    code, doc, _ = run_json("bench", "-m", tmp_path / "taesd", "--versus", full, "-r", "32", "--iters", "1",
+                            "--warmup", "0")
+    assert code == 0 and doc["versus"]["model"] == full and len(doc["versus"]["results"]) == 2
+    for r in doc["results"]:
+        other = next(o for o in doc["versus"]["results"] if o["op"] == r["op"])
+        assert r["versus_ms_per_img"] == other["ms_per_img"]
+        assert r["speedup_vs"] == round(other["ms_per_img"] / r["ms_per_img"], 3)
+    human = run_cli("bench", "-m", tmp_path / "taesd", "--versus", full, "-r", "32", "--iters", "1", "--warmup", "0")
+    assert human.exit_code == 0 and "x the speed" in human.stdout

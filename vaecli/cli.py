@@ -890,6 +890,7 @@ def bench(
     revision: RevisionOpt = None,
     variant: VariantOpt = None,
     resolution: Annotated[list[int], typer.Option("--resolution", "-r", metavar="PIXELS", min=8, help="Square side; repeat for several.")] = [512],  # noqa: B006
+    versus: Annotated[Optional[str], typer.Option("--versus", metavar="MODEL", help="Also time MODEL (e.g. the full VAE beside its tiny one) with the same settings, and give this model's speed-up over it per row.", rich_help_panel=MODEL)] = None,
     batch_size: BatchOpt = 1,
     dtype: DTypeOpt = DType.fp32,
     tiling: TilingOpt = Tiling.off,
@@ -915,25 +916,14 @@ def bench(
         if batch_size == 0:
             raise VaecliError("bench needs a numeric --batch-size (auto sizes batches per image during conversion)")
         ModelChoice(model, family, subfolder, revision, variant).check()
-        rows = run_bench(
-            model=model,
-            resolutions=list(resolution),
-            batch_size=batch_size,
-            dtype=dtype.value,
-            tiling=tiling.value,
-            device=resolve_device(device.value),
-            warmup=warmup,
-            iters=iters,
-            tile_size=tile_size,
-            tile_overlap=tile_overlap,
-            family=family.value if family else None,
-            compile=compile_model,
-            kernels=kernels.value,
-            subfolder=subfolder,
-            revision=revision,
-            variant=variant,
-        )
-        failed = [r for r in rows if r.get("error")]
+        settings = dict(resolutions=list(resolution), batch_size=batch_size, dtype=dtype.value, tiling=tiling.value,
+                        device=resolve_device(device.value), warmup=warmup, iters=iters, tile_size=tile_size,
+                        tile_overlap=tile_overlap, compile=compile_model, kernels=kernels.value)
+        rows = run_bench(model=model, family=family.value if family else None, subfolder=subfolder,
+                         revision=revision, variant=variant, **settings)
+        others = run_bench(model=versus, **settings) if versus is not None else []
+        _compare(rows, others)
+        failed = [r for r in rows + others if r.get("error")]
         items = []
         for r in rows:
             item = {"input": f"{r.get('op')} {r.get('resolution')}", "output": None, "status": "ok", "notes": []}
@@ -943,20 +933,40 @@ def bench(
         for r in failed:
             err_console.print(f"[red]error:[/] {r.get('op')} {r.get('resolution')}: {escape(printable(_one_line(str(r['error']))))}", soft_wrap=True)
         if as_json:
-            _print_json({"command": "bench", "results": rows, "ok": len(rows) - len(failed), "failed": len(failed),
-                         "skipped": 0, "items": items})
+            doc = {"command": "bench", "results": rows, "ok": len(rows) - len(failed), "failed": len(failed),
+                   "skipped": 0, "items": items}
+            if versus is not None:
+                doc["versus"] = {"model": versus, "results": others}
+            _print_json(doc)
         else:
             out_console.print(bench_table(rows))
+            if versus is not None:
+                out_console.print(bench_table(others, title=f"bench: --versus {escape(printable(versus))}"))
+                for r in rows:
+                    if r.get("speedup_vs") is not None:
+                        out_console.print(f"{r['op']} {r['resolution']}: {r['ms_per_img']:.1f} ms vs "
+                                          f"{r['versus_ms_per_img']:.1f} ms, {r['speedup_vs']:.2f}x the speed")
             out_console.print("busy: share of a call's time the device computed (the rest: host work and waiting)")
         if failed:
             raise typer.Exit(ITEMS_FAILED)
 
 
-def bench_table(rows: list[dict[str, Any]]) -> Table:
+def _compare(rows: list[dict[str, Any]], others: list[dict[str, Any]]) -> None:
+    """Each row gets the --versus model's ms/image for the same op and resolution, and the speed-up."""
+    by_key = {(o.get("op"), o.get("resolution")): o for o in others if not o.get("error")}
+    for r in rows:
+        other = by_key.get((r.get("op"), r.get("resolution")))
+        if other is None or r.get("error") or not r.get("ms_per_img"):
+            continue
+        r["versus_ms_per_img"] = other["ms_per_img"]
+        r["speedup_vs"] = round(other["ms_per_img"] / r["ms_per_img"], 3)
+
+
+def bench_table(rows: list[dict[str, Any]], title: str = "bench") -> Table:
     """The bench rows as a table that fits 80 columns (no frame, whole headers; cells fold, never cut)."""
     from rich import box
 
-    table = Table(title="bench", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for name in ("op", "res", "batch", "dtype", "tiling", "ms/img", "img/s", "busy", "peak MiB", "warm-up s"):
         table.add_column(name, justify="left" if name in ("op", "dtype", "tiling") else "right",
                          min_width=len(name), overflow="fold")
