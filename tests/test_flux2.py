@@ -296,3 +296,19 @@ def test_cli_files_hold_the_pipelines_latents(flux2_folder, tmp_path):
               str(tmp_path / "plain.latent"))
     code, doc, _ = run_json("decode", tmp_path / "plain.latent", "-o", tmp_path / "plain.png", "-m", flux2_folder)
     assert code == 0 and np.asarray(Image.open(tmp_path / "plain.png")).shape == (80, 112, 3)
+
+
+def test_dataset_caches_carry_the_flux2_normalization(flux2_folder, tmp_path):
+    src = tmp_path / "in" / "a.png"
+    src.parent.mkdir()
+    Image.open(PHOTO).convert("RGB").resize((90, 60), Image.BICUBIC).save(src)
+    common = ("--dataset", "-m", flux2_folder, "--bucket-resolution", "64", "--bucket-step", "16")
+    assert run_json("encode", src.parent, "-o", tmp_path / "ds", *common)[0] == 0
+    assert run_json("encode", src.parent, "-o", tmp_path / "dc", *common, "--format", "comfyui")[0] == 0
+    ours = load_file(str(tmp_path / "ds" / "a.safetensors"))["latent"]
+    comfy = load_file(str(tmp_path / "dc" / "a.latent"))["latent_tensor"]
+    assert ours.shape[0] == 32 and comfy.shape[1] == 32 and torch.equal(comfy[0], ours)  # 4C: patchified
+    record = json.loads((tmp_path / "ds" / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["latent_spec"]["patch_size"] == 2
+    code, doc, _ = run_json("encode", src.parent, "-o", tmp_path / "bad", *common[:-1], "8")
+    assert code == 2 and "multiple of the VAE's factor 16" in doc["error"]

@@ -131,7 +131,7 @@ def prepare_dataset(
             "must be normalized for its model; name the family (--family sd, sdxl, sd3 or flux; family=... in "
             "Python) or give the model's config.json"
         )
-    check_options(options, vae.config.downsample_factor)
+    check_options(options, vae.config.size_multiple)  # FLUX.2: buckets on a 16-pixel grid
     shards = shard_inputs(inputs)
     _check_layout(options, engine, shards is not None)
     if engine.engine == "ray":

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..batch import _noise, model_summary, resample
+from ..batch import _noise, container_spec, model_summary, resample
 from ..errors import InputError
 from ..models.kl import AutoencoderKL
 from ..pipeline import DTYPE_NAMES, DTYPES, BatchResult, RunOptions, Runner
@@ -46,8 +46,10 @@ class DatasetEncoder:
         self.factor = vae.config.downsample_factor
         self.runner = Runner(vae, run)
         self.info = model_summary(vae)
-        self.normalized = options.format == "vaecli" and not options.raw
-        self.spec = vae.config.latent_spec if self.normalized else None
+        # what the container holds: ours normalized (unless --raw), kohya raw, ComfyUI as its VAE node
+        # writes (raw, or FLUX.2's normalized patchified form): batch.container_spec
+        self.spec = None if options.raw else container_spec(vae.config.latent_spec, options.format)
+        self.normalized = self.spec is not None
         self.store_dtype = DTYPES[options.latent_dtype]
         lo, hi = options.bucket_bounds()
         self.buckets = make_buckets(options.bucket_resolution, options.bucket_step, lo, hi)
