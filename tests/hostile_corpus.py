@@ -696,3 +696,32 @@ CASES: list[Case] = [
     Case("latents_follow_umask", "messages", two_images, ("encode", "in", "-o", "out", *M), 0,
          umask=0o002, check=check_modes, exists=("out/a.safetensors",)),
 ]
+
+
+# ---------------------------------------------------------------------------------- issue 23 (round 2)
+
+
+def no_inputs_broken_model(root: Path, ctx: Ctx) -> None:
+    """in/ holds no file any command reads (a text file, a hidden image), and m/ is a model that cannot
+    load: a run that loaded the model before looking for inputs would say so instead of "no inputs"."""
+    (root / "in" / "sub").mkdir(parents=True)
+    (root / "in" / "notes.txt").write_text("not an image")
+    img(root, "in/.hidden.png")
+    (root / "m").mkdir()
+    (root / "m" / "config.json").write_text("{ this is not json")
+    (root / "m" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
+
+
+NO_MODEL = ("--model", "m")
+
+CASES += [
+    # 8. "no inputs found" writes nothing and loads no model
+    Case("no_inputs_encode", "no inputs", no_inputs_broken_model, ("encode", "in", "-o", "out", *NO_MODEL), 2,
+         "no inputs found", absent=("out",)),
+    Case("no_inputs_decode", "no inputs", no_inputs_broken_model, ("decode", "in", "-o", "out/deeper", *NO_MODEL), 2,
+         "no inputs found", absent=("out",)),
+    Case("no_inputs_roundtrip", "no inputs", no_inputs_broken_model, ("roundtrip", "in", "-o", "out", "--diff", *NO_MODEL),
+         2, "no inputs found", absent=("out",)),
+    Case("no_inputs_dataset", "no inputs", no_inputs_broken_model,
+         ("encode", "in", "in/sub", "-o", "out", "--dataset", *NO_MODEL), 2, "no inputs found", absent=("out",)),
+]

@@ -694,7 +694,7 @@ def _prepare_run(inputs: Sequence[str | Path], suffixes: Sequence[str], out: Pat
     flat: every output at the top of the folder (see discover)."""
     notes: list[str] = []
     items = discover(inputs, suffixes, out, names, siblings, notes, flat=flat)
-    if out is None:
+    if out is None or not items:  # nothing to do: nothing is created (the CLI says "no inputs found")
         return items, notes, 0
     single = output_is_file(inputs, out, names)
     root = out.parent if single else out

@@ -28,7 +28,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from . import __version__
-from .discovery import output_path
+from .discovery import NO_INPUTS, output_path
 from .files import json_path
 from .errors import VaecliError
 
@@ -575,7 +575,7 @@ def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None,
             _error_line(r, debug)
     doc = report.to_dict()
     if not report.items:
-        raise _usage("no inputs found (expected files with a supported suffix, or folders holding them)", as_json)
+        raise _usage(NO_INPUTS, as_json)
     if as_json:
         _print_json(doc)
     else:
@@ -673,7 +673,8 @@ def encode(
     from .batch import EncodeOptions, check_layout, encode_paths, latent_names
     from .exports import CONTAINER_SUFFIX
     from .dataset.locations import is_url, shard_kind
-    from .discovery import check_inputs_exist
+    from .discovery import check_inputs_exist, require_inputs
+    from .io import IMAGE_SUFFIXES
 
     with _guard(as_json, debug, "encode"):
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
@@ -685,6 +686,8 @@ def encode(
             dataset, cache_format = True, CacheFormat.kohya
         fmt = (cache_format or CacheFormat.vaecli).value
         check_layout(inputs, out, None if dataset else latent_names(CONTAINER_SUFFIX[fmt]))
+        if not any(is_url(i) or shard_kind(i) for i in inputs):
+            require_inputs(inputs, IMAGE_SUFFIXES, out)  # exit 2 before the model loads or anything is written
         if dataset:
             from .dataset import DatasetOptions, EngineOptions, bind_local_device, parse_shard, prepare_dataset
 
@@ -777,7 +780,8 @@ def decode(
 ) -> None:
     """Decode latent files (ours, bare .safetensors or .npy) to images at their original size."""
     from .batch import DecodeOptions, check_layout, decode_paths, image_names
-    from .discovery import check_inputs_exist
+    from .discovery import check_inputs_exist, require_inputs
+    from .io import LATENT_SUFFIXES
 
     with _guard(as_json, debug, "decode"):
         _refuse_torchrun("decode")
@@ -788,6 +792,7 @@ def decode(
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
         check_inputs_exist(inputs)
         check_layout(inputs, out, image_names(image_format.value))
+        require_inputs(inputs, LATENT_SUFFIXES, out)
         options = DecodeOptions(
             batch_size=batch_size,
             format=image_format.value,
@@ -839,7 +844,8 @@ def roundtrip(
 ) -> None:
     """Encode and decode in memory; per-image PSNR, SSIM and max abs error (8-bit RGB, original size)."""
     from .batch import RoundtripOptions, check_layout, image_names, roundtrip_paths
-    from .discovery import check_inputs_exist
+    from .discovery import check_inputs_exist, require_inputs
+    from .io import IMAGE_SUFFIXES
 
     with _guard(as_json, debug, "roundtrip"):
         _refuse_torchrun("roundtrip")
@@ -850,6 +856,7 @@ def roundtrip(
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
         check_inputs_exist(inputs)
         check_layout(inputs, out, image_names("png"))
+        require_inputs(inputs, IMAGE_SUFFIXES, out)
         options = RoundtripOptions(
             batch_size=batch_size,
             sample=sample or seed is not None,

@@ -131,6 +131,26 @@ def check_inputs_exist(inputs: Sequence[str | Path]) -> None:
         raise ConfigError(f"no such file or folder: {shown}")
 
 
+NO_INPUTS = "no inputs found (expected files with a supported suffix, or folders holding them)"
+
+
+def require_inputs(inputs: Sequence[str | Path], suffixes: Sequence[str], out: Path | None) -> None:
+    """Refuse, before the model loads or anything is written, inputs that hold no item at all: a file named
+    directly is one, a folder must hold a file with one of `suffixes` (outside `out`, as discover walks).
+    Stops at the first one found, so a large tree costs one directory listing or a few."""
+    out_id = _identity(out) if out is not None else None
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if not path.is_dir():
+            return
+        try:
+            next(_walk(path, suffixes, out_id, None))
+            return
+        except StopIteration:
+            continue
+    raise ConfigError(NO_INPUTS)
+
+
 def discover(
     inputs: Sequence[str | Path],
     suffixes: Sequence[str],
