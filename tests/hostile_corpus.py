@@ -56,7 +56,9 @@ class Case:
     max_rss_mb: int = 0  # with isolate: ceiling on the run's peak resident memory
     timeout: float = 60.0
     check: Callable[[Path, dict[str, Any], str], None] | None = None  # extra assertions (root, json doc, stderr)
-    signal_after: str = ""  # with isolate: send SIGINT once this glob matches (or after 20 s)
+    signal_after: str = ""  # with isolate: send `signum` once this glob matches (or after 20 s)
+    signal_at: float = 0.0  # with isolate: send `signum` this many seconds after the start (0: never)
+    signum: int = 2  # the signal sent: SIGINT (Ctrl-C); SIGTERM 15, SIGHUP 1
     umask: int | None = None  # the run's umask
     env: dict[str, str] = field(default_factory=dict)  # with isolate
 
@@ -724,4 +726,43 @@ CASES += [
          2, "no inputs found", absent=("out",)),
     Case("no_inputs_dataset", "no inputs", no_inputs_broken_model,
          ("encode", "in", "in/sub", "-o", "out", "--dataset", *NO_MODEL), 2, "no inputs found", absent=("out",)),
+]
+
+
+def check_signalled(name: str) -> Callable[[Path, dict[str, Any], str], None]:
+    def check(root: Path, doc: dict[str, Any], err: str) -> None:
+        check_interrupted(root, doc, err)
+        assert doc["error"] == f"interrupted ({name})", doc["error"]
+        assert not [p for p in (root / "out").iterdir() if ".tmp-" in p.name]
+
+    return check
+
+
+def check_early(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc.get("interrupted") is True and doc["items"] == [], doc
+
+
+CASES += [
+    # 10. SIGTERM and SIGHUP end a run as Ctrl-C does: writes settled, temp files removed, the document, 128+N
+    Case("sigterm_during_run", "signals", many_images, ("encode", "in", "-o", "out", "-b", "1", *M), 143,
+         "interrupted:", isolate=True, signal_after="out/05.safetensors", signum=15,
+         check=check_signalled("SIGTERM"), env={"VAECLI_TEST_BLOCK_READ": "35.png"}, absent=("out/.*",)),
+    Case("sighup_while_a_read_blocks", "signals", many_images, ("encode", "in", "-o", "out", "-b", "1", *M), 129,
+         "interrupted:", isolate=True, signal_after="out/04.safetensors", signum=1,
+         check=check_signalled("SIGHUP"), env={"VAECLI_TEST_BLOCK_READ": "05.png"}, absent=("out/.*",)),
+    # A write stalls with its temp file in place: the grace period ends, the temp file is removed.
+    Case("sigterm_while_a_write_stalls", "signals", many_images, ("encode", "in", "-o", "out", "-b", "1", *M), 143,
+         "interrupted:", isolate=True, signal_after="out/.06.safetensors.tmp-*", signum=15,
+         check=check_signalled("SIGTERM"), env={"VAECLI_TEST_BLOCK_WRITE": "06.safetensors",
+                                                "VAECLI_TEST_BLOCK_READ": "35.png"}, absent=("out/.*",)),
+    Case("ctrl_c_while_a_write_stalls", "signals", many_images, ("roundtrip", "in", "-o", "out", "-b", "1", *M), 130,
+         "interrupted:", isolate=True, signal_after="out/.06.png.tmp-*",
+         env={"VAECLI_TEST_BLOCK_WRITE": "06.png", "VAECLI_TEST_BLOCK_READ": "35.png"}, absent=("out/.*",)),
+    # 11. a signal while the CLI is still importing (typer, Rich, torch): the document, 128+N, no traceback
+    Case("ctrl_c_during_startup", "signals", two_images, ("encode", "in", "-o", "out", *M), 130, "^interrupted:",
+         isolate=True, signal_at=0.25, check=check_early, absent=("out",)),
+    Case("sigterm_during_startup", "signals", two_images, ("roundtrip", "in", "-o", "out", *M), 143, "^interrupted:",
+         isolate=True, signal_at=0.6, signum=15, check=check_early, absent=("out",)),
+    Case("ctrl_c_while_torch_imports", "signals", two_images, ("decode", "in", "-o", "out", *M), 130, "interrupted:",
+         isolate=True, signal_at=1.2, check=check_early, absent=("out",)),
 ]

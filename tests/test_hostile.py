@@ -37,7 +37,19 @@ BOOT = textwrap.dedent(
                 threading.Event().wait()
             return real(path)
         batch.open_regular = stalled
-    from vaecli.cli import main
+    wblock = os.environ.get("VAECLI_TEST_BLOCK_WRITE")
+    if wblock:  # a write that never finishes once its temp file is whole (a stalled disk)
+        import vaecli.io as vio
+        real_write = vio.atomic_write
+        def stuck(path, write):
+            if str(path).endswith(wblock):
+                def held(tmp):
+                    write(tmp)
+                    threading.Event().wait()
+                return real_write(path, held)
+            return real_write(path, write)
+        vio.atomic_write = stuck
+    from vaecli.entry import main  # the console script's entry: signals handled before the CLI imports
     main(sys.argv[1:])
     """
 )
@@ -80,8 +92,9 @@ def invoke(args: list[str], timeout: float) -> tuple[int, str, str]:
 
 
 def spawn(case: Case, root: Path, args: list[str]) -> tuple[int, str, str, int]:
-    """The CLI in a subprocess: (exit code, stdout, stderr, peak RSS in MiB); SIGINT when case.signal_after
-    appears; killed (and the test failed) at case.timeout."""
+    """The CLI in a subprocess: (exit code, stdout, stderr, peak RSS in MiB); case.signum (SIGINT) when
+    case.signal_after appears or case.signal_at seconds have passed; killed (and the test failed) at
+    case.timeout."""
     env = dict(subprocess_env(), **case.env)
     outs = [open(root.parent / f"{root.name}.{kind}", "w+") for kind in ("stdout", "stderr")]
     preexec = (lambda: os.umask(case.umask)) if case.umask is not None else None
@@ -94,8 +107,10 @@ def spawn(case: Case, root: Path, args: list[str]) -> tuple[int, str, str, int]:
         if pid:
             break
         elapsed = time.monotonic() - start
-        if case.signal_after and not signalled and (list(root.glob(case.signal_after)) or elapsed > 20):
-            proc.send_signal(signal.SIGINT)
+        due = (case.signal_after and (list(root.glob(case.signal_after)) or elapsed > 20)) or (
+            case.signal_at and elapsed >= case.signal_at)
+        if due and not signalled:
+            proc.send_signal(case.signum)
             signalled = True
         if elapsed > case.timeout:
             proc.kill()

@@ -25,9 +25,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
-from . import __version__
+from . import __version__, signals
 from .discovery import NO_INPUTS, output_path
 from .files import json_path
 from .errors import VaecliError
@@ -66,7 +66,29 @@ class _HelpCommand(TyperCommand):
                     formatter.write_dl(groups[name])
 
 
+class _Signalled(BaseException):
+    """A KeyboardInterrupt (Ctrl-C, SIGTERM, SIGHUP: signals.py) outside a command's _guard (while it imports
+    torch, or while options are parsed), carried past typer, which would turn it into a silent exit 130."""
+
+
+class _Group(TyperGroup):
+    """The command group, passing interrupts on to main() (which reports them) instead of typer's handler."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise _Signalled() from exc
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Signalled() from exc
+
+
 app = typer.Typer(
+    cls=_Group,
     name="vaecli",
     help="Image <-> latent conversion with the KL autoencoder of latent diffusion (SD, SDXL, SD3, Flux VAEs).",
     pretty_exceptions_enable=False,
@@ -80,7 +102,7 @@ err_console = Console(stderr=True, highlight=False)
 
 USAGE = 2
 ITEMS_FAILED = 1
-INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C (SIGTERM 143, SIGHUP 129: signals.py)
 BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout was closed by its reader
 
 
@@ -269,14 +291,15 @@ def main(argv: list[str] | None = None) -> None:
     Option-parsing errors and Ctrl-C outside a command body are handled here, so that they too print one
     line on stderr, exit with their code, and under --json still print the one JSON document.
     """
+    signals.install()  # the console script did already (entry.py); `from vaecli.cli import main` callers too
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in (args[: args.index("--")] if "--" in args else args)
     _route_warnings()
     try:
         code = app(args=args, prog_name="vaecli", standalone_mode=False)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Signalled):
         _interrupted(as_json, None)
-        code = INTERRUPTED
+        code = signals.exit_code()
     except BrokenPipeError:  # stdout closed early (`vaecli ... --json | head -1`): nothing more goes there
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = BROKEN_PIPE
@@ -294,7 +317,7 @@ def _parse_error(exc: Exception, as_json: bool) -> int:
     """Report an exception raised outside a command body (while parsing options) in one line."""
     if type(exc).__name__ == "Abort":  # typer/click turn Ctrl-C during parsing into Abort
         _interrupted(as_json, None)
-        return INTERRUPTED
+        return signals.exit_code()
     if type(exc).__name__ == "NoArgsIsHelpError":
         exc.show()  # type: ignore[attr-defined]
         return int(getattr(exc, "exit_code", USAGE))
@@ -370,7 +393,13 @@ def printable(text: str) -> str:
 
 
 def _interrupted(as_json: bool, results: list[Any] | None, command: str | None = None) -> None:
-    """The Ctrl-C report: one line on stderr, and under --json the document with the items finished so far."""
+    """The report of a run ended by Ctrl-C, SIGTERM or SIGHUP: this process's temp files removed, one line
+    on stderr, and under --json the document with the items finished so far. Signals arriving from here on
+    are ignored, so the document is printed whole."""
+    from .files import remove_own_temp_files
+
+    signals.reporting()
+    remove_own_temp_files()
     done = [r for r in results or [] if r.status in ("ok", "failed", "skipped")]
     pending = len(results or []) - len(done)
     if results is None:
@@ -390,7 +419,7 @@ def _interrupted(as_json: bool, results: list[Any] | None, command: str | None =
             items=[r.to_dict() for r in done],
             pending=pending,
             interrupted=True,
-            error="interrupted (Ctrl-C)",
+            error=f"interrupted ({signals.name()})",
         )
         _print_json(doc)
 
@@ -424,7 +453,7 @@ def _guard(as_json: bool, debug: bool, command: str | None = None) -> Iterator[N
         raise _usage(str(exc), as_json) from None
     except KeyboardInterrupt as exc:
         _interrupted(as_json, getattr(exc, "results", None), command)
-        raise typer.Exit(INTERRUPTED) from None
+        raise typer.Exit(signals.exit_code()) from None
     except Exception as exc:  # noqa: BLE001 - a bug or an environment problem: still one line
         if debug:
             traceback.print_exc()
