@@ -61,6 +61,8 @@ class Case:
     signum: int = 2  # the signal sent: SIGINT (Ctrl-C); SIGTERM 15, SIGHUP 1
     umask: int | None = None  # the run's umask
     env: dict[str, str] = field(default_factory=dict)  # with isolate
+    stdout: str = ""  # with isolate: "closed" (`>&-`), "full" (`> /dev/full`), "head:N" (`| head -c N`); no document read
+    json: bool = True  # add --json (False: the human output; no document read)
 
 
 # ------------------------------------------------------------------------------------------- file makers
@@ -765,4 +767,40 @@ CASES += [
          isolate=True, signal_at=0.6, signum=15, check=check_early, absent=("out",)),
     Case("ctrl_c_while_torch_imports", "signals", two_images, ("decode", "in", "-o", "out", *M), 130, "interrupted:",
          isolate=True, signal_at=1.2, check=check_early, absent=("out",)),
+]
+
+
+def cafe_images(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png", seed=1)
+    img(root, "in/café.png", seed=2)
+    (root / "in" / "crème.png").write_bytes(b"not an image")
+
+
+def check_quiet(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert err.strip() == "", err
+
+
+def check_escaped_name(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert r"in/cr\xe8me.png" in err or r"in/cr\u00e8me.png" in err, err
+
+
+CASES += [
+    # 12. stdout closed, full, or cut short; a stdout that cannot encode a file name
+    Case("stdout_closed_info_json", "streams", two_images, ("info", "{model}"), 1,
+         r"^error: cannot write the JSON document to stdout \(stdout is closed\)", isolate=True, stdout="closed"),
+    Case("stdout_full_info_json", "streams", two_images, ("info", "{model}"), 1,
+         r"^error: cannot write the JSON document to stdout \(No space left on device\)", isolate=True, stdout="full"),
+    Case("stdout_full_info_human", "streams", two_images, ("info", "{model}"), 1,
+         r"^error: cannot write the output to stdout", isolate=True, stdout="full", json=False),
+    Case("stdout_full_after_the_work", "streams", two_images, ("encode", "in", "-o", "out", *M), 1,
+         r"^error: cannot write the JSON document to stdout", isolate=True, stdout="full",
+         exists=("out/a.safetensors", "out/sub/b.safetensors"), absent=("out/.*",)),
+    Case("stdout_reader_gone_human", "streams", two_images, ("roundtrip", "in", *M), 141, isolate=True,
+         stdout="head:0", json=False, check=check_quiet),
+    Case("stdout_reader_gone_json", "streams", two_images, ("encode", "in", "-o", "out", *M), 141, isolate=True,
+         stdout="head:0", check=check_quiet, exists=("out/a.safetensors",)),
+    Case("ascii_stdout_human", "streams", cafe_images, ("roundtrip", "in", "-o", "out", *M), 1, isolate=True,
+         json=False, env={"PYTHONIOENCODING": "ascii"}, check=check_escaped_name, exists=("out/café.png",)),
+    Case("ascii_stdout_json", "streams", cafe_images, ("encode", "in", "-o", "out", *M), 1, isolate=True,
+         env={"PYTHONIOENCODING": "ascii"}, check=check_escaped_name, exists=("out/café.safetensors",)),
 ]

@@ -295,22 +295,103 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in (args[: args.index("--")] if "--" in args else args)
     _route_warnings()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Stream(sys.stdout, "stdout"), _Stream(sys.stderr, "stderr")
     try:
-        code = app(args=args, prog_name="vaecli", standalone_mode=False)
-    except (KeyboardInterrupt, _Signalled):
-        _interrupted(as_json, None)
-        code = signals.exit_code()
-    except BrokenPipeError:  # stdout closed early (`vaecli ... --json | head -1`): nothing more goes there
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = BROKEN_PIPE
-    except Exception as exc:  # noqa: BLE001 - parse errors (click's, or typer's vendored click), Abort
-        code = _parse_error(exc, as_json)
-    try:
+        try:
+            code = app(args=args, prog_name="vaecli", standalone_mode=False)
+        except (KeyboardInterrupt, _Signalled):
+            _interrupted(as_json, None)
+            code = signals.exit_code()
+        except Exception as exc:  # noqa: BLE001 - parse errors (click's, or typer's vendored click), Abort
+            code = _parse_error(exc, as_json)
         sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = BROKEN_PIPE
+    except StdoutFailed as exc:
+        code = _stdout_failed(exc, as_json)
+    finally:
+        sys.stdout, sys.stderr = saved
     sys.exit(code if isinstance(code, int) else 0)
+
+
+class StdoutFailed(BaseException):
+    """stdout cannot be written (closed, full, its reader gone): raised past every `except Exception`, so no
+    handler mistakes it for a failure of the run's own work and tries to print to stdout again."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+class _Stream:
+    """sys.stdout or sys.stderr for one CLI run. What a file name cannot be encoded as in the stream's
+    encoding (PYTHONIOENCODING=ascii and café.png) is written as a backslash escape: printing never changes
+    the outcome. stdout that cannot be written (closed: None; full; a reader gone) raises StdoutFailed;
+    stderr that cannot be written is given up silently (there is nowhere left to say so)."""
+
+    def __init__(self, stream: Any, role: str) -> None:
+        self._stream, self._role, self._dead = stream, role, stream is None
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+    def _fail(self, exc: BaseException) -> None:
+        self._dead = True
+        if self._role == "stdout":
+            raise StdoutFailed(exc) from None
+
+    def write(self, text: str) -> int:
+        if self._dead:
+            if self._role == "stdout":
+                raise StdoutFailed(OSError(9, "stdout is closed"))
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except UnicodeEncodeError:  # a stream that cannot be reconfigured
+            encoding = getattr(self._stream, "encoding", None) or "ascii"
+            return self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+            self._fail(exc)
+            return len(text)
+
+    def flush(self) -> None:
+        if self._dead:
+            return
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+
+    def isatty(self) -> bool:
+        try:
+            return not self._dead and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def _stdout_failed(failure: StdoutFailed, as_json: bool) -> int:
+    """The exit code when stdout failed: 141 quietly when its reader went away (`| head`, as SIGPIPE would
+    end the process), else one error line and 1 (the work may be done, the promised output is not); after
+    a signal still 128 + N. Later writes to stdout (Python's own flush at exit) go to /dev/null."""
+    exc = failure.exc
+    try:
+        fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+    if isinstance(exc, BrokenPipeError):
+        return signals.exit_code() if signals.was_signalled() else BROKEN_PIPE
+    what = "the JSON document" if as_json else "the output"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    err_console.print(f"[bold red]error:[/] cannot write {what} to stdout ({escape(printable(reason))})", soft_wrap=True)
+    return signals.exit_code() if signals.was_signalled() else ITEMS_FAILED
 
 
 def _parse_error(exc: Exception, as_json: bool) -> int:

@@ -54,6 +54,11 @@ def received() -> int:
     return _received if _received is not None else SIGINT
 
 
+def was_signalled() -> bool:
+    """Whether a handled signal arrived in this process."""
+    return _received is not None
+
+
 def exit_code() -> int:
     """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
     return 128 + received()
