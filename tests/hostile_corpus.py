@@ -673,7 +673,7 @@ CASES: list[Case] = [
          ("roundtrip", "in", "--model", "m"), 2, r"latent_channels must be an integer in \[1, 1024\], not '4'.*"
          r"shift_factor must be a finite number or null, not nan"),
     Case("config_not_these_weights", "model config", hostile_model({"layers_per_block": 3}),
-         ("decode", "in", "-o", "out", "--model", "m", "--scaling-factor", "1"), 2,
+         ("decode", "in/a.png", "-o", "out", "--model", "m", "--scaling-factor", "1"), 2,  # named: an item
          "the config does not describe these weights: layers_per_block 3 in the config, 1 in the weights",
          absent=("out/*",)),
     Case("weights_with_nan", "model config", hostile_model(damage="nan"), ("encode", "in", "-o", "out", "--model", "m"), 2,
@@ -741,7 +741,7 @@ def check_signalled(name: str) -> Callable[[Path, dict[str, Any], str], None]:
 
 
 def check_early(root: Path, doc: dict[str, Any], err: str) -> None:
-    assert doc.get("interrupted") is True and doc["items"] == [], doc
+    assert doc.get("interrupted") is True and doc["error"].startswith("interrupted ("), doc
 
 
 CASES += [
@@ -765,8 +765,9 @@ CASES += [
          isolate=True, signal_at=0.25, check=check_early, absent=("out",)),
     Case("sigterm_during_startup", "signals", two_images, ("roundtrip", "in", "-o", "out", *M), 143, "^interrupted:",
          isolate=True, signal_at=0.6, signum=15, check=check_early, absent=("out",)),
-    Case("ctrl_c_while_torch_imports", "signals", two_images, ("decode", "in", "-o", "out", *M), 130, "interrupted:",
-         isolate=True, signal_at=1.2, check=check_early, absent=("out",)),
+    # 40 images: the run cannot be over at 1.2 s, whether torch is still importing or the first items run
+    Case("ctrl_c_while_torch_imports", "signals", many_images, ("encode", "in", "-o", "out", "-b", "1", *M), 130,
+         "interrupted:", isolate=True, signal_at=1.2, check=check_early, absent=("out/.*",)),
 ]
 
 
@@ -803,4 +804,91 @@ CASES += [
          json=False, env={"PYTHONIOENCODING": "ascii"}, check=check_escaped_name, exists=("out/café.png",)),
     Case("ascii_stdout_json", "streams", cafe_images, ("encode", "in", "-o", "out", *M), 1, isolate=True,
          env={"PYTHONIOENCODING": "ascii"}, check=check_escaped_name, exists=("out/café.safetensors",)),
+]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # RecursionError in json.loads
+
+
+def deep_latent_header(root: Path, ctx: Ctx) -> None:
+    """A latent whose safetensors header nests 100000 levels, and one whose latent_spec entry does."""
+    (root / "in").mkdir()
+    header = json.dumps({"latent": {"dtype": "F32", "shape": [4, 3, 3], "data_offsets": [0, 144]}})
+    header = header[:-1] + ', "junk": ' + DEEP + "}"
+    (root / "in" / "deep.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(144))
+    our_latent(root / "in" / "spec.safetensors", ctx, latent_spec=DEEP)
+
+
+def check_deep_latents(root: Path, doc: dict[str, Any], err: str) -> None:
+    errors = _errors(doc)
+    assert "nested more than 64 levels" in errors["deep.safetensors"], errors
+    assert "'latent_spec' is JSON nested more than 64 levels" in errors["spec.safetensors"], errors
+
+
+def deep_png_record(root: Path, ctx: Ctx) -> None:
+    """decode's output out/a.png exists with a `vaecli` text record nested 100000 levels."""
+    from PIL import PngImagePlugin
+
+    encoded_folder(root, ctx)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("vaecli", DEEP)
+    (root / "out").mkdir()
+    Image.new("RGB", (24, 24)).save(root / "out" / "a.png", pnginfo=info)
+
+
+def deep_config(root: Path, ctx: Ctx) -> None:
+    hostile_model()(root, ctx)
+    (root / "m" / "config.json").write_text('{"latent_channels": 4, "junk": ' + DEEP + "}")
+
+
+def huge_int_config(root: Path, ctx: Ctx) -> None:
+    hostile_model()(root, ctx)
+    cfg = json.loads((root / "m" / "config.json").read_text())
+    text = json.dumps(cfg).replace('"scaling_factor": 0.18215', '"scaling_factor": 1' + "0" * 400)
+    assert "0" * 400 in text
+    (root / "m" / "config.json").write_text(text)
+
+
+def dataset_then_deep_manifest_line(root: Path, ctx: Ctx) -> None:
+    """A dataset whose manifest.jsonl gets a line nested 100000 levels deep, and whose latent for a.png is
+    replaced by a file with such a header (garbage at an output path)."""
+    two_images(root, ctx)
+    assert ctx.run("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], "--model", ctx.model) == 0
+    with open(root / "out" / "manifest.jsonl", "a") as fh:
+        fh.write(DEEP + "\n")
+    latent = next((root / "out").rglob("a.safetensors"))
+    header = '{"junk": ' + DEEP + "}"
+    latent.write_bytes(struct.pack("<Q", len(header)) + header.encode())
+
+
+def check_manifest_line(root: Path, doc: dict[str, Any], err: str) -> None:
+    status = {Path(i["input"]).name: i["status"] for i in doc["items"]}
+    assert status["a.png"] == "ok" and status["b.png"] in ("ok", "skipped"), status  # a: its garbage file remade
+    assert any("manifest.jsonl: line(s) 3 unreadable" in n for n in doc["notes"]), doc["notes"]
+    lines = (root / "out" / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["source"] for line in lines)
+
+
+CASES += [
+    # 13. hostile file contents get a named reason, never "unexpected error"
+    Case("deep_json_latent_headers", "file contents", deep_latent_header, ("decode", "in", "-o", "out", *M), 1,
+         "nested more than 64 levels", check=check_deep_latents, absent=("out/*",)),
+    Case("deep_json_png_record", "file contents", deep_png_record, ("decode", "lat", "-o", "out", *M), 1,
+         r"out/a\.png already exists and it has no vaecli provenance record; pass --overwrite",
+         protect=("out/a.png",), exists=("out/sub/b.png",)),
+    Case("deep_json_png_record_overwrite", "file contents", deep_png_record,
+         ("decode", "lat", "-o", "out", "--overwrite", *M), 0, exists=("out/a.png", "out/sub/b.png")),
+    Case("deep_json_config", "file contents", deep_config, ("info", "m"), 2, r"m: its config\.json is nested too deeply"),
+    Case("huge_int_scaling_factor_config", "file contents", huge_int_config, ("encode", "in", "-o", "out", "--model", "m"),
+         2, r"m: its config\.json holds a number too large to use", absent=("out",)),
+    Case("huge_int_scaling_factor_latent", "file contents", metadata(latent_spec='{"scaling_factor": 1' + "0" * 400 + "}"),
+         ("decode", "in", "-o", "out", *M), 1, "scaling_factor must be a finite non-zero number", absent=("out/*",)),
+    Case("deep_json_manifest_line", "file contents", dataset_then_deep_manifest_line,
+         ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], "--overwrite", *M), 0, check=check_manifest_line),
+    Case("deep_json_manifest_line_kept_output", "file contents", dataset_then_deep_manifest_line,
+         ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], *M), 0, check=check_manifest_line),
+    Case("enospc_in_safetensors_writer", "file contents", two_images, ("encode", "in", "-o", "out", *M), 1,
+         r"in/a\.png: cannot write .*a\.safetensors: No space left on device \(the disk is full",
+         isolate=True, env={"VAECLI_TEST_ENOSPC": "a.safetensors"}, exists=("out/sub/b.safetensors",),
+         absent=("out/a.safetensors", "out/.*")),
 ]

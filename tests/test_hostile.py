@@ -50,6 +50,20 @@ BOOT = textwrap.dedent(
                 return real_write(path, held)
             return real_write(path, write)
         vio.atomic_write = stuck
+    full = os.environ.get("VAECLI_TEST_ENOSPC")
+    if full:  # the disk fills while safetensors writes this output (its Rust writer reports errno as text)
+        import vaecli.io as vio
+        from safetensors import SafetensorError
+        real_write2 = vio.atomic_write
+        def filling(path, write):
+            if str(path).endswith(full):
+                def fail(tmp):
+                    tmp.write_bytes(b"partial")
+                    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+                return real_write2(path, fail)
+            return real_write2(path, write)
+        vio.atomic_write = filling
     from vaecli.entry import main  # the console script's entry: signals handled before the CLI imports
     main(sys.argv[1:])
     """

@@ -252,10 +252,16 @@ def open_model(
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # reading a FIFO would wait forever
             raise ConfigError(f"{source} is {file_kind(mode)}, not a model file or folder")
 
-    return load_vae(
-        source, device=resolve_device(device), dtype=torch.float32, family=family, subfolder=subfolder,
-        revision=revision, variant=variant,
-    )
+    try:
+        return load_vae(
+            source, device=resolve_device(device), dtype=torch.float32, family=family, subfolder=subfolder,
+            revision=revision, variant=variant,
+        )
+    except RecursionError:  # json.loads of a hostile config.json (config.py catches only ValueError)
+        raise ConfigError(f"{source}: its config.json is nested too deeply to be a model config (a damaged or "
+                          "hostile file)") from None
+    except OverflowError as exc:  # a config value too large for a float, e.g. a 401-digit scaling_factor
+        raise ConfigError(f"{source}: its config.json holds a number too large to use ({exc})") from None
 
 
 def model_notes(vae: AutoencoderKL) -> list[str]:
@@ -328,6 +334,11 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
         return f"file system error{where}: {exc.strerror or text}"
+    # What hostile file contents raise in parsers we do not own (each site we own gives its own reason):
+    if isinstance(exc, RecursionError):
+        return "the file holds a structure nested too deeply to read (a damaged or hostile file)"
+    if isinstance(exc, OverflowError):
+        return f"the file holds a number too large to use ({text[:120]})"
     return f"unexpected error ({type(exc).__name__}: {text[:200]}); --debug shows the traceback"
 
 

@@ -307,13 +307,37 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         forget_temp(tmp)
-        raise VaecliError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
+        raise VaecliError(f"cannot write {path}: {_os_reason(exc.errno, exc.strerror or str(exc))}") from None
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
         forget_temp(tmp)
+        foreign = _foreign_os_error(exc) if isinstance(exc, Exception) else None
+        if foreign is not None:  # a writer in Rust or C (safetensors) that reports errno in its message
+            raise VaecliError(f"cannot write {path}: {_os_reason(*foreign)}") from None
         raise
     forget_temp(tmp)
     _sync_folder_of(path)
+
+
+_RUST_OS_ERROR = re.compile(r'Os \{ code: (\d+), kind: \w+, message: "([^"]*)" \}')
+
+
+def _foreign_os_error(exc: Exception) -> tuple[int, str] | None:
+    """(errno, text) of an I/O error that a non-Python writer reported as text: safetensors' SafetensorError
+    says `IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })`."""
+    m = _RUST_OS_ERROR.search(str(exc))
+    return (int(m[1]), m[2]) if m else None
+
+
+def _os_reason(errno_: int | None, text: str) -> str:
+    """An OS error as a reason a user can act on: a full disk and an exhausted quota say so."""
+    import errno
+
+    if errno_ == errno.ENOSPC:
+        return f"{text} (the disk is full: free space or choose another output folder)"
+    if errno_ == getattr(errno, "EDQUOT", -1):
+        return f"{text} (disk quota exceeded)"
+    return text
 
 
 def publish_temp(tmp: Path, path: Path) -> None:

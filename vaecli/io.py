@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Callable, Mapping
 import numpy as np
 import torch
 
+from . import safejson
 from .errors import InputError
 from .files import atomic_write, check_regular, clean_temp_files, is_temp_name, open_regular, sha256_of, temp_path
 from .integrity import check_complete
@@ -297,7 +298,7 @@ def image_output_state(path: Path) -> OutputState:
     except InputError as exc:
         return OutputState("incomplete", detail=str(exc))
     try:
-        record = json.loads(raw) if raw else None
+        record = safejson.loads(raw) if raw else None
     except ValueError:
         record = None
     if not isinstance(record, dict) or record.get("format") != IMAGE_RECORD:
@@ -360,7 +361,9 @@ def read_safetensors_header(fh: BinaryIO) -> tuple[dict[str, TensorEntry], dict[
     if n > min(_MAX_HEADER, size - 8):
         raise InputError("not a readable safetensors file (header length beyond the file: cut short?)")
     try:
-        header = json.loads(fh.read(n))
+        header = safejson.loads(fh.read(n))
+    except safejson.JSONTooDeep as exc:
+        raise InputError(f"not a readable safetensors file (its header is {exc})") from None
     except (ValueError, UnicodeDecodeError):
         raise InputError("not a readable safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
@@ -614,8 +617,11 @@ def meta_name(name: str) -> str:
 def meta_json(meta: Mapping[str, str], key: str) -> Any:
     """One JSON-valued metadata entry, with a clear error when it is missing or garbled."""
     try:
-        return json.loads(meta[key])
+        return safejson.loads(meta[key])
     except KeyError:
         raise InputError(f"latent metadata lacks '{key}'") from None
+    except safejson.JSONTooDeep as exc:
+        raise InputError(f"latent metadata '{key}' is {exc}") from None
     except ValueError:
-        raise InputError(f"latent metadata '{key}' is not valid JSON: {meta[key]!r}") from None
+        shown = repr(meta[key]) if len(meta[key]) <= 120 else repr(meta[key][:120]) + "..."
+        raise InputError(f"latent metadata '{key}' is not valid JSON: {shown}") from None
