@@ -892,3 +892,45 @@ CASES += [
          isolate=True, env={"VAECLI_TEST_ENOSPC": "a.safetensors"}, exists=("out/sub/b.safetensors",),
          absent=("out/a.safetensors", "out/.*")),
 ]
+
+
+def _tiff_with_short_strip(compression: str) -> bytes:
+    """A TIFF (compressed by libtiff) whose StripByteCounts says 3 bytes: libtiff itself complains on stderr."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        buf, "TIFF", compression=compression)
+    data = bytearray(buf.getvalue())
+    (ifd,) = struct.unpack("<I", data[4:8])
+    (n,) = struct.unpack("<H", data[ifd : ifd + 2])
+    for i in range(n):
+        e = ifd + 2 + 12 * i
+        tag, kind, count = struct.unpack("<HHI", data[e : e + 8])
+        if tag == 279 and count == 1:  # StripByteCounts, one strip
+            data[e + 8 : e + 12] = struct.pack("<I", 3) if kind == 4 else struct.pack("<HH", 3, 0)
+    return bytes(data)
+
+
+def libtiff_complaints(root: Path, ctx: Ctx) -> None:
+    (root / "in").mkdir()
+    (root / "in" / "packbits.tif").write_bytes(_tiff_with_short_strip("packbits"))
+    (root / "in" / "lzw.tif").write_bytes(_tiff_with_short_strip("tiff_lzw"))
+    (root / "in" / "deflate.tif").write_bytes(_tiff_with_short_strip("tiff_adobe_deflate"))
+    img(root, "in/good.png")
+
+
+def check_tiff_lines(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc["failed"] == 3 and doc["ok"] == 1, doc
+    assert "Decode" not in err and "TIFF" not in err, err  # libtiff's own lines are gone, ours stay
+
+
+CASES += [
+    # 15. libtiff's own stderr lines; batch sizes past any bound
+    Case("libtiff_lines_captured", "streams", libtiff_complaints, ("encode", "in", "-o", "out", *M), 1,
+         r"error: in/packbits\.tif: ", isolate=True, check=check_tiff_lines, exists=("out/good.safetensors",)),
+    Case("bench_batch_size_huge", "messages", two_images, ("bench", "-r", "16", "-b", "99999999999999999999", *M), 2,
+         r"99999999999999999999 is more than 4096 images per model call"),
+    Case("encode_batch_size_huge", "messages", two_images, ("encode", "in", "-o", "out", "-b", "1e30", *M), 2,
+         "neither a positive integer", absent=("out",)),
+]

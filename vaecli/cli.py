@@ -240,7 +240,12 @@ def _batch_size(value: str | int) -> int:
         raise typer.BadParameter(f"{value!r} is neither a positive integer nor 'auto'") from None
     if n < 1:
         raise typer.BadParameter("must be at least 1, or 'auto'")
+    if n > MAX_BATCH:
+        raise typer.BadParameter(f"{n} is more than {MAX_BATCH} images per model call; give at most {MAX_BATCH}, or 'auto'")
     return n
+
+
+MAX_BATCH = 4096  # images per model call: far above what fits in any device's memory at 64 px
 
 
 BatchOpt = Annotated[
