@@ -934,3 +934,54 @@ CASES += [
     Case("encode_batch_size_huge", "messages", two_images, ("encode", "in", "-o", "out", "-b", "1e30", *M), 2,
          "neither a positive integer", absent=("out",)),
 ]
+
+
+def file_and_folder_of_one_name(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png", seed=1)
+    img(root, "in/a.safetensors/x.png", seed=2)
+    img(root, "in/b.jpg", seed=3, format="JPEG")
+    img(root, "in/b.png/y.png", seed=4)
+
+
+def symlink_in_output_into_inputs(root: Path, ctx: Ctx) -> None:
+    """out/sub is a symlink to in/sub: writing out/sub/b.png would write into the input folder."""
+    two_images(root, ctx)
+    (root / "out").mkdir()
+    (root / "out" / "sub").symlink_to(root / "in" / "sub", target_is_directory=True)
+
+
+def symlink_in_output_elsewhere(root: Path, ctx: Ctx) -> None:
+    """out/sub/deep is a symlink to a folder outside everything; out itself may be a symlink (the root)."""
+    img(root, "in/a.png", seed=1)
+    img(root, "in/sub/deep/b.png", seed=2)
+    (root / "elsewhere").mkdir()
+    (root / "real_out" / "sub").mkdir(parents=True)
+    (root / "real_out" / "sub" / "deep").symlink_to(root / "elsewhere", target_is_directory=True)
+    (root / "out").symlink_to(root / "real_out", target_is_directory=True)
+
+
+CASES += [
+    # 6. one name claimed as an output file and as an output folder: the second fails before any work
+    Case("output_file_and_folder_of_one_name", "claims", file_and_folder_of_one_name, ("encode", "in", "-o", "out", *M), 1,
+         r"in/a\.safetensors/x\.png: its output out/a\.safetensors/x\.safetensors needs a folder out/a\.safetensors, "
+         r"which is the output file of in/a\.png", exists=("out/a.safetensors", "out/b.safetensors"),
+         absent=("out/a.safetensors/*",)),
+    Case("output_file_and_folder_roundtrip", "claims", file_and_folder_of_one_name, ("roundtrip", "in", "-o", "out", *M), 1,
+         r"in/b\.png/y\.png: its output out/b\.png/y\.png needs a folder out/b\.png, which is the output file of "
+         r"in/b\.jpg", exists=("out/b.png", "out/a.png")),
+    Case("output_folder_is_an_existing_file", "claims",
+         lambda r, c: (two_images(r, c), (r / "out").mkdir(), (r / "out" / "sub").write_text("mine")),
+         ("encode", "in", "-o", "out", *M), 1, r"needs a folder out/sub, but out/sub is a file",
+         protect=("out/sub",), exists=("out/a.safetensors",)),
+    # 7. a symlinked folder inside the output folder is never written through
+    Case("symlink_in_output_into_inputs", "overlap", symlink_in_output_into_inputs, ("roundtrip", "in", "-o", "out", *M),
+         1, r"in/sub/b\.png: its output out/sub/b\.png needs a folder out/sub, but out/sub is a symlink",
+         exists=("out/a.png",), absent=("in/sub/b.png.*", "in/sub/.*")),
+    Case("symlink_in_output_into_inputs_encode", "overlap", symlink_in_output_into_inputs,
+         ("encode", "in", "-o", "out", "--overwrite", *M), 1, r"out/sub is a symlink", absent=("in/sub/b.safetensors",)),
+    Case("symlink_in_output_into_inputs_dataset", "overlap", symlink_in_output_into_inputs,
+         ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], *M), 1, r"out/sub is a symlink",
+         absent=("in/sub/b.safetensors",)),
+    Case("symlink_deep_in_output", "overlap", symlink_in_output_elsewhere, ("encode", "in", "-o", "out", *M), 1,
+         r"out/sub/deep is a symlink", exists=("real_out/a.safetensors",), absent=("elsewhere/*",)),
+]
