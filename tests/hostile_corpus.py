@@ -985,3 +985,36 @@ CASES += [
     Case("symlink_deep_in_output", "overlap", symlink_in_output_elsewhere, ("encode", "in", "-o", "out", *M), 1,
          r"out/sub/deep is a symlink", exists=("real_out/a.safetensors",), absent=("elsewhere/*",)),
 ]
+
+
+def made_with_other_config(command: tuple[str, ...]) -> Callable[[Path, Ctx], None]:
+    """Outputs made with the tiny model; m/ holds the same weights with another config (norm_num_groups 4
+    instead of 8: no tensor changes, the computation does)."""
+
+    def build(root: Path, ctx: Ctx) -> None:
+        hostile_model({"norm_num_groups": 4})(root, ctx)
+        if command[0] == "decode":
+            assert ctx.run("encode", "in", "-o", "lat", "--model", ctx.model) == 0
+        assert ctx.run(*command, "--model", ctx.model) == 0
+
+    return build
+
+
+def check_remade(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc["skipped"] == 0 and doc["ok"] == 2, doc
+    notes = _notes(doc)
+    assert "model config or weights" in notes or "re-encoded: changed settings_sha256" in notes, notes
+
+
+CASES += [
+    # 1. a model is its weights and its config: a config-only change remakes every output
+    Case("config_change_remakes_roundtrip", "stale", made_with_other_config(("roundtrip", "in", "-o", "out")),
+         ("roundtrip", "in", "-o", "out", "--model", "m"), 0, check=check_remade),
+    Case("config_change_remakes_encode", "stale", made_with_other_config(("encode", "in", "-o", "out", "--raw")),
+         ("encode", "in", "-o", "out", "--raw", "--model", "m"), 0, check=check_remade),
+    Case("config_change_remakes_decode", "stale", made_with_other_config(("decode", "lat", "-o", "out")),
+         ("decode", "lat", "-o", "out", "--model", "m"), 0, check=check_remade),
+    Case("config_change_remakes_dataset", "stale", made_with_other_config(("encode", "in", "-o", "out", "--dataset",
+                                                                           *KOHYA[3:])),
+         ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], "--model", "m"), 0, check=check_remade),
+]

@@ -275,8 +275,28 @@ def model_summary(vae: AutoencoderKL) -> dict[str, Any]:
     return {
         "name": info.name if info else "unnamed",
         "weights_sha256": info.weights_sha256 if info else "",
+        "identity_sha256": model_identity(vae),
         "device": str(next(vae.parameters()).device),
     }
+
+
+# Config fields that change no computed value: diffusers' nominal tile size (our tiling has its own flags).
+_NOMINAL_CONFIG = ("sample_size",)
+
+
+def model_identity(vae: AutoencoderKL) -> str:
+    """sha256 of everything that defines the model's computation: its weights (their sha256) and its
+    effective config, architecture and latent normalization included (VAEConfig.to_dict: what was loaded,
+    inferred or assumed, e.g. norm_num_groups of a bare weights file), as canonical JSON.
+
+    Two loads of the same weights with different configs (groups inferred 32 vs given 16) compute different
+    latents: outputs record this beside model_sha256 (the weights alone, what decode compares to name
+    "another model") and are remade when it changes."""
+    info = getattr(vae, "info", None)
+    config = {k: v for k, v in vae.config.to_dict().items() if k not in _NOMINAL_CONFIG}
+    doc = {"config": config, "weights_sha256": info.weights_sha256 if info else ""}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- the engine
@@ -725,7 +745,7 @@ def image_names(fmt: str) -> OutputNames:
 
 # ------------------------------------------------------------------------------------- existing outputs
 
-_LABELS = {"source_sha256": "source file", "model_sha256": "model"}
+_LABELS = {"source_sha256": "source file", "model_sha256": "model", "model_identity_sha256": "model config or weights"}
 
 
 def reuse_output(state: OutputState, want: Mapping[str, str], overwrite: bool, path: Path) -> tuple[bool, str | None]:
@@ -955,7 +975,8 @@ def _sha256_file(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------ encode
 
 # Metadata entries that must match for an existing latent file to count as this run's output.
-_SETTINGS_KEYS = ("model_sha256", "latent_spec", "posterior", "seed", "size_policy", "latent_dtype", "alpha")
+_SETTINGS_KEYS = ("model_sha256", "model_identity_sha256", "latent_spec", "posterior", "seed", "size_policy",
+                  "latent_dtype", "alpha")
 
 
 def encode_paths(
@@ -992,6 +1013,7 @@ def encode_paths(
     info = model_summary(vae)
     settings = {
         "model_sha256": info["weights_sha256"],
+        "model_identity_sha256": info["identity_sha256"],
         "latent_spec": json.dumps(spec.to_dict()) if spec is not None else "none",
         "posterior": "sample" if options.sample else "mode",
         "seed": str(options.seed) if options.sample else "",
@@ -1162,6 +1184,7 @@ def decode_paths(
     settings = {
         "kind": "decode",
         "model_sha256": info["weights_sha256"],
+        "model_identity_sha256": info["identity_sha256"],
         "image_format": options.format,
         "quality": str(options.quality) if options.format != "png" else "",
         "normalization": json.dumps(flag_spec.to_dict()) if override else "metadata",
@@ -1266,6 +1289,7 @@ def roundtrip_paths(
     settings = {
         "kind": "reconstruction",
         "model_sha256": model_summary(vae)["weights_sha256"],
+        "model_identity_sha256": model_identity(vae),
         "size_policy": options.size_policy,
         "alpha": options.alpha,
         "posterior": "sample" if options.sample else "mode",
