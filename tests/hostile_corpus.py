@@ -56,9 +56,13 @@ class Case:
     max_rss_mb: int = 0  # with isolate: ceiling on the run's peak resident memory
     timeout: float = 60.0
     check: Callable[[Path, dict[str, Any], str], None] | None = None  # extra assertions (root, json doc, stderr)
-    signal_after: str = ""  # with isolate: send SIGINT once this glob matches (or after 20 s)
+    signal_after: str = ""  # with isolate: send `signum` once this glob matches (or after 20 s)
+    signal_at: float = 0.0  # with isolate: send `signum` this many seconds after the start (0: never)
+    signum: int = 2  # the signal sent: SIGINT (Ctrl-C); SIGTERM 15, SIGHUP 1
     umask: int | None = None  # the run's umask
     env: dict[str, str] = field(default_factory=dict)  # with isolate
+    stdout: str = ""  # with isolate: "closed" (`>&-`), "full" (`> /dev/full`), "head:N" (`| head -c N`); no document read
+    json: bool = True  # add --json (False: the human output; no document read)
 
 
 # ------------------------------------------------------------------------------------------- file makers
@@ -669,7 +673,7 @@ CASES: list[Case] = [
          ("roundtrip", "in", "--model", "m"), 2, r"latent_channels must be an integer in \[1, 1024\], not '4'.*"
          r"shift_factor must be a finite number or null, not nan"),
     Case("config_not_these_weights", "model config", hostile_model({"layers_per_block": 3}),
-         ("decode", "in", "-o", "out", "--model", "m", "--scaling-factor", "1"), 2,
+         ("decode", "in/a.png", "-o", "out", "--model", "m", "--scaling-factor", "1"), 2,  # named: an item
          "the config does not describe these weights: layers_per_block 3 in the config, 1 in the weights",
          absent=("out/*",)),
     Case("weights_with_nan", "model config", hostile_model(damage="nan"), ("encode", "in", "-o", "out", "--model", "m"), 2,
@@ -695,4 +699,322 @@ CASES: list[Case] = [
          umask=0o002, check=check_modes, exists=("out/a.png",)),
     Case("latents_follow_umask", "messages", two_images, ("encode", "in", "-o", "out", *M), 0,
          umask=0o002, check=check_modes, exists=("out/a.safetensors",)),
+]
+
+
+# ---------------------------------------------------------------------------------- issue 23 (round 2)
+
+
+def no_inputs_broken_model(root: Path, ctx: Ctx) -> None:
+    """in/ holds no file any command reads (a text file, a hidden image), and m/ is a model that cannot
+    load: a run that loaded the model before looking for inputs would say so instead of "no inputs"."""
+    (root / "in" / "sub").mkdir(parents=True)
+    (root / "in" / "notes.txt").write_text("not an image")
+    img(root, "in/.hidden.png")
+    (root / "m").mkdir()
+    (root / "m" / "config.json").write_text("{ this is not json")
+    (root / "m" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
+
+
+NO_MODEL = ("--model", "m")
+
+CASES += [
+    # 8. "no inputs found" writes nothing and loads no model
+    Case("no_inputs_encode", "no inputs", no_inputs_broken_model, ("encode", "in", "-o", "out", *NO_MODEL), 2,
+         "no inputs found", absent=("out",)),
+    Case("no_inputs_decode", "no inputs", no_inputs_broken_model, ("decode", "in", "-o", "out/deeper", *NO_MODEL), 2,
+         "no inputs found", absent=("out",)),
+    Case("no_inputs_roundtrip", "no inputs", no_inputs_broken_model, ("roundtrip", "in", "-o", "out", "--diff", *NO_MODEL),
+         2, "no inputs found", absent=("out",)),
+    Case("no_inputs_dataset", "no inputs", no_inputs_broken_model,
+         ("encode", "in", "in/sub", "-o", "out", "--dataset", *NO_MODEL), 2, "no inputs found", absent=("out",)),
+]
+
+
+def check_signalled(name: str) -> Callable[[Path, dict[str, Any], str], None]:
+    def check(root: Path, doc: dict[str, Any], err: str) -> None:
+        check_interrupted(root, doc, err)
+        assert doc["error"] == f"interrupted ({name})", doc["error"]
+        assert not [p for p in (root / "out").iterdir() if ".tmp-" in p.name]
+
+    return check
+
+
+def check_early(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc.get("interrupted") is True and doc["error"].startswith("interrupted ("), doc
+
+
+CASES += [
+    # 10. SIGTERM and SIGHUP end a run as Ctrl-C does: writes settled, temp files removed, the document, 128+N
+    Case("sigterm_during_run", "signals", many_images, ("encode", "in", "-o", "out", "-b", "1", *M), 143,
+         "interrupted:", isolate=True, signal_after="out/05.safetensors", signum=15,
+         check=check_signalled("SIGTERM"), env={"VAECLI_TEST_BLOCK_READ": "35.png"}, absent=("out/.*",)),
+    Case("sighup_while_a_read_blocks", "signals", many_images, ("encode", "in", "-o", "out", "-b", "1", *M), 129,
+         "interrupted:", isolate=True, signal_after="out/04.safetensors", signum=1,
+         check=check_signalled("SIGHUP"), env={"VAECLI_TEST_BLOCK_READ": "05.png"}, absent=("out/.*",)),
+    # A write stalls with its temp file in place: the grace period ends, the temp file is removed.
+    Case("sigterm_while_a_write_stalls", "signals", many_images, ("encode", "in", "-o", "out", "-b", "1", *M), 143,
+         "interrupted:", isolate=True, signal_after="out/.06.safetensors.tmp-*", signum=15,
+         check=check_signalled("SIGTERM"), env={"VAECLI_TEST_BLOCK_WRITE": "06.safetensors",
+                                                "VAECLI_TEST_BLOCK_READ": "35.png"}, absent=("out/.*",)),
+    Case("ctrl_c_while_a_write_stalls", "signals", many_images, ("roundtrip", "in", "-o", "out", "-b", "1", *M), 130,
+         "interrupted:", isolate=True, signal_after="out/.06.png.tmp-*",
+         env={"VAECLI_TEST_BLOCK_WRITE": "06.png", "VAECLI_TEST_BLOCK_READ": "35.png"}, absent=("out/.*",)),
+    # 11. a signal while the CLI is still importing (typer, Rich, torch): the document, 128+N, no traceback
+    Case("ctrl_c_during_startup", "signals", two_images, ("encode", "in", "-o", "out", *M), 130, "^interrupted:",
+         isolate=True, signal_at=0.25, check=check_early, absent=("out",)),
+    Case("sigterm_during_startup", "signals", two_images, ("roundtrip", "in", "-o", "out", *M), 143, "^interrupted:",
+         isolate=True, signal_at=0.6, signum=15, check=check_early, absent=("out",)),
+    # 40 images: the run cannot be over at 1.2 s, whether torch is still importing or the first items run
+    Case("ctrl_c_while_torch_imports", "signals", many_images, ("encode", "in", "-o", "out", "-b", "1", *M), 130,
+         "interrupted:", isolate=True, signal_at=1.2, check=check_early, absent=("out/.*",)),
+]
+
+
+def cafe_images(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png", seed=1)
+    img(root, "in/café.png", seed=2)
+    (root / "in" / "crème.png").write_bytes(b"not an image")
+
+
+def check_quiet(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert err.strip() == "", err
+
+
+def check_escaped_name(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert r"in/cr\xe8me.png" in err or r"in/cr\u00e8me.png" in err, err
+
+
+CASES += [
+    # 12. stdout closed, full, or cut short; a stdout that cannot encode a file name
+    Case("stdout_closed_info_json", "streams", two_images, ("info", "{model}"), 1,
+         r"^error: cannot write the JSON document to stdout \(stdout is closed\)", isolate=True, stdout="closed"),
+    Case("stdout_full_info_json", "streams", two_images, ("info", "{model}"), 1,
+         r"^error: cannot write the JSON document to stdout \(No space left on device\)", isolate=True, stdout="full"),
+    Case("stdout_full_info_human", "streams", two_images, ("info", "{model}"), 1,
+         r"^error: cannot write the output to stdout", isolate=True, stdout="full", json=False),
+    Case("stdout_full_after_the_work", "streams", two_images, ("encode", "in", "-o", "out", *M), 1,
+         r"^error: cannot write the JSON document to stdout", isolate=True, stdout="full",
+         exists=("out/a.safetensors", "out/sub/b.safetensors"), absent=("out/.*",)),
+    Case("stdout_reader_gone_human", "streams", two_images, ("roundtrip", "in", *M), 141, isolate=True,
+         stdout="head:0", json=False, check=check_quiet),
+    Case("stdout_reader_gone_json", "streams", two_images, ("encode", "in", "-o", "out", *M), 141, isolate=True,
+         stdout="head:0", check=check_quiet, exists=("out/a.safetensors",)),
+    Case("ascii_stdout_human", "streams", cafe_images, ("roundtrip", "in", "-o", "out", *M), 1, isolate=True,
+         json=False, env={"PYTHONIOENCODING": "ascii"}, check=check_escaped_name, exists=("out/café.png",)),
+    Case("ascii_stdout_json", "streams", cafe_images, ("encode", "in", "-o", "out", *M), 1, isolate=True,
+         env={"PYTHONIOENCODING": "ascii"}, check=check_escaped_name, exists=("out/café.safetensors",)),
+]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # RecursionError in json.loads
+
+
+def deep_latent_header(root: Path, ctx: Ctx) -> None:
+    """A latent whose safetensors header nests 100000 levels, and one whose latent_spec entry does."""
+    (root / "in").mkdir()
+    header = json.dumps({"latent": {"dtype": "F32", "shape": [4, 3, 3], "data_offsets": [0, 144]}})
+    header = header[:-1] + ', "junk": ' + DEEP + "}"
+    (root / "in" / "deep.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(144))
+    our_latent(root / "in" / "spec.safetensors", ctx, latent_spec=DEEP)
+
+
+def check_deep_latents(root: Path, doc: dict[str, Any], err: str) -> None:
+    errors = _errors(doc)
+    assert "nested more than 64 levels" in errors["deep.safetensors"], errors
+    assert "'latent_spec' is JSON nested more than 64 levels" in errors["spec.safetensors"], errors
+
+
+def deep_png_record(root: Path, ctx: Ctx) -> None:
+    """decode's output out/a.png exists with a `vaecli` text record nested 100000 levels."""
+    from PIL import PngImagePlugin
+
+    encoded_folder(root, ctx)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("vaecli", DEEP)
+    (root / "out").mkdir()
+    Image.new("RGB", (24, 24)).save(root / "out" / "a.png", pnginfo=info)
+
+
+def deep_config(root: Path, ctx: Ctx) -> None:
+    hostile_model()(root, ctx)
+    (root / "m" / "config.json").write_text('{"latent_channels": 4, "junk": ' + DEEP + "}")
+
+
+def huge_int_config(root: Path, ctx: Ctx) -> None:
+    hostile_model()(root, ctx)
+    cfg = json.loads((root / "m" / "config.json").read_text())
+    text = json.dumps(cfg).replace('"scaling_factor": 0.18215', '"scaling_factor": 1' + "0" * 400)
+    assert "0" * 400 in text
+    (root / "m" / "config.json").write_text(text)
+
+
+def dataset_then_deep_manifest_line(root: Path, ctx: Ctx) -> None:
+    """A dataset whose manifest.jsonl gets a line nested 100000 levels deep, and whose latent for a.png is
+    replaced by a file with such a header (garbage at an output path)."""
+    two_images(root, ctx)
+    assert ctx.run("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], "--model", ctx.model) == 0
+    with open(root / "out" / "manifest.jsonl", "a") as fh:
+        fh.write(DEEP + "\n")
+    latent = next((root / "out").rglob("a.safetensors"))
+    header = '{"junk": ' + DEEP + "}"
+    latent.write_bytes(struct.pack("<Q", len(header)) + header.encode())
+
+
+def check_manifest_line(root: Path, doc: dict[str, Any], err: str) -> None:
+    status = {Path(i["input"]).name: i["status"] for i in doc["items"]}
+    assert status["a.png"] == "ok" and status["b.png"] in ("ok", "skipped"), status  # a: its garbage file remade
+    assert any("manifest.jsonl: line(s) 3 unreadable" in n for n in doc["notes"]), doc["notes"]
+    lines = (root / "out" / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["source"] for line in lines)
+
+
+CASES += [
+    # 13. hostile file contents get a named reason, never "unexpected error"
+    Case("deep_json_latent_headers", "file contents", deep_latent_header, ("decode", "in", "-o", "out", *M), 1,
+         "nested more than 64 levels", check=check_deep_latents, absent=("out/*",)),
+    Case("deep_json_png_record", "file contents", deep_png_record, ("decode", "lat", "-o", "out", *M), 1,
+         r"out/a\.png already exists and it has no vaecli provenance record; pass --overwrite",
+         protect=("out/a.png",), exists=("out/sub/b.png",)),
+    Case("deep_json_png_record_overwrite", "file contents", deep_png_record,
+         ("decode", "lat", "-o", "out", "--overwrite", *M), 0, exists=("out/a.png", "out/sub/b.png")),
+    Case("deep_json_config", "file contents", deep_config, ("info", "m"), 2, r"m: its config\.json is nested too deeply"),
+    Case("huge_int_scaling_factor_config", "file contents", huge_int_config, ("encode", "in", "-o", "out", "--model", "m"),
+         2, r"m: its config\.json holds a number too large to use", absent=("out",)),
+    Case("huge_int_scaling_factor_latent", "file contents", metadata(latent_spec='{"scaling_factor": 1' + "0" * 400 + "}"),
+         ("decode", "in", "-o", "out", *M), 1, "scaling_factor must be a finite non-zero number", absent=("out/*",)),
+    Case("deep_json_manifest_line", "file contents", dataset_then_deep_manifest_line,
+         ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], "--overwrite", *M), 0, check=check_manifest_line),
+    Case("deep_json_manifest_line_kept_output", "file contents", dataset_then_deep_manifest_line,
+         ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], *M), 0, check=check_manifest_line),
+    Case("enospc_in_safetensors_writer", "file contents", two_images, ("encode", "in", "-o", "out", *M), 1,
+         r"in/a\.png: cannot write .*a\.safetensors: No space left on device \(the disk is full",
+         isolate=True, env={"VAECLI_TEST_ENOSPC": "a.safetensors"}, exists=("out/sub/b.safetensors",),
+         absent=("out/a.safetensors", "out/.*")),
+]
+
+
+def _tiff_with_short_strip(compression: str) -> bytes:
+    """A TIFF (compressed by libtiff) whose StripByteCounts says 3 bytes: libtiff itself complains on stderr."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        buf, "TIFF", compression=compression)
+    data = bytearray(buf.getvalue())
+    (ifd,) = struct.unpack("<I", data[4:8])
+    (n,) = struct.unpack("<H", data[ifd : ifd + 2])
+    for i in range(n):
+        e = ifd + 2 + 12 * i
+        tag, kind, count = struct.unpack("<HHI", data[e : e + 8])
+        if tag == 279 and count == 1:  # StripByteCounts, one strip
+            data[e + 8 : e + 12] = struct.pack("<I", 3) if kind == 4 else struct.pack("<HH", 3, 0)
+    return bytes(data)
+
+
+def libtiff_complaints(root: Path, ctx: Ctx) -> None:
+    (root / "in").mkdir()
+    (root / "in" / "packbits.tif").write_bytes(_tiff_with_short_strip("packbits"))
+    (root / "in" / "lzw.tif").write_bytes(_tiff_with_short_strip("tiff_lzw"))
+    (root / "in" / "deflate.tif").write_bytes(_tiff_with_short_strip("tiff_adobe_deflate"))
+    img(root, "in/good.png")
+
+
+def check_tiff_lines(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc["failed"] == 3 and doc["ok"] == 1, doc
+    assert "Decode" not in err and "TIFF" not in err, err  # libtiff's own lines are gone, ours stay
+
+
+CASES += [
+    # 15. libtiff's own stderr lines; batch sizes past any bound
+    Case("libtiff_lines_captured", "streams", libtiff_complaints, ("encode", "in", "-o", "out", *M), 1,
+         r"error: in/packbits\.tif: ", isolate=True, check=check_tiff_lines, exists=("out/good.safetensors",)),
+    Case("bench_batch_size_huge", "messages", two_images, ("bench", "-r", "16", "-b", "99999999999999999999", *M), 2,
+         r"99999999999999999999 is more than 4096 images per model call"),
+    Case("encode_batch_size_huge", "messages", two_images, ("encode", "in", "-o", "out", "-b", "1e30", *M), 2,
+         "neither a positive integer", absent=("out",)),
+]
+
+
+def file_and_folder_of_one_name(root: Path, ctx: Ctx) -> None:
+    img(root, "in/a.png", seed=1)
+    img(root, "in/a.safetensors/x.png", seed=2)
+    img(root, "in/b.jpg", seed=3, format="JPEG")
+    img(root, "in/b.png/y.png", seed=4)
+
+
+def symlink_in_output_into_inputs(root: Path, ctx: Ctx) -> None:
+    """out/sub is a symlink to in/sub: writing out/sub/b.png would write into the input folder."""
+    two_images(root, ctx)
+    (root / "out").mkdir()
+    (root / "out" / "sub").symlink_to(root / "in" / "sub", target_is_directory=True)
+
+
+def symlink_in_output_elsewhere(root: Path, ctx: Ctx) -> None:
+    """out/sub/deep is a symlink to a folder outside everything; out itself may be a symlink (the root)."""
+    img(root, "in/a.png", seed=1)
+    img(root, "in/sub/deep/b.png", seed=2)
+    (root / "elsewhere").mkdir()
+    (root / "real_out" / "sub").mkdir(parents=True)
+    (root / "real_out" / "sub" / "deep").symlink_to(root / "elsewhere", target_is_directory=True)
+    (root / "out").symlink_to(root / "real_out", target_is_directory=True)
+
+
+CASES += [
+    # 6. one name claimed as an output file and as an output folder: the second fails before any work
+    Case("output_file_and_folder_of_one_name", "claims", file_and_folder_of_one_name, ("encode", "in", "-o", "out", *M), 1,
+         r"in/a\.safetensors/x\.png: its output out/a\.safetensors/x\.safetensors needs a folder out/a\.safetensors, "
+         r"which is the output file of in/a\.png", exists=("out/a.safetensors", "out/b.safetensors"),
+         absent=("out/a.safetensors/*",)),
+    Case("output_file_and_folder_roundtrip", "claims", file_and_folder_of_one_name, ("roundtrip", "in", "-o", "out", *M), 1,
+         r"in/b\.png/y\.png: its output out/b\.png/y\.png needs a folder out/b\.png, which is the output file of "
+         r"in/b\.jpg", exists=("out/b.png", "out/a.png")),
+    Case("output_folder_is_an_existing_file", "claims",
+         lambda r, c: (two_images(r, c), (r / "out").mkdir(), (r / "out" / "sub").write_text("mine")),
+         ("encode", "in", "-o", "out", *M), 1, r"needs a folder out/sub, but out/sub is a file",
+         protect=("out/sub",), exists=("out/a.safetensors",)),
+    # 7. a symlinked folder inside the output folder is never written through
+    Case("symlink_in_output_into_inputs", "overlap", symlink_in_output_into_inputs, ("roundtrip", "in", "-o", "out", *M),
+         1, r"in/sub/b\.png: its output out/sub/b\.png needs a folder out/sub, but out/sub is a symlink",
+         exists=("out/a.png",), absent=("in/sub/b.png.*", "in/sub/.*")),
+    Case("symlink_in_output_into_inputs_encode", "overlap", symlink_in_output_into_inputs,
+         ("encode", "in", "-o", "out", "--overwrite", *M), 1, r"out/sub is a symlink", absent=("in/sub/b.safetensors",)),
+    Case("symlink_in_output_into_inputs_dataset", "overlap", symlink_in_output_into_inputs,
+         ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], *M), 1, r"out/sub is a symlink",
+         absent=("in/sub/b.safetensors",)),
+    Case("symlink_deep_in_output", "overlap", symlink_in_output_elsewhere, ("encode", "in", "-o", "out", *M), 1,
+         r"out/sub/deep is a symlink", exists=("real_out/a.safetensors",), absent=("elsewhere/*",)),
+]
+
+
+def made_with_other_config(command: tuple[str, ...]) -> Callable[[Path, Ctx], None]:
+    """Outputs made with the tiny model; m/ holds the same weights with another config (norm_num_groups 4
+    instead of 8: no tensor changes, the computation does)."""
+
+    def build(root: Path, ctx: Ctx) -> None:
+        hostile_model({"norm_num_groups": 4})(root, ctx)
+        if command[0] == "decode":
+            assert ctx.run("encode", "in", "-o", "lat", "--model", ctx.model) == 0
+        assert ctx.run(*command, "--model", ctx.model) == 0
+
+    return build
+
+
+def check_remade(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc["skipped"] == 0 and doc["ok"] == 2, doc
+    notes = _notes(doc)
+    assert "model config or weights" in notes or "re-encoded: changed settings_sha256" in notes, notes
+
+
+CASES += [
+    # 1. a model is its weights and its config: a config-only change remakes every output
+    Case("config_change_remakes_roundtrip", "stale", made_with_other_config(("roundtrip", "in", "-o", "out")),
+         ("roundtrip", "in", "-o", "out", "--model", "m"), 0, check=check_remade),
+    Case("config_change_remakes_encode", "stale", made_with_other_config(("encode", "in", "-o", "out", "--raw")),
+         ("encode", "in", "-o", "out", "--raw", "--model", "m"), 0, check=check_remade),
+    Case("config_change_remakes_decode", "stale", made_with_other_config(("decode", "lat", "-o", "out")),
+         ("decode", "lat", "-o", "out", "--model", "m"), 0, check=check_remade),
+    Case("config_change_remakes_dataset", "stale", made_with_other_config(("encode", "in", "-o", "out", "--dataset",
+                                                                           *KOHYA[3:])),
+         ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], "--model", "m"), 0, check=check_remade),
 ]

@@ -203,11 +203,16 @@ def test_usage_errors_exit_2(model, tmp_path):
     empty.mkdir()
     (empty / "notes.txt").write_text("hi")
     result = run_cli("encode", empty, "-o", tmp_path / "o", "--model", model)
-    assert result.exit_code == 2 and "no inputs" in result.stderr
+    assert result.exit_code == 2 and "no inputs" in result.stderr and not (tmp_path / "o").exists()
+    # inputs are looked for before the model loads: "no inputs" also with a model that cannot load
     result = run_cli("encode", empty, "-o", tmp_path / "o", "--model", tmp_path / "missing-model")
+    assert result.exit_code == 2 and "no inputs" in result.stderr
+    one = tmp_path / "one"
+    noise_image(one / "a.png", 16, 16)
+    result = run_cli("encode", one, "-o", tmp_path / "o", "--model", tmp_path / "missing-model")
     assert result.exit_code == 2 and "cannot load" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    code, doc, _ = run_json("encode", empty, "-o", tmp_path / "o", "--model", tmp_path / "missing-model")
+    code, doc, _ = run_json("encode", one, "-o", tmp_path / "o", "--model", tmp_path / "missing-model")
     assert code == 2 and doc["error"] and doc["items"] == []
     assert run_cli("encode", empty, "-o", tmp_path / "o", "--size-policy", "stretch").exit_code == 2
     assert run_cli("encode", empty, "-o", tmp_path / "o", "--batch-size", "0").exit_code == 2

@@ -16,6 +16,7 @@ import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,7 +38,33 @@ BOOT = textwrap.dedent(
                 threading.Event().wait()
             return real(path)
         batch.open_regular = stalled
-    from vaecli.cli import main
+    wblock = os.environ.get("VAECLI_TEST_BLOCK_WRITE")
+    if wblock:  # a write that never finishes once its temp file is whole (a stalled disk)
+        import vaecli.io as vio
+        real_write = vio.atomic_write
+        def stuck(path, write):
+            if str(path).endswith(wblock):
+                def held(tmp):
+                    write(tmp)
+                    threading.Event().wait()
+                return real_write(path, held)
+            return real_write(path, write)
+        vio.atomic_write = stuck
+    full = os.environ.get("VAECLI_TEST_ENOSPC")
+    if full:  # the disk fills while safetensors writes this output (its Rust writer reports errno as text)
+        import vaecli.io as vio
+        from safetensors import SafetensorError
+        real_write2 = vio.atomic_write
+        def filling(path, write):
+            if str(path).endswith(full):
+                def fail(tmp):
+                    tmp.write_bytes(b"partial")
+                    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+                return real_write2(path, fail)
+            return real_write2(path, write)
+        vio.atomic_write = filling
+    from vaecli.entry import main  # the console script's entry: signals handled before the CLI imports
     main(sys.argv[1:])
     """
 )
@@ -80,22 +107,49 @@ def invoke(args: list[str], timeout: float) -> tuple[int, str, str]:
 
 
 def spawn(case: Case, root: Path, args: list[str]) -> tuple[int, str, str, int]:
-    """The CLI in a subprocess: (exit code, stdout, stderr, peak RSS in MiB); SIGINT when case.signal_after
-    appears; killed (and the test failed) at case.timeout."""
+    """The CLI in a subprocess: (exit code, stdout, stderr, peak RSS in MiB); case.signum (SIGINT) when
+    case.signal_after appears or case.signal_at seconds have passed; killed (and the test failed) at
+    case.timeout."""
     env = dict(subprocess_env(), **case.env)
     outs = [open(root.parent / f"{root.name}.{kind}", "w+") for kind in ("stdout", "stderr")]
-    preexec = (lambda: os.umask(case.umask)) if case.umask is not None else None
+
+    def preexec() -> None:
+        if case.umask is not None:
+            os.umask(case.umask)
+        if case.stdout == "closed":
+            os.close(1)  # `>&-`
+
+    stdout: Any = outs[0]
+    reader = None
+    if case.stdout == "full":
+        stdout = open("/dev/full", "w")
+    elif case.stdout.startswith("head:"):  # `| head -c N`: the reader takes N bytes, then goes away
+        read_fd, stdout = os.pipe()
+
+        def take(n: int = int(case.stdout[5:])) -> None:
+            got = b""
+            while len(got) < n and (chunk := os.read(read_fd, n - len(got))):
+                got += chunk
+            outs[0].write(got.decode(errors="replace"))
+            os.close(read_fd)
+
+        reader = threading.Thread(target=take, daemon=True)
+        reader.start()
     proc = subprocess.Popen(
-        [sys.executable, "-c", BOOT, *args], cwd=root, env=env, stdout=outs[0], stderr=outs[1], preexec_fn=preexec
+        [sys.executable, "-c", BOOT, *args], cwd=root, env=env, stdout=stdout, stderr=outs[1], preexec_fn=preexec
     )
+    if stdout is not outs[0]:
+        os.close(stdout) if isinstance(stdout, int) else stdout.close()
     start, signalled = time.monotonic(), False
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         elapsed = time.monotonic() - start
-        if case.signal_after and not signalled and (list(root.glob(case.signal_after)) or elapsed > 20):
-            proc.send_signal(signal.SIGINT)
+        due = (case.signal_after and (list(root.glob(case.signal_after)) or elapsed > 20)) or (
+            case.signal_at and elapsed >= case.signal_at)
+        if due and not signalled:
+            proc.send_signal(case.signum)
             signalled = True
         if elapsed > case.timeout:
             proc.kill()
@@ -138,7 +192,7 @@ def test_hostile_case(case: Case, model: str, model_sha256: str, tmp_path: Path,
     ctx = Ctx(model, model_sha256, lambda *args: invoke([*args, "--quiet"], 120)[0])
     case.build(root, ctx)
     before = snapshot(root, case)
-    args = [a.replace("{model}", model) for a in case.args] + ["--json"]
+    args = [a.replace("{model}", model) for a in case.args] + (["--json"] if case.json else [])
     if case.isolate:
         code, stdout, stderr, rss = spawn(case, root, args)
         if case.max_rss_mb:
@@ -152,11 +206,16 @@ def test_hostile_case(case: Case, model: str, model_sha256: str, tmp_path: Path,
                 os.umask(old_umask)
 
     assert code == case.code, (code, stderr)
-    doc = json.loads(stdout)  # exactly one document, nothing else on stdout
-    assert isinstance(doc, dict) and {"ok", "failed", "skipped", "items"} <= set(doc), doc
     assert "Traceback" not in stderr and "terminate called" not in stderr, stderr
     lines = stderr.strip().splitlines()
     assert all(line.startswith(LINE_PREFIXES) for line in lines), lines
+    if case.stdout or not case.json:  # no document to read: stdout closed, full, cut short, or not asked for
+        _check_files(case, root, before)
+        if case.check is not None:
+            case.check(root, {"stdout": stdout}, stderr)
+        return
+    doc = json.loads(stdout)  # exactly one document, nothing else on stdout
+    assert isinstance(doc, dict) and {"ok", "failed", "skipped", "items"} <= set(doc), doc
     if case.code == 1:
         assert doc["failed"] >= 1 and sum(line.startswith("error: ") for line in lines) == doc["failed"], lines
     if case.code == 0:
@@ -167,6 +226,12 @@ def test_hostile_case(case: Case, model: str, model_sha256: str, tmp_path: Path,
         import re
 
         assert re.search(case.message, stderr), stderr
+    _check_files(case, root, before)
+    if case.check is not None:
+        case.check(root, doc, stderr)
+
+
+def _check_files(case: Case, root: Path, before: dict[str, tuple[str, int, int]]) -> None:
     for pattern in case.exists:
         assert list(root.glob(pattern)), f"missing {pattern}"
     for pattern in case.absent:
@@ -174,8 +239,6 @@ def test_hostile_case(case: Case, model: str, model_sha256: str, tmp_path: Path,
     after = snapshot(root, case)
     changed = [k for k, v in before.items() if after.get(k) != v]
     assert not changed, f"inputs modified or removed: {changed}"
-    if case.check is not None:
-        case.check(root, doc, stderr)
 
 
 def test_every_class_of_issue_11_has_cases() -> None:

@@ -65,7 +65,7 @@ def test_wheel_holds_every_file_of_the_package(wheel: Path) -> None:
     assert {"vaecli", "vaecli/kernels", "vaecli/dataset"} <= packages  # the test sees the real tree
     assert "vaecli/default_model/diffusion_pytorch_model.safetensors" in in_wheel
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "vaecli = vaecli.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "vaecli = vaecli.entry:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
 def test_installed_wheel_imports_every_module_and_runs_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:

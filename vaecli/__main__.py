@@ -1,5 +1,5 @@
-"""`python -m vaecli` runs the CLI."""
+"""`python -m vaecli` runs the CLI (signals handled first: entry.py)."""
 
-from .cli import main
+from .entry import main
 
 main()

@@ -252,10 +252,16 @@ def open_model(
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # reading a FIFO would wait forever
             raise ConfigError(f"{source} is {file_kind(mode)}, not a model file or folder")
 
-    return load_vae(
-        source, device=resolve_device(device), dtype=torch.float32, family=family, subfolder=subfolder,
-        revision=revision, variant=variant,
-    )
+    try:
+        return load_vae(
+            source, device=resolve_device(device), dtype=torch.float32, family=family, subfolder=subfolder,
+            revision=revision, variant=variant,
+        )
+    except RecursionError:  # json.loads of a hostile config.json (config.py catches only ValueError)
+        raise ConfigError(f"{source}: its config.json is nested too deeply to be a model config (a damaged or "
+                          "hostile file)") from None
+    except OverflowError as exc:  # a config value too large for a float, e.g. a 401-digit scaling_factor
+        raise ConfigError(f"{source}: its config.json holds a number too large to use ({exc})") from None
 
 
 def model_notes(vae: AutoencoderKL) -> list[str]:
@@ -269,8 +275,28 @@ def model_summary(vae: AutoencoderKL) -> dict[str, Any]:
     return {
         "name": info.name if info else "unnamed",
         "weights_sha256": info.weights_sha256 if info else "",
+        "identity_sha256": model_identity(vae),
         "device": str(next(vae.parameters()).device),
     }
+
+
+# Config fields that change no computed value: diffusers' nominal tile size (our tiling has its own flags).
+_NOMINAL_CONFIG = ("sample_size",)
+
+
+def model_identity(vae: AutoencoderKL) -> str:
+    """sha256 of everything that defines the model's computation: its weights (their sha256) and its
+    effective config, architecture and latent normalization included (VAEConfig.to_dict: what was loaded,
+    inferred or assumed, e.g. norm_num_groups of a bare weights file), as canonical JSON.
+
+    Two loads of the same weights with different configs (groups inferred 32 vs given 16) compute different
+    latents: outputs record this beside model_sha256 (the weights alone, what decode compares to name
+    "another model") and are remade when it changes."""
+    info = getattr(vae, "info", None)
+    config = {k: v for k, v in vae.config.to_dict().items() if k not in _NOMINAL_CONFIG}
+    doc = {"config": config, "weights_sha256": info.weights_sha256 if info else ""}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- the engine
@@ -331,6 +357,11 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
         return f"file system error{where}: {exc.strerror or text}"
+    # What hostile file contents raise in parsers we do not own (each site we own gives its own reason):
+    if isinstance(exc, RecursionError):
+        return "the file holds a structure nested too deeply to read (a damaged or hostile file)"
+    if isinstance(exc, OverflowError):
+        return f"the file holds a number too large to use ({text[:120]})"
     return f"unexpected error ({type(exc).__name__}: {text[:200]}); --debug shows the traceback"
 
 
@@ -697,7 +728,7 @@ def _prepare_run(inputs: Sequence[str | Path], suffixes: Sequence[str], out: Pat
     flat: every output at the top of the folder (see discover)."""
     notes: list[str] = []
     items = discover(inputs, suffixes, out, names, siblings, notes, flat=flat)
-    if out is None:
+    if out is None or not items:  # nothing to do: nothing is created (the CLI says "no inputs found")
         return items, notes, 0
     single = output_is_file(inputs, out, names)
     root = out.parent if single else out
@@ -717,7 +748,7 @@ def image_names(fmt: str) -> OutputNames:
 
 # ------------------------------------------------------------------------------------- existing outputs
 
-_LABELS = {"source_sha256": "source file", "model_sha256": "model"}
+_LABELS = {"source_sha256": "source file", "model_sha256": "model", "model_identity_sha256": "model config or weights"}
 
 
 def reuse_output(state: OutputState, want: Mapping[str, str], overwrite: bool, path: Path) -> tuple[bool, str | None]:
@@ -949,7 +980,8 @@ def _sha256_file(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------ encode
 
 # Metadata entries that must match for an existing latent file to count as this run's output.
-_SETTINGS_KEYS = ("model_sha256", "latent_spec", "posterior", "seed", "size_policy", "latent_dtype", "alpha")
+_SETTINGS_KEYS = ("model_sha256", "model_identity_sha256", "latent_spec", "posterior", "seed", "size_policy",
+                  "latent_dtype", "alpha")
 
 
 def encode_paths(
@@ -986,6 +1018,7 @@ def encode_paths(
     info = model_summary(vae)
     settings = {
         "model_sha256": info["weights_sha256"],
+        "model_identity_sha256": info["identity_sha256"],
         "latent_spec": json.dumps(spec.to_dict()) if spec is not None else "none",
         "posterior": "sample" if options.sample else "mode",
         "seed": str(options.seed) if options.sample else "",
@@ -1216,6 +1249,7 @@ def decode_paths(
     settings = {
         "kind": "decode",
         "model_sha256": info["weights_sha256"],
+        "model_identity_sha256": info["identity_sha256"],
         "image_format": options.format,
         "quality": str(options.quality) if options.format != "png" else "",
         "normalization": json.dumps(flag_spec.to_dict()) if override else "metadata",
@@ -1330,6 +1364,7 @@ def roundtrip_paths(
     settings = {
         "kind": "reconstruction",
         "model_sha256": model_summary(vae)["weights_sha256"],
+        "model_identity_sha256": model_identity(vae),
         "size_policy": options.size_policy,
         "alpha": options.alpha,
         "posterior": "sample" if options.sample else "mode",

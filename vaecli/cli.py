@@ -25,10 +25,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
-from . import __version__
-from .discovery import output_path
+from . import __version__, signals
+from .discovery import NO_INPUTS, output_path
 from .files import json_path
 from .errors import VaecliError
 
@@ -66,7 +66,29 @@ class _HelpCommand(TyperCommand):
                     formatter.write_dl(groups[name])
 
 
+class _Signalled(BaseException):
+    """A KeyboardInterrupt (Ctrl-C, SIGTERM, SIGHUP: signals.py) outside a command's _guard (while it imports
+    torch, or while options are parsed), carried past typer, which would turn it into a silent exit 130."""
+
+
+class _Group(TyperGroup):
+    """The command group, passing interrupts on to main() (which reports them) instead of typer's handler."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise _Signalled() from exc
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Signalled() from exc
+
+
 app = typer.Typer(
+    cls=_Group,
     name="vaecli",
     help="Image <-> latent conversion with the KL autoencoder of latent diffusion (SD, SDXL, SD3, Flux VAEs).",
     pretty_exceptions_enable=False,
@@ -80,7 +102,7 @@ err_console = Console(stderr=True, highlight=False)
 
 USAGE = 2
 ITEMS_FAILED = 1
-INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a process ended by Ctrl-C (SIGTERM 143, SIGHUP 129: signals.py)
 BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout was closed by its reader
 
 
@@ -221,7 +243,12 @@ def _batch_size(value: str | int) -> int:
         raise typer.BadParameter(f"{value!r} is neither a positive integer nor 'auto'") from None
     if n < 1:
         raise typer.BadParameter("must be at least 1, or 'auto'")
+    if n > MAX_BATCH:
+        raise typer.BadParameter(f"{n} is more than {MAX_BATCH} images per model call; give at most {MAX_BATCH}, or 'auto'")
     return n
+
+
+MAX_BATCH = 4096  # images per model call: far above what fits in any device's memory at 64 px
 
 
 BatchOpt = Annotated[
@@ -272,32 +299,114 @@ def main(argv: list[str] | None = None) -> None:
     Option-parsing errors and Ctrl-C outside a command body are handled here, so that they too print one
     line on stderr, exit with their code, and under --json still print the one JSON document.
     """
+    signals.install()  # the console script did already (entry.py); `from vaecli.cli import main` callers too
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in (args[: args.index("--")] if "--" in args else args)
     _route_warnings()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Stream(sys.stdout, "stdout"), _Stream(sys.stderr, "stderr")
     try:
-        code = app(args=args, prog_name="vaecli", standalone_mode=False)
-    except KeyboardInterrupt:
-        _interrupted(as_json, None)
-        code = INTERRUPTED
-    except BrokenPipeError:  # stdout closed early (`vaecli ... --json | head -1`): nothing more goes there
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = BROKEN_PIPE
-    except Exception as exc:  # noqa: BLE001 - parse errors (click's, or typer's vendored click), Abort
-        code = _parse_error(exc, as_json)
-    try:
+        try:
+            code = app(args=args, prog_name="vaecli", standalone_mode=False)
+        except (KeyboardInterrupt, _Signalled):
+            _interrupted(as_json, None)
+            code = signals.exit_code()
+        except Exception as exc:  # noqa: BLE001 - parse errors (click's, or typer's vendored click), Abort
+            code = _parse_error(exc, as_json)
         sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = BROKEN_PIPE
+    except StdoutFailed as exc:
+        code = _stdout_failed(exc, as_json)
+    finally:
+        sys.stdout, sys.stderr = saved
     sys.exit(code if isinstance(code, int) else 0)
+
+
+class StdoutFailed(BaseException):
+    """stdout cannot be written (closed, full, its reader gone): raised past every `except Exception`, so no
+    handler mistakes it for a failure of the run's own work and tries to print to stdout again."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+class _Stream:
+    """sys.stdout or sys.stderr for one CLI run. What a file name cannot be encoded as in the stream's
+    encoding (PYTHONIOENCODING=ascii and café.png) is written as a backslash escape: printing never changes
+    the outcome. stdout that cannot be written (closed: None; full; a reader gone) raises StdoutFailed;
+    stderr that cannot be written is given up silently (there is nowhere left to say so)."""
+
+    def __init__(self, stream: Any, role: str) -> None:
+        self._stream, self._role, self._dead = stream, role, stream is None
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+    def _fail(self, exc: BaseException) -> None:
+        self._dead = True
+        if self._role == "stdout":
+            raise StdoutFailed(exc) from None
+
+    def write(self, text: str) -> int:
+        if self._dead:
+            if self._role == "stdout":
+                raise StdoutFailed(OSError(9, "stdout is closed"))
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except UnicodeEncodeError:  # a stream that cannot be reconfigured
+            encoding = getattr(self._stream, "encoding", None) or "ascii"
+            return self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+            self._fail(exc)
+            return len(text)
+
+    def flush(self) -> None:
+        if self._dead:
+            return
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+
+    def isatty(self) -> bool:
+        try:
+            return not self._dead and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:
+        if self._stream is None:
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+def _stdout_failed(failure: StdoutFailed, as_json: bool) -> int:
+    """The exit code when stdout failed: 141 quietly when its reader went away (`| head`, as SIGPIPE would
+    end the process), else one error line and 1 (the work may be done, the promised output is not); after
+    a signal still 128 + N. Later writes to stdout (Python's own flush at exit) go to /dev/null."""
+    exc = failure.exc
+    try:
+        fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+    if isinstance(exc, BrokenPipeError):
+        return signals.exit_code() if signals.was_signalled() else BROKEN_PIPE
+    what = "the JSON document" if as_json else "the output"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    err_console.print(f"[bold red]error:[/] cannot write {what} to stdout ({escape(printable(reason))})", soft_wrap=True)
+    return signals.exit_code() if signals.was_signalled() else ITEMS_FAILED
 
 
 def _parse_error(exc: Exception, as_json: bool) -> int:
     """Report an exception raised outside a command body (while parsing options) in one line."""
     if type(exc).__name__ == "Abort":  # typer/click turn Ctrl-C during parsing into Abort
         _interrupted(as_json, None)
-        return INTERRUPTED
+        return signals.exit_code()
     if type(exc).__name__ == "NoArgsIsHelpError":
         exc.show()  # type: ignore[attr-defined]
         return int(getattr(exc, "exit_code", USAGE))
@@ -373,7 +482,13 @@ def printable(text: str) -> str:
 
 
 def _interrupted(as_json: bool, results: list[Any] | None, command: str | None = None) -> None:
-    """The Ctrl-C report: one line on stderr, and under --json the document with the items finished so far."""
+    """The report of a run ended by Ctrl-C, SIGTERM or SIGHUP: this process's temp files removed, one line
+    on stderr, and under --json the document with the items finished so far. Signals arriving from here on
+    are ignored, so the document is printed whole."""
+    from .files import remove_own_temp_files
+
+    signals.reporting()
+    remove_own_temp_files()
     done = [r for r in results or [] if r.status in ("ok", "failed", "skipped")]
     pending = len(results or []) - len(done)
     if results is None:
@@ -393,7 +508,7 @@ def _interrupted(as_json: bool, results: list[Any] | None, command: str | None =
             items=[r.to_dict() for r in done],
             pending=pending,
             interrupted=True,
-            error="interrupted (Ctrl-C)",
+            error=f"interrupted ({signals.name()})",
         )
         _print_json(doc)
 
@@ -427,7 +542,7 @@ def _guard(as_json: bool, debug: bool, command: str | None = None) -> Iterator[N
         raise _usage(str(exc), as_json) from None
     except KeyboardInterrupt as exc:
         _interrupted(as_json, getattr(exc, "results", None), command)
-        raise typer.Exit(INTERRUPTED) from None
+        raise typer.Exit(signals.exit_code()) from None
     except Exception as exc:  # noqa: BLE001 - a bug or an environment problem: still one line
         if debug:
             traceback.print_exc()
@@ -578,7 +693,7 @@ def _finish(report: Any, as_json: bool, debug: bool, table: Table | None = None,
             _error_line(r, debug)
     doc = report.to_dict()
     if not report.items:
-        raise _usage("no inputs found (expected files with a supported suffix, or folders holding them)", as_json)
+        raise _usage(NO_INPUTS, as_json)
     if as_json:
         _print_json(doc)
     else:
@@ -676,7 +791,8 @@ def encode(
     from .batch import EncodeOptions, check_layout, encode_paths, latent_names
     from .exports import CONTAINER_SUFFIX
     from .dataset.locations import is_url, shard_kind
-    from .discovery import check_inputs_exist
+    from .discovery import check_inputs_exist, require_inputs
+    from .io import IMAGE_SUFFIXES
 
     with _guard(as_json, debug, "encode"):
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
@@ -688,6 +804,8 @@ def encode(
             dataset, cache_format = True, CacheFormat.kohya
         fmt = (cache_format or CacheFormat.vaecli).value
         check_layout(inputs, out, None if dataset else latent_names(CONTAINER_SUFFIX[fmt]))
+        if not any(is_url(i) or shard_kind(i) for i in inputs):
+            require_inputs(inputs, IMAGE_SUFFIXES, out)  # exit 2 before the model loads or anything is written
         if dataset:
             from .dataset import DatasetOptions, EngineOptions, bind_local_device, parse_shard, prepare_dataset
 
@@ -780,7 +898,8 @@ def decode(
 ) -> None:
     """Decode latent files (ours, bare .safetensors or .npy) to images at their original size."""
     from .batch import DecodeOptions, check_layout, decode_paths, image_names
-    from .discovery import check_inputs_exist
+    from .discovery import check_inputs_exist, require_inputs
+    from .io import LATENT_SUFFIXES
 
     with _guard(as_json, debug, "decode"):
         _refuse_torchrun("decode")
@@ -791,6 +910,7 @@ def decode(
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
         check_inputs_exist(inputs)
         check_layout(inputs, out, image_names(image_format.value))
+        require_inputs(inputs, LATENT_SUFFIXES, out)
         options = DecodeOptions(
             batch_size=batch_size,
             format=image_format.value,
@@ -842,7 +962,8 @@ def roundtrip(
 ) -> None:
     """Encode and decode in memory; per-image PSNR, SSIM and max abs error (8-bit RGB, original size)."""
     from .batch import RoundtripOptions, check_layout, image_names, roundtrip_paths
-    from .discovery import check_inputs_exist
+    from .discovery import check_inputs_exist, require_inputs
+    from .io import IMAGE_SUFFIXES
 
     with _guard(as_json, debug, "roundtrip"):
         _refuse_torchrun("roundtrip")
@@ -853,6 +974,7 @@ def roundtrip(
         run = _run_options(dtype, upcast, tiling, tile_size, tile_overlap, slicing, compile_model, kernels)
         check_inputs_exist(inputs)
         check_layout(inputs, out, image_names("png"))
+        require_inputs(inputs, IMAGE_SUFFIXES, out)
         options = RoundtripOptions(
             batch_size=batch_size,
             sample=sample or seed is not None,

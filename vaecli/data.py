@@ -12,7 +12,6 @@ Every batch holds items of one bucket, so latents stack without padding.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
+from . import safejson
 from .config import LatentSpec
 from .dataset import LOGVAR_RANGE, MANIFEST, read_manifest
 from .errors import InputError
@@ -326,7 +326,7 @@ def _shard_urls(source: str | Path | Sequence[str | Path]) -> list[str]:
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         root = Path(source)
         try:
-            index = json.loads((root / "index.json").read_text())
+            index = safejson.loads((root / "index.json").read_text())
             return [str(root / entry["shard"]) for entry in index["shards"]]
         except (OSError, ValueError, KeyError, TypeError):
             return sorted(str(p) for p in [*root.glob("*.tar"), *root.glob("*.parquet")])

@@ -131,6 +131,26 @@ def check_inputs_exist(inputs: Sequence[str | Path]) -> None:
         raise ConfigError(f"no such file or folder: {shown}")
 
 
+NO_INPUTS = "no inputs found (expected files with a supported suffix, or folders holding them)"
+
+
+def require_inputs(inputs: Sequence[str | Path], suffixes: Sequence[str], out: Path | None) -> None:
+    """Refuse, before the model loads or anything is written, inputs that hold no item at all: a file named
+    directly is one, a folder must hold a file with one of `suffixes` (outside `out`, as discover walks).
+    Stops at the first one found, so a large tree costs one directory listing or a few."""
+    out_id = _identity(out) if out is not None else None
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if not path.is_dir():
+            return
+        try:
+            next(_walk(path, suffixes, out_id, None))
+            return
+        except StopIteration:
+            continue
+    raise ConfigError(NO_INPUTS)
+
+
 def discover(
     inputs: Sequence[str | Path],
     suffixes: Sequence[str],
@@ -242,18 +262,38 @@ class _Claims:
         self.out = out
         self.limit = name_max(out)
         self.fold = _case_insensitive(out)
-        self.owner: dict[str, Item] = {}
+        self.owner: dict[str, Item] = {}  # output files
+        self.folders: dict[str, Item] = {}  # folders below `out` that outputs need, by the first item needing each
+        self.in_the_way: dict[Path, str | None] = {}  # such a folder's path -> what is there instead, if anything
+
+    def _key(self, path: Path) -> str:
+        return str(path).casefold() if self.fold else str(path)
 
     def claim(self, item: Item) -> str | None:
-        """Claim every output of `item`; the reason it cannot have them, or None."""
-        keys = []
+        """Claim every output of `item` and the folders they need; the reason it cannot have them, or None.
+
+        A path is claimed as a file or as a folder, never both (`a.png` -> out/a.safetensors beside
+        `a.safetensors/x.png` -> out/a.safetensors/x.safetensors): the second item fails before any work."""
+        keys, folders = [], []
         for target in item.outputs:
             for part in target.relative_to(self.out).parts:
                 if len(os.fsencode(part)) > self.limit:
                     return f"its output name {part!r} is longer than the file system allows ({self.limit} bytes)"
-            key = str(target).casefold() if self.fold else str(target)
+            key = self._key(target)
             if key in self.owner:
                 return f"its output {target} is also an output of {self.owner[key].input}; rename one of them"
+            if key in self.folders:
+                return (f"its output {target} is the folder that outputs of {self.folders[key].input} go into; "
+                        "rename one of them")
+            for folder in _folders_between(self.out, target):
+                fkey = self._key(folder)
+                if fkey in self.owner:
+                    return (f"its output {target} needs a folder {folder}, which is the output file of "
+                            f"{self.owner[fkey].input}; rename one of them")
+                problem = self._in_the_way(folder)
+                if problem is not None:
+                    return f"its output {target} needs a folder {folder}, but {problem}; move it away"
+                folders.append(fkey)
             if os.path.lexists(target):
                 mode = os.lstat(target).st_mode
                 if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
@@ -261,7 +301,37 @@ class _Claims:
             keys.append(key)
         for key in keys:
             self.owner[key] = item
+        for fkey in folders:
+            self.folders.setdefault(fkey, item)
         return None
+
+    def _in_the_way(self, folder: Path) -> str | None:
+        """What an existing non-folder at `folder` is (None: a folder, or nothing yet), looked up once."""
+        if folder not in self.in_the_way:
+            try:
+                mode = os.lstat(folder).st_mode
+            except OSError:
+                found = None
+            else:
+                if stat.S_ISDIR(mode):
+                    found = None
+                elif stat.S_ISLNK(mode):  # never written through: it may lead anywhere, into the inputs too
+                    found = (f"{folder} is a symlink (outputs are never written through a symlinked folder inside "
+                             "the output folder)")
+                else:
+                    found = f"{folder} is {'a file' if stat.S_ISREG(mode) else file_kind(mode)}"
+            self.in_the_way[folder] = found
+        return self.in_the_way[folder]
+
+
+def _folders_between(out: Path, target: Path) -> list[Path]:
+    """The folders below `out` that `target` lies in (out/a/b/x.png: out/a, out/a/b)."""
+    parents = []
+    for parent in target.parents:
+        if parent == out or len(parent.parts) <= len(out.parts):
+            break
+        parents.append(parent)
+    return parents[::-1]
 
 
 def _case_insensitive(folder: Path) -> bool:

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Callable, Mapping
 import numpy as np
 import torch
 
+from . import safejson
 from .errors import ConfigError, InputError
 from .files import atomic_write
 from .io import LATENT_FORMAT, read_npy, read_safetensors_header, read_tensor
@@ -223,7 +224,7 @@ def _crop_ltrb(a: np.ndarray, bucket: tuple[int, int]) -> tuple[float, float, fl
 
 def _meta_text(a: np.ndarray) -> dict[str, str]:
     try:
-        meta = json.loads(str(a.reshape(-1)[0]) if a.size == 1 else "")
+        meta = safejson.loads(str(a.reshape(-1)[0]) if a.size == 1 else "")
     except ValueError:
         meta = None
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):

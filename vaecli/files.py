@@ -185,14 +185,45 @@ def temp_path(path: Path) -> Path:
     """A hidden temporary name beside `path`, unique to this process and call, within the name-length limit.
 
     `.<name>.tmp-<host>-<pid>-<start>-<rand>`; `<name>` is shortened (by bytes) when the whole would exceed
-    the file system's limit, so names near that limit can still be written.
+    the file system's limit, so names near that limit can still be written. The name is remembered until
+    forget_temp: an interrupted run removes the temp files still in flight (remove_own_temp_files).
     """
     suffix = f".tmp-{_writer_id()}-{secrets.token_hex(4)}"
     room = name_max(path.parent) - 1 - len(suffix)
     name = os.fsencode(path.name)
     if len(name) > room:
         name = name[: max(room, 0)]
-    return path.with_name("." + os.fsdecode(name) + suffix)
+    tmp = path.with_name("." + os.fsdecode(name) + suffix)
+    with _live_lock:
+        _live_temps.add(tmp)
+    return tmp
+
+
+_live_lock = threading.Lock()
+_live_temps: set[Path] = set()  # temp names of this process not yet published or removed
+
+
+def forget_temp(tmp: Path) -> None:
+    """`tmp` was published (renamed) or removed: an interrupted run has nothing left to remove there."""
+    with _live_lock:
+        _live_temps.discard(tmp)
+
+
+def remove_own_temp_files() -> int:
+    """Remove this process's temp files still in flight (a run interrupted while writing); how many. A write
+    still running in another thread may recreate its file afterwards; that name is then removed by the next
+    run's cleanup (its writer, this process, is dead by then)."""
+    with _live_lock:
+        live = list(_live_temps)
+        _live_temps.clear()
+    removed = 0
+    for tmp in live:
+        try:
+            os.unlink(tmp)
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def temp_writer(name: str) -> tuple[str, int, int] | None:
@@ -275,11 +306,38 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise VaecliError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
+        forget_temp(tmp)
+        raise VaecliError(f"cannot write {path}: {_os_reason(exc.errno, exc.strerror or str(exc))}") from None
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        forget_temp(tmp)
+        foreign = _foreign_os_error(exc) if isinstance(exc, Exception) else None
+        if foreign is not None:  # a writer in Rust or C (safetensors) that reports errno in its message
+            raise VaecliError(f"cannot write {path}: {_os_reason(*foreign)}") from None
         raise
+    forget_temp(tmp)
     _sync_folder_of(path)
+
+
+_RUST_OS_ERROR = re.compile(r'Os \{ code: (\d+), kind: \w+, message: "([^"]*)" \}')
+
+
+def _foreign_os_error(exc: Exception) -> tuple[int, str] | None:
+    """(errno, text) of an I/O error that a non-Python writer reported as text: safetensors' SafetensorError
+    says `IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })`."""
+    m = _RUST_OS_ERROR.search(str(exc))
+    return (int(m[1]), m[2]) if m else None
+
+
+def _os_reason(errno_: int | None, text: str) -> str:
+    """An OS error as a reason a user can act on: a full disk and an exhausted quota say so."""
+    import errno
+
+    if errno_ == errno.ENOSPC:
+        return f"{text} (the disk is full: free space or choose another output folder)"
+    if errno_ == getattr(errno, "EDQUOT", -1):
+        return f"{text} (disk quota exceeded)"
+    return text
 
 
 def publish_temp(tmp: Path, path: Path) -> None:
@@ -291,6 +349,7 @@ def publish_temp(tmp: Path, path: Path) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    forget_temp(tmp)
     _sync_folder_of(path)
 
 
@@ -352,3 +411,4 @@ def probe_writable(folder: Path) -> None:
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     os.close(fd)
     os.unlink(probe)
+    forget_temp(probe)

@@ -8,12 +8,12 @@ not the UNet, the text encoders or full checkpoints that a pipeline repo also ho
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import safejson
 from .errors import WeightsError
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -161,7 +161,7 @@ def _where(src: HubSource) -> str:
 
 def _is_vae_config(path: Path) -> bool:
     try:
-        data = json.loads(path.read_text())
+        data = safejson.loads(path.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and (

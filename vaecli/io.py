@@ -15,13 +15,18 @@ import math
 import os
 import re
 import struct
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
+from . import safejson
 from .errors import InputError
 from .files import atomic_write, check_regular, clean_temp_files, is_temp_name, open_regular, sha256_of, temp_path
 from .integrity import check_complete
@@ -89,7 +94,11 @@ def decode_image(
         check_complete(fh, img.format, img)
         try:
             img.seek(0)  # animated GIF/WebP/TIFF: the first frame
-            img.load()
+            if img.format == "TIFF":
+                with native_stderr_captured():  # libtiff prints its complaints itself (we raise ours)
+                    img.load()
+            else:
+                img.load()
             if convention == "kohya":
                 rgb = img if img.mode == "RGB" else img.convert("RGB")
                 return np.asarray(rgb, dtype=np.float32) / 255.0  # (H, W, 3), as stored
@@ -103,6 +112,67 @@ def decode_image(
             raise InputError(f"out of memory while decoding this {w}x{h} image") from None
         except Exception as exc:  # noqa: BLE001 - Pillow reports bad data with many types (OSError, ValueError, ...)
             raise InputError(f"corrupt or truncated image ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+# libtiff writes its errors and warnings straight to file descriptor 2 ("PackBitsDecode: Not enough data
+# for scanline 0."), beside our one `error:` line for the same file. They are captured around TIFF decodes:
+# fd 2 points at a temp file while any decode runs (a count, so that reader threads overlap freely), and
+# what landed there is then written back, less libtiff's lines (CamelCase function names: ours are lower
+# case, "error: ..."), so nothing another thread printed meanwhile is lost.
+_LIBTIFF_LINE = re.compile(rb"^_?[A-Z][A-Za-z0-9_]*: ")
+_capture_lock = threading.Lock()
+_capture: list[Any] = []  # [count, saved fd 2, temp file] while active
+
+
+@contextmanager
+def native_stderr_captured() -> Iterator[None]:
+    """Within this block, lines native code writes to fd 2 that look like libtiff's are dropped."""
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+    with _capture_lock:
+        if not _capture:
+            try:
+                saved = os.dup(2)
+                sink = tempfile.TemporaryFile()
+                os.dup2(sink.fileno(), 2)
+            except OSError:  # no fd 2 (a closed stderr) or no temp space: let libtiff print
+                _capture.append(None)
+            else:
+                _capture.extend([0, saved, sink])
+        if _capture[0] is not None:
+            _capture[0] += 1
+    try:
+        yield
+    finally:
+        with _capture_lock:
+            if _capture[0] is None:
+                _capture.clear()
+            else:
+                _capture[0] -= 1
+                if _capture[0] == 0:
+                    _, saved, sink = _capture
+                    _capture.clear()
+                    try:
+                        sys.stderr.flush()
+                    except (OSError, ValueError, AttributeError):
+                        pass
+                    os.dup2(saved, 2)
+                    os.close(saved)
+                    _replay(sink)
+
+
+def _replay(sink: Any) -> None:
+    """Write back what was captured, less libtiff's lines."""
+    try:
+        sink.seek(0)
+        kept = b"".join(line for line in sink.read().splitlines(keepends=True) if not _LIBTIFF_LINE.match(line))
+        sink.close()
+        if kept:
+            os.write(2, kept)
+    except OSError:
+        pass
 
 
 def image_size(fh: BinaryIO, exif: bool = True) -> tuple[int, int]:
@@ -297,7 +367,7 @@ def image_output_state(path: Path) -> OutputState:
     except InputError as exc:
         return OutputState("incomplete", detail=str(exc))
     try:
-        record = json.loads(raw) if raw else None
+        record = safejson.loads(raw) if raw else None
     except ValueError:
         record = None
     if not isinstance(record, dict) or record.get("format") != IMAGE_RECORD:
@@ -360,7 +430,9 @@ def read_safetensors_header(fh: BinaryIO) -> tuple[dict[str, TensorEntry], dict[
     if n > min(_MAX_HEADER, size - 8):
         raise InputError("not a readable safetensors file (header length beyond the file: cut short?)")
     try:
-        header = json.loads(fh.read(n))
+        header = safejson.loads(fh.read(n))
+    except safejson.JSONTooDeep as exc:
+        raise InputError(f"not a readable safetensors file (its header is {exc})") from None
     except (ValueError, UnicodeDecodeError):
         raise InputError("not a readable safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
@@ -614,8 +686,11 @@ def meta_name(name: str) -> str:
 def meta_json(meta: Mapping[str, str], key: str) -> Any:
     """One JSON-valued metadata entry, with a clear error when it is missing or garbled."""
     try:
-        return json.loads(meta[key])
+        return safejson.loads(meta[key])
     except KeyError:
         raise InputError(f"latent metadata lacks '{key}'") from None
+    except safejson.JSONTooDeep as exc:
+        raise InputError(f"latent metadata '{key}' is {exc}") from None
     except ValueError:
-        raise InputError(f"latent metadata '{key}' is not valid JSON: {meta[key]!r}") from None
+        shown = repr(meta[key]) if len(meta[key]) <= 120 else repr(meta[key][:120]) + "..."
+        raise InputError(f"latent metadata '{key}' is not valid JSON: {shown}") from None

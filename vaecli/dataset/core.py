@@ -216,7 +216,7 @@ def _prepare_share(
     # Temp files of killed runs are removed only when no other process can be writing (one shard, or after
     # a merge): a process id seen from another node says nothing about that node's live writers.
     removed = len(clean_temp_files(out)) if count == 1 else 0
-    prior = prior_records(out)
+    prior = prior_records(out, notes)
     enc = DatasetEncoder(vae, options, run)
     size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
     engine = _Engine(items, size, options.workers, progress, batch_for)

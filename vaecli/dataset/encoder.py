@@ -63,6 +63,8 @@ class DatasetEncoder:
         o = self.options
         return {
             "dataset_version": DATASET_VERSION,
+            # the model's config too (weights are model_sha256): a config-only change re-encodes
+            "model_identity_sha256": self.info["identity_sha256"],
             "bucket_resolution": o.bucket_resolution,
             "bucket_step": o.bucket_step,
             "min_bucket_size": lo,

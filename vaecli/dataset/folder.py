@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import safejson
 from ..batch import Item
 from ..files import check_regular
 from ..io import atomic_write
@@ -49,7 +50,7 @@ def read_record(path: Path, fmt: str) -> dict[str, Any] | None:
 
             with safe_open(str(path), framework="pt") as f:
                 text = (f.metadata() or {}).get(RECORD_KEY, "")
-        rec = json.loads(text)
+        rec = safejson.loads(text)
         return rec if isinstance(rec, dict) else None
     except Exception:  # noqa: BLE001 - any failure means "not a usable output": it is re-encoded
         return None

@@ -13,25 +13,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .. import safejson
 from ..errors import VaecliError
 from ..io import atomic_write
 from .options import MANIFEST
 
 
-def read_manifest(path: Path) -> list[dict[str, Any]]:
-    """Records of a manifest (JSON lines); unparsable lines are ignored (a torn write is never the only copy)."""
+def read_manifest(path: Path, bad: list[int] | None = None) -> list[dict[str, Any]]:
+    """Records of a manifest (JSON lines); unparsable lines are ignored (a torn write is never the only copy:
+    every latent file embeds its record), their numbers (1-based) added to `bad`."""
     records = []
     try:
-        text = path.read_text()
+        text = path.read_text(errors="replace")
     except OSError:
         return []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         try:
-            rec = json.loads(line)
+            rec = safejson.loads(line)
         except ValueError:
-            continue
-        if isinstance(rec, dict) and "source" in rec:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("source"), str):
             records.append(rec)
+        elif line.strip() and bad is not None:
+            bad.append(number)
     return records
 
 
@@ -126,12 +130,16 @@ def merge_lock(out: Path) -> Iterator[None]:
             fcntl.lockf(fh, fcntl.LOCK_UN)
 
 
-def prior_records(out: Path) -> dict[str, dict[str, Any]]:
-    """Records of the previous manifest and of unmerged shard manifests, by source (to report what vanished)."""
+def prior_records(out: Path, notes: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Records of the previous manifest and of unmerged shard manifests, by source (to report what vanished);
+    a note in `notes` for each manifest with unreadable lines."""
     prior: dict[str, dict[str, Any]] = {}
-    for rec in read_manifest(out / MANIFEST):
-        prior[rec["source"]] = rec
-    for path in shard_manifests(out).values():
-        for rec in read_manifest(path):
+    for path in (out / MANIFEST, *shard_manifests(out).values()):
+        bad: list[int] = []
+        for rec in read_manifest(path, bad):
             prior[rec["source"]] = rec
+        if bad and notes is not None:
+            shown = ", ".join(map(str, bad[:5])) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+            notes.append(f"{path.name}: line(s) {shown} unreadable, ignored; the manifest is rebuilt from the "
+                         "latent files (each embeds its record; a missing or damaged file is encoded again)")
     return prior

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import safejson
 from .options import RECORD_KEY
 
 
@@ -64,6 +65,6 @@ def read_latent_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, A
     from safetensors.torch import load
 
     (n,) = struct.unpack("<Q", data[:8])  # safetensors: u64 header length, then the JSON header
-    header = json.loads(data[8 : 8 + n])
-    record = json.loads((header.get("__metadata__") or {}).get(RECORD_KEY, "{}"))
+    header = safejson.loads(data[8 : 8 + n])
+    record = safejson.loads((header.get("__metadata__") or {}).get(RECORD_KEY, "{}"))
     return load(data), record

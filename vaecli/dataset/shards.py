@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
+from .. import safejson
 from ..batch import Counts, Item, ItemResult, Loaded, Progress, _Engine
 from ..errors import ConfigError, InputError
 from ..io import read_image
@@ -168,7 +169,7 @@ def finished_index(job: ShardJob, src: ShardInput, identity: dict[str, Any]) -> 
 
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
-        doc = json.loads(path.read_text())
+        doc = safejson.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
