@@ -312,3 +312,7 @@ def test_dataset_caches_carry_the_flux2_normalization(flux2_folder, tmp_path):
     assert record["latent_spec"]["patch_size"] == 2
     code, doc, _ = run_json("encode", src.parent, "-o", tmp_path / "bad", *common[:-1], "8")
     assert code == 2 and "multiple of the VAE's factor 16" in doc["error"]
+    for args in (common, ("-m", flux2_folder)):  # a cache sd-scripts would never read is refused up front
+        code, doc, _ = run_json("encode", src.parent, "-o", tmp_path / "k", *args, "--format", "kohya")
+        assert code == 2 and "sd-scripts does not train AutoencoderKLFlux2" in doc["error"]
+        assert not (tmp_path / "k").exists()

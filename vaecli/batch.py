@@ -1006,6 +1006,7 @@ def encode_paths(
         raise ConfigError(f"unknown latent dtype {options.latent_dtype!r}; choose one of {', '.join(DTYPES)}")
     if fmt not in CONTAINER_SUFFIX:
         raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(CONTAINER_SUFFIX)}")
+    check_container(vae.config, fmt)
     if fmt != "vaecli" and options.latent_dtype != "fp32":
         raise ConfigError(f"--format {fmt} stores float32 latents (what its reader expects); drop --latent-dtype")
     alpha = alpha_for(fmt, options.alpha)
@@ -1101,6 +1102,14 @@ def encode_paths(
 
 
 # ------------------------------------------------------------------------------------------------ decode
+
+
+def check_container(config: Any, fmt: str) -> None:
+    """Refuse a container that no tool reads for this family: sd-scripts (kohya's .npz) trains no FLUX.2,
+    Qwen-Image or tiny-VAE model, so such a cache would be silently unusable."""
+    if fmt == "kohya" and getattr(config, "family", "kl") != "kl":
+        raise ConfigError(f"--format kohya: sd-scripts does not train {config.class_name} models (its .npz caches "
+                          "are SD/SDXL/SD3/FLUX.1 latents); use --format vaecli (self-describing) or comfyui")
 
 
 def container_spec(spec: LatentSpec, fmt: str) -> LatentSpec | None:

@@ -24,6 +24,7 @@ from ..batch import (
     _Engine,
     model_notes,
     _sha256_file,
+    check_container,
     batch_sizer,
     check_output_root,
     discover,
@@ -131,6 +132,7 @@ def prepare_dataset(
             "must be normalized for its model; name the family (--family sd, sdxl, sd3 or flux; family=... in "
             "Python) or give the model's config.json"
         )
+    check_container(vae.config, options.format)
     check_options(options, vae.config.size_multiple)  # FLUX.2: buckets on a 16-pixel grid
     shards = shard_inputs(inputs)
     _check_layout(options, engine, shards is not None)
