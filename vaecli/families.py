@@ -96,7 +96,7 @@ def config_from_dict(data: Mapping[str, Any]) -> VAEConfig:
 def config_from_json(path: str | Path) -> VAEConfig:
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError) as exc:
+    except (OSError, ValueError) as exc:  # RecursionError: batch.open_model names a too-deep config
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} is not a JSON object")
