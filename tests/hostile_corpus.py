@@ -1018,3 +1018,41 @@ CASES += [
                                                                            *KOHYA[3:])),
          ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], "--model", "m"), 0, check=check_remade),
 ]
+
+
+def image_rewritten_while_read(root: Path, ctx: Ctx) -> None:
+    """src/a.png is rewritten in place (another image) the moment its bytes have been read to the end
+    (VAECLI_TEST_SWAP_AFTER_READ; outside in/, which the runner checks is never changed)."""
+    img(root, "src/a.png", 32, 32, seed=1)
+    img(root, "swap/new.png", 32, 32, seed=77)
+    (root / "orig").mkdir()
+    (root / "orig" / "a.png").write_bytes((root / "src" / "a.png").read_bytes())
+
+
+def check_hash_is_of_decoded_bytes(root: Path, doc: dict[str, Any], err: str) -> None:
+    """The latent holds the pixels of the bytes its source_sha256 names (the original), so the rerun, which
+    finds the new image, remakes it."""
+    import hashlib
+
+    assert (root / "src" / "a.png").read_bytes() == (root / "swap" / "new.png").read_bytes()  # it was rewritten
+
+    from safetensors import safe_open
+
+    with safe_open(str(root / "out" / "a.safetensors"), "pt") as f:
+        meta, z = f.metadata(), f.get_tensor("latent")
+    assert meta["source_sha256"] == hashlib.sha256((root / "orig" / "a.png").read_bytes()).hexdigest()
+    from vaecli.batch import encode_paths
+    from vaecli.weights import load_vae
+
+    vae = load_vae(meta["model_name"])
+    encode_paths(vae, [root / "orig" / "a.png"], root / "ref")
+    with safe_open(str(root / "ref" / "a.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("latent"), z), "the latent is not of the bytes its hash names"
+
+
+CASES += [
+    # 2. the bytes hashed are the bytes decoded, even when the file is rewritten while it is read
+    Case("image_rewritten_while_read", "stale", image_rewritten_while_read, ("encode", "src", "-o", "out", *M), 0,
+         isolate=True, env={"VAECLI_TEST_SWAP_AFTER_READ": "src/a.png:swap/new.png"},
+         check=check_hash_is_of_decoded_bytes),
+]

@@ -420,7 +420,7 @@ def read_safetensors_header(fh: BinaryIO) -> tuple[dict[str, TensorEntry], dict[
     Every entry must have a known dtype, a shape whose byte size matches its range, and lie inside the file:
     a file cut short fails here.
     """
-    size = os.fstat(fh.fileno()).st_size
+    size = stream_size(fh)
     if size == 0:
         raise InputError("empty file")
     head = fh.read(8)
@@ -542,6 +542,15 @@ def latent_kind(prefix: bytes) -> str | None:
     if len(prefix) >= 9 and prefix[8:9] == b"{" and 0 < struct.unpack("<Q", prefix[:8])[0] < _MAX_HEADER:
         return "a safetensors file"
     return None
+
+
+def stream_size(fh: BinaryIO) -> int:
+    """Bytes in an open file or an in-memory copy of one (BytesIO has no descriptor); position kept."""
+    pos = fh.tell()
+    try:
+        return fh.seek(0, 2)
+    finally:
+        fh.seek(pos)
 
 
 def _refuse_image(fh: BinaryIO) -> None:
