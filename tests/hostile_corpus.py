@@ -1056,3 +1056,53 @@ CASES += [
          isolate=True, env={"VAECLI_TEST_SWAP_AFTER_READ": "src/a.png:swap/new.png"},
          check=check_hash_is_of_decoded_bytes),
 ]
+
+
+def repaint_keeping_record(path: Path) -> None:
+    """New pixels in an output, its vaecli record (text chunk, JPEG comment) kept as it was."""
+    from PIL import PngImagePlugin
+
+    with Image.open(path) as im:
+        fmt, info = im.format, dict(im.info)
+        size = im.size
+    new = Image.fromarray(np.random.default_rng(123).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if fmt == "PNG":
+        png = PngImagePlugin.PngInfo()
+        png.add_text("vaecli", info["vaecli"])
+        new.save(path, pnginfo=png)
+    else:
+        new.save(path, format=fmt, comment=info["comment"], quality=95)
+
+
+def roundtrip_then_repainted(root: Path, ctx: Ctx) -> None:
+    two_images(root, ctx)
+    assert ctx.run("roundtrip", "in", "-o", "out", "--model", ctx.model) == 0
+    repaint_keeping_record(root / "out" / "a.png")
+
+
+def decode_then_repainted(fmt: str) -> Callable[[Path, Ctx], None]:
+    def build(root: Path, ctx: Ctx) -> None:
+        encoded_folder(root, ctx)
+        assert ctx.run("decode", "lat", "-o", "out", "--format", fmt, "--model", ctx.model) == 0
+        repaint_keeping_record(root / "out" / f"a.{fmt}")
+
+    return build
+
+
+def check_repainted_remade(root: Path, doc: dict[str, Any], err: str) -> None:
+    status = {Path(i["input"]).name: i for i in doc["items"]}
+    a = status["a.png"] if "a.png" in status else status["a.safetensors"]
+    assert a["status"] == "ok" and "pixels are not those its vaecli record names" in json.dumps(a["notes"]), a
+    assert a.get("psnr", 0) < 100
+    assert doc["skipped"] == 1  # the untouched output is still reused
+
+
+CASES += [
+    # 3. a reused output's record is tied to its pixels
+    Case("roundtrip_output_repainted", "stale", roundtrip_then_repainted, ("roundtrip", "in", "-o", "out", *M), 0,
+         check=check_repainted_remade),
+    Case("decode_output_repainted", "stale", decode_then_repainted("png"), ("decode", "lat", "-o", "out", *M), 0,
+         check=check_repainted_remade),
+    Case("decode_jpeg_output_repainted", "stale", decode_then_repainted("jpg"),
+         ("decode", "lat", "-o", "out", "--format", "jpg", *M), 0, check=check_repainted_remade),
+]
