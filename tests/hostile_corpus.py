@@ -1106,3 +1106,84 @@ CASES += [
     Case("decode_jpeg_output_repainted", "stale", decode_then_repainted("jpg"),
          ("decode", "lat", "-o", "out", "--format", "jpg", *M), 0, check=check_repainted_remade),
 ]
+
+
+def _first_scan_end(data: bytes) -> int:
+    """Where the first scan's entropy-coded data of a JPEG ends (the next marker)."""
+    import re
+
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+    return re.compile(rb"\xff[^\x00\xd0-\xd7\xff]").search(data, start).start()
+
+
+def _quarter_strip(data: bytes) -> bytes:
+    """An uncompressed one-strip TIFF whose StripByteCounts covers a quarter of its rows."""
+    data = bytearray(data)
+    (ifd,) = struct.unpack("<I", data[4:8])
+    (n,) = struct.unpack("<H", data[ifd : ifd + 2])
+    for i in range(n):
+        e = ifd + 2 + 12 * i
+        tag, kind, count = struct.unpack("<HHI", data[e : e + 8])
+        if tag == 279 and count == 1:
+            value = struct.unpack_from("<I" if kind == 4 else "<H", data, e + 8)[0]
+            data[e + 8 : e + 12] = struct.pack("<I", value // 4) if kind == 4 else struct.pack("<HH", value // 4, 0)
+    return bytes(data)
+
+
+def truncated_round_2(root: Path, ctx: Ctx) -> None:
+    import io
+
+    def jpeg(arr: np.ndarray, **save: Any) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG", **save)
+        return buf.getvalue()
+
+    def tiff(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, "TIFF")
+        return buf.getvalue()
+
+    (root / "in").mkdir()
+    flat = np.full((256, 256, 3), 128, np.uint8)
+    photo = np.asarray(Image.fromarray(np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+                       .resize((256, 256), Image.BILINEAR))
+    prog = jpeg(photo, quality=90, progressive=True)
+    flat_prog = jpeg(flat, quality=90, progressive=True)
+    base = jpeg(flat, quality=90)
+    files = {
+        "prog_after_dc.jpg": prog[: _first_scan_end(prog)] + b"\xff\xd9",
+        "flat_prog_after_dc.jpg": flat_prog[: _first_scan_end(flat_prog)] + b"\xff\xd9",
+        "flat_cut40.jpg": base[: len(base) * 2 // 5] + b"\xff\xd9",
+        "flat_gray_cut40.jpg": jpeg(flat[..., 0], quality=95)[: len(jpeg(flat[..., 0], quality=95)) * 2 // 5] + b"\xff\xd9",
+        "flat444_cut40.jpg": jpeg(flat, quality=95, subsampling=0)[: len(jpeg(flat, quality=95, subsampling=0)) * 2 // 5]
+        + b"\xff\xd9",
+        "quarter_rgb.tif": _quarter_strip(tiff(Image.fromarray(photo))),
+        "quarter_float.tif": _quarter_strip(tiff(Image.fromarray(photo[..., 0].astype(np.float32) / 255, "F"))),
+        # whole files of the same kinds: never refused
+        "good_prog.jpg": prog,
+        "good_flat.jpg": base,
+        "good_flat_optimized.jpg": jpeg(flat, quality=90, optimize=True),
+        "good_rgb.tif": tiff(Image.fromarray(photo)),
+    }
+    for name, data in files.items():
+        (root / "in" / name).write_bytes(data)
+
+
+def check_truncated_round_2(root: Path, doc: dict[str, Any], err: str) -> None:
+    errors = _errors(doc)
+    for name, error in errors.items():
+        if name.startswith("good_"):
+            assert not error, (name, error)
+        else:
+            assert "truncated image" in error, (name, error)
+    assert doc["ok"] == 4 and doc["failed"] == 7, doc
+
+
+CASES += [
+    # 4. truncated images that decode without complaint: cut after the first progressive scan, a flat
+    # baseline cut at 40% (both closed with EOI), an uncompressed TIFF strip holding a quarter of its rows
+    Case("truncated_round_2", "truncated", truncated_round_2, ("encode", "in", "-o", "out", *M), 1, "truncated image",
+         check=check_truncated_round_2, exists=("out/good_prog.safetensors", "out/good_rgb.safetensors"),
+         absent=("out/prog_after_dc.safetensors", "out/flat_cut40.safetensors", "out/quarter_rgb.safetensors")),
+]
