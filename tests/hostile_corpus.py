@@ -1018,3 +1018,172 @@ CASES += [
                                                                            *KOHYA[3:])),
          ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], "--model", "m"), 0, check=check_remade),
 ]
+
+
+def image_rewritten_while_read(root: Path, ctx: Ctx) -> None:
+    """src/a.png is rewritten in place (another image) the moment its bytes have been read to the end
+    (VAECLI_TEST_SWAP_AFTER_READ; outside in/, which the runner checks is never changed)."""
+    img(root, "src/a.png", 32, 32, seed=1)
+    img(root, "swap/new.png", 32, 32, seed=77)
+    (root / "orig").mkdir()
+    (root / "orig" / "a.png").write_bytes((root / "src" / "a.png").read_bytes())
+
+
+def check_hash_is_of_decoded_bytes(root: Path, doc: dict[str, Any], err: str) -> None:
+    """The latent holds the pixels of the bytes its source_sha256 names (the original), so the rerun, which
+    finds the new image, remakes it."""
+    import hashlib
+
+    assert (root / "src" / "a.png").read_bytes() == (root / "swap" / "new.png").read_bytes()  # it was rewritten
+
+    from safetensors import safe_open
+
+    with safe_open(str(root / "out" / "a.safetensors"), "pt") as f:
+        meta, z = f.metadata(), f.get_tensor("latent")
+    assert meta["source_sha256"] == hashlib.sha256((root / "orig" / "a.png").read_bytes()).hexdigest()
+    from vaecli.batch import encode_paths
+    from vaecli.weights import load_vae
+
+    vae = load_vae(meta["model_name"])
+    encode_paths(vae, [root / "orig" / "a.png"], root / "ref")
+    with safe_open(str(root / "ref" / "a.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("latent"), z), "the latent is not of the bytes its hash names"
+
+
+CASES += [
+    # 2. the bytes hashed are the bytes decoded, even when the file is rewritten while it is read
+    Case("image_rewritten_while_read", "stale", image_rewritten_while_read, ("encode", "src", "-o", "out", *M), 0,
+         isolate=True, env={"VAECLI_TEST_SWAP_AFTER_READ": "src/a.png:swap/new.png"},
+         check=check_hash_is_of_decoded_bytes),
+]
+
+
+def repaint_keeping_record(path: Path) -> None:
+    """New pixels in an output, its vaecli record (text chunk, JPEG comment) kept as it was."""
+    from PIL import PngImagePlugin
+
+    with Image.open(path) as im:
+        fmt, info = im.format, dict(im.info)
+        size = im.size
+    new = Image.fromarray(np.random.default_rng(123).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if fmt == "PNG":
+        png = PngImagePlugin.PngInfo()
+        png.add_text("vaecli", info["vaecli"])
+        new.save(path, pnginfo=png)
+    else:
+        new.save(path, format=fmt, comment=info["comment"], quality=95)
+
+
+def roundtrip_then_repainted(root: Path, ctx: Ctx) -> None:
+    two_images(root, ctx)
+    assert ctx.run("roundtrip", "in", "-o", "out", "--model", ctx.model) == 0
+    repaint_keeping_record(root / "out" / "a.png")
+
+
+def decode_then_repainted(fmt: str) -> Callable[[Path, Ctx], None]:
+    def build(root: Path, ctx: Ctx) -> None:
+        encoded_folder(root, ctx)
+        assert ctx.run("decode", "lat", "-o", "out", "--format", fmt, "--model", ctx.model) == 0
+        repaint_keeping_record(root / "out" / f"a.{fmt}")
+
+    return build
+
+
+def check_repainted_remade(root: Path, doc: dict[str, Any], err: str) -> None:
+    status = {Path(i["input"]).name: i for i in doc["items"]}
+    a = status["a.png"] if "a.png" in status else status["a.safetensors"]
+    assert a["status"] == "ok" and "pixels are not those its vaecli record names" in json.dumps(a["notes"]), a
+    assert a.get("psnr", 0) < 100
+    assert doc["skipped"] == 1  # the untouched output is still reused
+
+
+CASES += [
+    # 3. a reused output's record is tied to its pixels
+    Case("roundtrip_output_repainted", "stale", roundtrip_then_repainted, ("roundtrip", "in", "-o", "out", *M), 0,
+         check=check_repainted_remade),
+    Case("decode_output_repainted", "stale", decode_then_repainted("png"), ("decode", "lat", "-o", "out", *M), 0,
+         check=check_repainted_remade),
+    Case("decode_jpeg_output_repainted", "stale", decode_then_repainted("jpg"),
+         ("decode", "lat", "-o", "out", "--format", "jpg", *M), 0, check=check_repainted_remade),
+]
+
+
+def _first_scan_end(data: bytes) -> int:
+    """Where the first scan's entropy-coded data of a JPEG ends (the next marker)."""
+    import re
+
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+    return re.compile(rb"\xff[^\x00\xd0-\xd7\xff]").search(data, start).start()
+
+
+def _quarter_strip(data: bytes) -> bytes:
+    """An uncompressed one-strip TIFF whose StripByteCounts covers a quarter of its rows."""
+    data = bytearray(data)
+    (ifd,) = struct.unpack("<I", data[4:8])
+    (n,) = struct.unpack("<H", data[ifd : ifd + 2])
+    for i in range(n):
+        e = ifd + 2 + 12 * i
+        tag, kind, count = struct.unpack("<HHI", data[e : e + 8])
+        if tag == 279 and count == 1:
+            value = struct.unpack_from("<I" if kind == 4 else "<H", data, e + 8)[0]
+            data[e + 8 : e + 12] = struct.pack("<I", value // 4) if kind == 4 else struct.pack("<HH", value // 4, 0)
+    return bytes(data)
+
+
+def truncated_round_2(root: Path, ctx: Ctx) -> None:
+    import io
+
+    def jpeg(arr: np.ndarray, **save: Any) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG", **save)
+        return buf.getvalue()
+
+    def tiff(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, "TIFF")
+        return buf.getvalue()
+
+    (root / "in").mkdir()
+    flat = np.full((256, 256, 3), 128, np.uint8)
+    photo = np.asarray(Image.fromarray(np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+                       .resize((256, 256), Image.BILINEAR))
+    prog = jpeg(photo, quality=90, progressive=True)
+    flat_prog = jpeg(flat, quality=90, progressive=True)
+    base = jpeg(flat, quality=90)
+    files = {
+        "prog_after_dc.jpg": prog[: _first_scan_end(prog)] + b"\xff\xd9",
+        "flat_prog_after_dc.jpg": flat_prog[: _first_scan_end(flat_prog)] + b"\xff\xd9",
+        "flat_cut40.jpg": base[: len(base) * 2 // 5] + b"\xff\xd9",
+        "flat_gray_cut40.jpg": jpeg(flat[..., 0], quality=95)[: len(jpeg(flat[..., 0], quality=95)) * 2 // 5] + b"\xff\xd9",
+        "flat444_cut40.jpg": jpeg(flat, quality=95, subsampling=0)[: len(jpeg(flat, quality=95, subsampling=0)) * 2 // 5]
+        + b"\xff\xd9",
+        "quarter_rgb.tif": _quarter_strip(tiff(Image.fromarray(photo))),
+        "quarter_float.tif": _quarter_strip(tiff(Image.fromarray(photo[..., 0].astype(np.float32) / 255, "F"))),
+        # whole files of the same kinds: never refused
+        "good_prog.jpg": prog,
+        "good_flat.jpg": base,
+        "good_flat_optimized.jpg": jpeg(flat, quality=90, optimize=True),
+        "good_rgb.tif": tiff(Image.fromarray(photo)),
+    }
+    for name, data in files.items():
+        (root / "in" / name).write_bytes(data)
+
+
+def check_truncated_round_2(root: Path, doc: dict[str, Any], err: str) -> None:
+    errors = _errors(doc)
+    for name, error in errors.items():
+        if name.startswith("good_"):
+            assert not error, (name, error)
+        else:
+            assert "truncated image" in error, (name, error)
+    assert doc["ok"] == 4 and doc["failed"] == 7, doc
+
+
+CASES += [
+    # 4. truncated images that decode without complaint: cut after the first progressive scan, a flat
+    # baseline cut at 40% (both closed with EOI), an uncompressed TIFF strip holding a quarter of its rows
+    Case("truncated_round_2", "truncated", truncated_round_2, ("encode", "in", "-o", "out", *M), 1, "truncated image",
+         check=check_truncated_round_2, exists=("out/good_prog.safetensors", "out/good_rgb.safetensors"),
+         absent=("out/prog_after_dc.safetensors", "out/flat_cut40.safetensors", "out/quarter_rgb.safetensors")),
+]

@@ -64,6 +64,33 @@ BOOT = textwrap.dedent(
                 return real_write2(path, fail)
             return real_write2(path, write)
         vio.atomic_write = filling
+    swap = os.environ.get("VAECLI_TEST_SWAP_AFTER_READ")
+    if swap:  # "a.png:new.png": once a.png's bytes have been read to the end, a.png becomes new.png
+        import vaecli.batch as batch
+        name, replacement = swap.split(":")
+        opened = batch.open_regular
+        class Swapping:
+            def __init__(self, fh, path):
+                self.fh, self.path = fh, path
+            def read(self, n=-1):
+                data = self.fh.read(n)
+                at_end = self.fh.tell() >= os.fstat(self.fh.fileno()).st_size
+                if at_end and not os.environ.get("_SWAPPED"):  # rewritten in place: the same inode
+                    os.environ["_SWAPPED"] = "1"
+                    with open(self.path, "r+b") as out:
+                        out.write(open(replacement, "rb").read())
+                        out.truncate()
+                return data
+            def __enter__(self):
+                return self
+            def __exit__(self, *exc):
+                self.fh.close()
+            def __getattr__(self, attr):
+                return getattr(self.fh, attr)
+        def swapping(path):
+            fh = opened(path)
+            return Swapping(fh, str(path)) if str(path).endswith(name) else fh
+        batch.open_regular = swapping
     from vaecli.entry import main  # the console script's entry: signals handled before the CLI imports
     main(sys.argv[1:])
     """

@@ -79,7 +79,7 @@ def test_short_rows_and_spliced_end_markers(tmp_path):
         read_image(tmp_path / "rows.png")
     big = _encoded("JPEG", {"quality": 95}, 800, 600)
     (tmp_path / "spliced.jpg").write_bytes(big[:1000] + b"\xff\xd9")
-    with pytest.raises(InputError, match="too few for its 800x600 frame"):
+    with pytest.raises(InputError, match=r"its 800x600 frame.s blocks need at the least|too few for its 800x600 frame"):
         read_image(tmp_path / "spliced.jpg")
 
 

@@ -8,6 +8,7 @@ model (a bounded prefetch window), writing in another pool behind it, so the mod
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -977,6 +978,29 @@ def _sha256_file(path: Path) -> str:
         return sha256_of(fh)
 
 
+BYTES_PER_PIXEL_MAX = 16  # RGBA float32: the most bytes per pixel any image file we read stores uncompressed
+_SLACK_BYTES = 64 << 20  # headers, metadata, thumbnails, trailing data
+
+
+def read_source(path: Path, max_pixels: int) -> tuple[io.BytesIO, str]:
+    """(the file's bytes in memory, their sha256): one read, so the bytes decoded are the bytes hashed, even
+    when the file is rewritten meanwhile (hashing and decoding the file twice could pair a new image with
+    the old hash, and a rerun would keep it as current). A file larger than any image within max_pixels
+    can be (0: no limit) is refused before it is read."""
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        limit = max_pixels * BYTES_PER_PIXEL_MAX + _SLACK_BYTES if max_pixels > 0 else 0
+        if limit and size > limit:
+            raise InputError(
+                f"the file is {size / 2**20:.0f} MiB, more than an image within the limit of {max_pixels / 1e6:.1f} MP "
+                f"can take ({limit / 2**20:.0f} MiB); pass a larger --max-pixels to read it"
+            )
+        data = fh.read(limit + 1 if limit else -1)
+    if limit and len(data) > limit:
+        raise InputError("the file grew past the size limit while it was read")
+    return io.BytesIO(data), hashlib.sha256(data).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------ encode
 
 # Metadata entries that must match for an existing latent file to count as this run's output.
@@ -1033,14 +1057,13 @@ def encode_paths(
 
     def load(index: int, item: Item) -> Loaded | Skip:
         assert item.output is not None
-        with open_regular(item.input) as fh:
-            source_sha = sha256_of(fh)
-            want = {"source_sha256": source_sha, **settings}
-            skip, note = reuse_output(latent_output_state(item.output), want, options.overwrite, item.output)
-            if skip:
-                return Skip()
-            convention = "kohya" if fmt == "kohya" else "vaecli"
-            pixels = decode_image(fh, alpha, options.max_pixels, convention, keep_uint8=True)
+        fh, source_sha = read_source(item.input, options.max_pixels)  # the bytes hashed are the bytes decoded
+        want = {"source_sha256": source_sha, **settings}
+        skip, note = reuse_output(latent_output_state(item.output), want, options.overwrite, item.output)
+        if skip:
+            return Skip()
+        convention = "kohya" if fmt == "kohya" else "vaecli"
+        pixels = decode_image(fh, alpha, options.max_pixels, convention, keep_uint8=True)
         h, w = pixels.shape[:2]
         prepared, encoded, undo = prepare_pixels(pixels, factor, options.size_policy)
         extra = {"width": w, "height": h, "size": encoded, "undo": undo, "source_sha256": source_sha}
@@ -1283,12 +1306,12 @@ def decode_paths(
 
     def load(index: int, item: Item) -> Loaded | Skip:
         assert item.output is not None
-        with open_regular(item.input) as fh:
-            want = {"source_sha256": sha256_of(fh), **settings}
-            skip, note = reuse_output(image_output_state(item.output), want, options.overwrite, item.output)
-            if skip:
-                return Skip()
-            lf = load_latent(fh, item.input.suffix.lower(), check_shape)
+        fh, source_sha = read_source(item.input, options.max_pixels)  # the bytes hashed are the bytes decoded
+        want = {"source_sha256": source_sha, **settings}
+        skip, note = reuse_output(image_output_state(item.output), want, options.overwrite, item.output)
+        if skip:
+            return Skip()
+        lf = load_latent(fh, item.input.suffix.lower(), check_shape)
         meta = lf.meta
         c, h, w = lf.tensor.shape
         f = cell(c)
@@ -1387,9 +1410,8 @@ def roundtrip_paths(
         return {"vaecli_version": __version__, "source": item.rel, **want}
 
     def load(index: int, item: Item) -> Loaded | Skip:
-        with open_regular(item.input) as fh:
-            source_sha = sha256_of(fh) if item.output is not None else ""
-            pixels = decode_image(fh, options.alpha, options.max_pixels, keep_uint8=True)
+        fh, source_sha = read_source(item.input, options.max_pixels)  # the bytes hashed are the bytes decoded
+        pixels = decode_image(fh, options.alpha, options.max_pixels, keep_uint8=True)
         h, w = pixels.shape[:2]
         prepared, encoded, undo = prepare_pixels(pixels, factor, options.size_policy, options.pad_to)
         ref = _reference(pixels, undo)

@@ -238,9 +238,9 @@ def npz_state(fh: BinaryIO) -> tuple[bool, dict[str, str]]:
     Ours: it holds our metadata (`vaecli_meta`) or a dataset record (`vaecli_record`); any other .npz (one
     kohya wrote, a user's own) is not, and is never replaced without --overwrite.
     """
-    import os
+    from .io import stream_size
 
-    size = os.fstat(fh.fileno()).st_size
+    size = stream_size(fh)
     try:
         with zipfile.ZipFile(fh) as archive:
             infos = archive.infolist()

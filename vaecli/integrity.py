@@ -137,14 +137,23 @@ _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker: not a stuffed 
 
 
 def _jpeg(fh: BinaryIO, size: int, img: Any) -> None:
-    """Segments whole, at least one frame and scan, the scans' data closed by a marker, EOI reached; and
-    (Huffman coding) at least one bit of scan data per 8x8 block, which a file cut short and closed with
-    an end-of-image marker fails when much is missing."""
+    """Segments whole, at least one frame and scan, the scans' data closed by a marker, EOI reached; and,
+    against a file cut short and closed with an end-of-image marker:
+    - sequential Huffman coding: every 8x8 block costs at least its shortest DC code plus its shortest AC
+      code (the file's own tables), so each scan must hold at least that many bits for its blocks (a flat
+      image, which compresses to about that minimum, cut at 40% fails it);
+    - progressive: the scans together must deliver every coefficient (0..63) of every component to its
+      last bit (Al 0): a file cut after its first (DC) scan has none of the AC coefficients;
+    - any other Huffman frame: at least one bit of scan data per block."""
     if fh.read(2) != b"\xff\xd8":
         raise _corrupt("JPEG without a start-of-image marker")
     frame: tuple[int, int, int, list[tuple[int, int]]] | None = None
+    ids: list[int] = []  # component ids, in frame order
+    shortest: dict[tuple[int, int], int] = {}  # (class 0 DC / 1 AC, table id) -> shortest code length
     scan_bytes = 0
     scans = 0
+    short_scan: str | None = None  # why a sequential scan holds too few bits
+    delivered: dict[int, set[int]] = {}  # progressive: component id -> coefficients received to their last bit
     while True:
         byte = fh.read(1)
         while byte and byte != b"\xff":  # stray bytes between segments (libjpeg skips them too)
@@ -165,13 +174,31 @@ def _jpeg(fh: BinaryIO, size: int, img: Any) -> None:
         if marker in _SOF:
             _, height, width, count = struct.unpack(">BHHB", body[:6])
             comps = [(body[7 + 3 * i] >> 4, body[7 + 3 * i] & 15) for i in range(count)]
+            ids = [body[6 + 3 * i] for i in range(count)]
             frame = (marker, width, height, comps)
+        if marker == 0xC4:
+            _huffman_tables(body, shortest)
         if marker == 0xDA:
             scans += 1
-            scan_bytes += _skip_scan(fh)
+            length = _skip_scan(fh)
+            scan_bytes += length
+            if frame is not None and frame[0] in (0xC0, 0xC1) and short_scan is None:
+                short_scan = _short_sequential_scan(body, frame, ids, shortest, length)
+            if frame is not None and frame[0] in (0xC2, 0xC6):
+                _note_progressive(body, delivered)
     if frame is None or scans == 0:
         raise _corrupt("JPEG without a frame or scan")
     marker, width, height, comps = frame
+    if short_scan is not None:
+        raise _truncated(f"{short_scan} (cut short and closed with an end marker?)")
+    if marker in (0xC2, 0xC6) and height:
+        missing = [c for c in ids if len(delivered.get(c, ())) < 64]
+        if missing:
+            have = min(len(delivered.get(c, ())) for c in missing)
+            raise _truncated(
+                f"the progressive JPEG's scans deliver {have} of the 64 coefficients of a component to their "
+                "last bit (cut short after its first scans and closed with an end marker?)"
+            )
     if marker in _HUFFMAN_SOF and height:
         hmax, vmax = max(h for h, _ in comps), max(v for _, v in comps)
         blocks = sum(_ceil(_ceil(width * h, hmax), 8) * _ceil(_ceil(height * v, vmax), 8) for h, v in comps)
@@ -184,6 +211,55 @@ def _jpeg(fh: BinaryIO, size: int, img: Any) -> None:
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _huffman_tables(body: bytes, shortest: dict[tuple[int, int], int]) -> None:
+    """Record the shortest code length of each Huffman table a DHT segment defines (or redefines)."""
+    pos = 0
+    while pos + 17 <= len(body):
+        kind, table = body[pos] >> 4, body[pos] & 15
+        counts = body[pos + 1 : pos + 17]
+        shortest[(kind, table)] = next((n + 1 for n, c in enumerate(counts) if c), 16)
+        pos += 17 + sum(counts)
+
+
+def _short_sequential_scan(
+    sos: bytes, frame: tuple[int, int, int, list[tuple[int, int]]], ids: list[int],
+    shortest: dict[tuple[int, int], int], scan_bytes: int,
+) -> str | None:
+    """Why a baseline/extended sequential scan of `scan_bytes` bytes cannot hold all its blocks, or None:
+    each block takes at least the shortest code of its DC table and of its AC table."""
+    _, width, height, comps = frame
+    count = sos[0]
+    hmax, vmax = max(h for h, _ in comps), max(v for _, v in comps)
+    need = 0
+    for i in range(count):
+        cid, tables = sos[1 + 2 * i], sos[2 + 2 * i]
+        if cid not in ids:
+            return None  # a malformed scan: libjpeg reports it
+        h, v = comps[ids.index(cid)]
+        if count == 1:  # non-interleaved: the component's own blocks
+            blocks = _ceil(_ceil(width * h, hmax), 8) * _ceil(_ceil(height * v, vmax), 8)
+        else:  # interleaved: whole MCUs, h x v blocks of this component in each
+            blocks = _ceil(width, 8 * hmax) * _ceil(height, 8 * vmax) * h * v
+        dc, ac = shortest.get((0, tables >> 4)), shortest.get((1, tables & 15))
+        if dc is None or ac is None:
+            return None
+        need += blocks * (dc + ac)
+    if scan_bytes * 8 < need:
+        return (f"a JPEG scan holds {scan_bytes} bytes, fewer than the {_ceil(need, 8)} its {width}x{height} "
+                "frame's blocks need at the least")
+    return None
+
+
+def _note_progressive(sos: bytes, delivered: dict[int, set[int]]) -> None:
+    """Add the coefficients a progressive scan delivers to their last bit (Al 0) to each of its components."""
+    count = sos[0]
+    ss, se, approx = sos[1 + 2 * count], sos[2 + 2 * count], sos[3 + 2 * count]
+    if approx & 15 != 0 or se > 63 or ss > se:
+        return
+    for i in range(count):
+        delivered.setdefault(sos[1 + 2 * i], set()).update(range(ss, se + 1))
 
 
 def _skip_scan(fh: BinaryIO) -> int:
@@ -255,7 +331,8 @@ def _skip_sub_blocks(fh: BinaryIO) -> None:
 
 
 def _tiff(fh: BinaryIO, size: int, img: Any) -> None:
-    """Every strip or tile of the first page lies inside the file."""
+    """Every strip or tile of the first page lies inside the file; uncompressed strips hold all their rows
+    (Pillow decodes a strip whose byte count covers a quarter of its rows as black below them)."""
     tags = getattr(img, "tag_v2", {})
     for offsets_tag, counts_tag in ((273, 279), (324, 325)):  # strips, tiles
         offsets, counts = tags.get(offsets_tag), tags.get(counts_tag)
@@ -266,6 +343,33 @@ def _tiff(fh: BinaryIO, size: int, img: Any) -> None:
         end = max((int(o) + int(c) for o, c in zip(offsets, counts)), default=0)
         if end > size:
             raise _truncated(f"the TIFF has {size} of the {end} bytes its image data needs")
+        if offsets_tag == 273 and tags.get(259, 1) == 1:  # uncompressed strips
+            _tiff_strip_rows(tags, [int(c) for c in counts])
+
+
+def _tiff_strip_rows(tags: Any, counts: list[int]) -> None:
+    """Each uncompressed strip's byte count covers its rows: RowsPerStrip (the last strip: the rest) times
+    the bytes of one row of samples (per plane when planar)."""
+    width, height = int(tags.get(256, 0) or 0), int(tags.get(257, 0) or 0)
+    bits = tags.get(258, (1,))
+    bits = [int(b) for b in (bits if isinstance(bits, (tuple, list)) else (bits,))]
+    samples = int(tags.get(277, len(bits)) or 1)
+    per_strip = min(int(tags.get(278, height) or height), height) or height
+    if not (width and height and per_strip):
+        return
+    planar = int(tags.get(284, 1) or 1) == 2
+    planes = samples if planar else 1
+    row_bits = width * (bits[0] if planar else sum(bits) if len(bits) == samples else bits[0] * samples)
+    row_bytes = _ceil(row_bits, 8)
+    strips = _ceil(height, per_strip)
+    if len(counts) < strips * planes:
+        raise _truncated(f"the TIFF lists {len(counts)} of the {strips * planes} strips its {height} rows need")
+    for i, count in enumerate(counts[: strips * planes]):
+        rows = min(per_strip, height - (i % strips) * per_strip)
+        if count < rows * row_bytes:
+            raise _truncated(
+                f"the TIFF's strip {i} holds {count} of the {rows * row_bytes} bytes its {rows} rows need"
+            )
 
 
 def _bmp(fh: BinaryIO, size: int, img: Any) -> None:

@@ -291,25 +291,50 @@ def write_image(
     data = pixels if pixels.dtype == np.uint8 else to_uint8(pixels)
     img = Image.fromarray(data, "RGB")
     kind = IMAGE_FORMATS[fmt]
-    record = {"format": IMAGE_RECORD, **provenance} if provenance is not None else None
-    text = json.dumps(record, sort_keys=True) if record is not None else None  # ensure_ascii: plain ASCII
     params: dict[str, Any] = {}
     if kind == "JPEG":
         params = dict(quality=quality, subsampling=0 if quality >= 90 else 2)
-        if text is not None:
-            params["comment"] = text.encode()
     elif kind == "WEBP":
         params = dict(quality=quality, lossless=quality >= 100)
-        if text is not None:
-            params["xmp"] = _XMP.format(html.escape(text, quote=False)).encode()
     elif kind == "PNG":
         params = dict(compress_level=1)  # lossless either way; level 1 writes 3-4x faster than 6 for ~10% more bytes
-        if text is not None:
+    record = {"format": IMAGE_RECORD, **provenance} if provenance is not None else None
+    if record is not None:  # the record names the pixels a reader gets, so a file repainted under it is found
+        lossless = kind == "PNG" or (kind == "WEBP" and params["lossless"])
+        record["pixels_sha256"] = pixels_sha256(data if lossless else _decoded_rgb(img, kind, params))
+    text = json.dumps(record, sort_keys=True) if record is not None else None  # ensure_ascii: plain ASCII
+    if text is not None:
+        if kind == "JPEG":
+            params["comment"] = text.encode()
+        elif kind == "WEBP":
+            params["xmp"] = _XMP.format(html.escape(text, quote=False)).encode()
+        elif kind == "PNG":
             info = PngImagePlugin.PngInfo()
             info.add_text(PROVENANCE_KEY, text)
             params["pnginfo"] = info
 
     atomic_write(path, lambda tmp: img.save(tmp, format=kind, **params))
+
+
+def pixels_sha256(rgb: np.ndarray) -> str:
+    """sha256 of 8-bit (H, W, 3) pixels and their shape: what an image output's record says it holds."""
+    import hashlib
+
+    h, w = rgb.shape[:2]
+    return hashlib.sha256(f"{h}x{w}x3\0".encode() + np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def _decoded_rgb(img: Any, kind: str, params: Mapping[str, Any]) -> np.ndarray:
+    """The pixels a lossy file of `img` decodes to (its metadata does not change them): encoded once in memory."""
+    import io as _io
+
+    from PIL import Image
+
+    buf = _io.BytesIO()
+    img.save(buf, format=kind, **params)
+    buf.seek(0)
+    with Image.open(buf) as back:
+        return np.asarray(back.convert("RGB"))
 
 
 _XMP = (
@@ -364,14 +389,23 @@ def image_output_state(path: Path) -> OutputState:
         with open_regular(path) as fh, _open_pil(fh) as img:
             check_complete(fh, img.format, img)
             raw = img.info.get(PROVENANCE_KEY) or img.info.get("comment") or _xmp_record(img.info.get("xmp"))
+            try:
+                record = safejson.loads(raw) if raw else None
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or record.get("format") != IMAGE_RECORD:
+                return OutputState("foreign", detail="it has no vaecli provenance record")
+            want = record.get("pixels_sha256")
+            if want is not None:  # vaecli before 0.1.x wrote none: such records are taken at their word
+                try:
+                    got = pixels_sha256(np.asarray(img.convert("RGB")))
+                except Exception as exc:  # noqa: BLE001 - Pillow reports bad data with many types
+                    return OutputState("incomplete", detail=f"its pixels cannot be read ({type(exc).__name__})")
+                if got != want:
+                    return OutputState("incomplete", detail="its pixels are not those its vaecli record names (the "
+                                                            "file was changed after it was written)")
     except InputError as exc:
         return OutputState("incomplete", detail=str(exc))
-    try:
-        record = safejson.loads(raw) if raw else None
-    except ValueError:
-        record = None
-    if not isinstance(record, dict) or record.get("format") != IMAGE_RECORD:
-        return OutputState("foreign", detail="it has no vaecli provenance record")
     return OutputState("ours", {str(k): str(v) for k, v in record.items()})
 
 
@@ -420,7 +454,7 @@ def read_safetensors_header(fh: BinaryIO) -> tuple[dict[str, TensorEntry], dict[
     Every entry must have a known dtype, a shape whose byte size matches its range, and lie inside the file:
     a file cut short fails here.
     """
-    size = os.fstat(fh.fileno()).st_size
+    size = stream_size(fh)
     if size == 0:
         raise InputError("empty file")
     head = fh.read(8)
@@ -542,6 +576,15 @@ def latent_kind(prefix: bytes) -> str | None:
     if len(prefix) >= 9 and prefix[8:9] == b"{" and 0 < struct.unpack("<Q", prefix[:8])[0] < _MAX_HEADER:
         return "a safetensors file"
     return None
+
+
+def stream_size(fh: BinaryIO) -> int:
+    """Bytes in an open file or an in-memory copy of one (BytesIO has no descriptor); position kept."""
+    pos = fh.tell()
+    try:
+        return fh.seek(0, 2)
+    finally:
+        fh.seek(pos)
 
 
 def _refuse_image(fh: BinaryIO) -> None:

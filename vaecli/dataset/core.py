@@ -23,8 +23,8 @@ from ..batch import (
     Skip,
     _Engine,
     model_notes,
-    _sha256_file,
     check_container,
+    read_source,
     batch_sizer,
     check_output_root,
     discover,
@@ -261,14 +261,14 @@ def _encode_items(enc: DatasetEncoder, engine: _Engine, out: Path) -> dict[int, 
     records: dict[int, dict[str, Any]] = {}
 
     def load(i: int, item: Item) -> Loaded | Skip:
-        source_sha = _sha256_file(item.input) if item.input.is_file() else ""
+        data, source_sha = read_source(item.input, o.max_pixels)  # the bytes hashed are the bytes decoded
         reused = _reusable(enc, item, out, source_sha)
         if isinstance(reused, dict):
             records[i] = reused
             return Skip()
         if reused is not None:
             engine.results[i].notes.append(reused)
-        pixels = read_image(item.input, o.alpha_policy(), o.max_pixels, o.pixel_convention())
+        pixels = read_image(data, o.alpha_policy(), o.max_pixels, o.pixel_convention())
         crop, placement = enc.place(pixels, item.rel)
         return Loaded(i, item, crop, {"source_sha256": source_sha, "placement": placement})
 
