@@ -305,9 +305,36 @@ def _local_model(model: torch.nn.Module) -> bool:
     return not isinstance(model, AutoencoderKL)
 
 
+def _tiled_split(model: torch.nn.Module, x: torch.Tensor, op: str, tile_px: int, overlap_px: int, batch: int,
+                 plan: Plan) -> tuple[torch.Tensor, TileReport]:
+    """Models whose normalization is per position (Qwen-Image's RMS norm): the global part (mid-block
+    attention) runs untiled at 1/f resolution, only the convolutional paths run in overlapping tiles; no
+    statistics to share, so a tile equals the untiled computation wherever the overlap covers the
+    receptive field."""
+    f = model.config.downsample_factor
+    if op == "encode":
+        run = _Lockstep(x, f, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
+        enc = model.encoder
+        if len(run.tiles) == x.shape[0]:
+            return model.encode_moments(x, plan=plan), run.report
+        blend = _Blender(run, 1, model.config.block_out_channels[-1])
+        _per_tile(run, lambda t: enc.features(t, plan=plan), blend)
+        return model.quant_conv(enc.head(blend.result().to(x.dtype), plan=plan)), run.report
+    dec = model.decoder
+    trunk = dec.trunk(model.post_quant_conv(x), plan=plan)
+    run = _Lockstep(trunk, 1, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
+    if len(run.tiles) == x.shape[0]:
+        return model.decode(x, plan=plan), run.report
+    blend = _Blender(run, f, model.config.out_channels)
+    _per_tile(run, lambda t: dec.upsample(t, plan=plan), blend)
+    return blend.result().to(x.dtype).clamp_(-1.0, 1.0), run.report
+
+
 def _tiled_local(model: torch.nn.Module, x: torch.Tensor, op: str, tile_px: int, overlap_px: int, batch: int,
                  plan: Plan) -> tuple[torch.Tensor, TileReport]:
     """Overlapping tiles through the whole model, blended with the ramps (no statistics to share)."""
+    if hasattr(model.decoder, "trunk"):
+        return _tiled_split(model, x, op, tile_px, overlap_px, batch, plan)
     f = model.config.downsample_factor
     scale_in = f if op == "encode" else 1
     run = _Lockstep(x, scale_in, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)

@@ -397,12 +397,21 @@ class Encoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1], (1, 1, 1))
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, (3, 3, 3))
 
-    def forward(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
+    def features(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
+        """The local part (convolutions and per-position RMS norms, attention only at attn_scales levels):
+        image -> features at 1/f resolution; tiling runs it tile by tile."""
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = _run(block, x, checkpointing, plan)
+        return x
+
+    def head(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
+        """The global part at 1/f resolution (mid-block attention sees every position) -> moments."""
         x = _run(self.mid_block, x, checkpointing, plan)
         return self.conv_out(_silu(self.norm_out(x)))
+
+    def forward(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
+        return self.head(self.features(x, checkpointing, plan), checkpointing, plan)
 
 
 class Decoder(nn.Module):
@@ -427,11 +436,18 @@ class Decoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1], (1, 1, 1))
         self.conv_out = CausalConv3d(dims[-1], cfg.input_channels, (3, 3, 3))
 
-    def forward(self, z: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
-        x = _run(self.mid_block, self.conv_in(z), checkpointing, plan)
+    def trunk(self, z: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
+        """The global part at latent resolution (mid-block attention sees every position)."""
+        return _run(self.mid_block, self.conv_in(z), checkpointing, plan)
+
+    def upsample(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
+        """The local part (convolutions and per-position RMS norms): trunk features -> image; tiled."""
         for block in self.up_blocks:
             x = _run(block, x, checkpointing, plan)
         return self.conv_out(_silu(self.norm_out(x)))
+
+    def forward(self, z: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
+        return self.upsample(self.trunk(z, checkpointing, plan), checkpointing, plan)
 
 
 def _check_image_range(x: torch.Tensor) -> None:
