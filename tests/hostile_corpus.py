@@ -1187,3 +1187,50 @@ CASES += [
          check=check_truncated_round_2, exists=("out/good_prog.safetensors", "out/good_rgb.safetensors"),
          absent=("out/prog_after_dc.safetensors", "out/flat_cut40.safetensors", "out/quarter_rgb.safetensors")),
 ]
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]], compress: str = "") -> None:
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:" + compress) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _png_of(seed: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def tar_bombs(root: Path, ctx: Ctx) -> None:
+    """gzip.tar: gzip data under a .tar name (64 MiB of zeros inside); big.tar: a plain tar whose sample 000
+    has a 20 MiB side member and sample 002 a 17 MiB image member, beside a good sample 001."""
+    _tar(root / "in" / "gzip.tar", [("000.png", _png_of(1)), ("000.json", bytes(64 << 20))], compress="gz")
+    junk = _png_of(3) + bytes(17 << 20)  # an image member past the limit --max-pixels 5000 gives (16 MiB + 40 KB)
+    _tar(root / "in" / "big.tar", [("000.png", _png_of(1)), ("000.bin", bytes(20 << 20)), ("001.png", _png_of(2)),
+                                   ("001.txt", b"a caption"), ("002.png", junk)])
+
+
+def check_tar_bombs(root: Path, doc: dict[str, Any], err: str) -> None:
+    errors = json.dumps([i.get("error", "") for i in doc["items"]])
+    assert "gzip-compressed data, not a tar archive" in errors, errors
+    assert "000.bin declares 20,971,520 bytes, above the limit of 16,777,216 for side data" in errors, errors
+    assert "002.png declares" in errors and "for an image (--max-pixels sets it)" in errors, errors
+    assert doc["ok"] == 1 and doc["shards_failed"] == 1 and doc["shards_ok"] == 1, doc
+    assert (root / "out" / "big.tar").stat().st_size < 1 << 20  # nothing unbounded was copied
+
+
+CASES += [
+    # 9. bombs inside tar shards: compressed data under .tar refused, members bounded before they are read
+    Case("tar_shard_bombs", "declared sizes", tar_bombs,
+         ("encode", "in/gzip.tar", "in/big.tar", "-o", "out", "--dataset", "--max-pixels", "5000", *KOHYA[3:], *M), 1,
+         "gzip-compressed", isolate=True, max_rss_mb=900, check=check_tar_bombs, absent=("out/gzip.tar", "out/.*tmp*"),
+         timeout=120),
+]
