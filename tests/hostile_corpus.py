@@ -1234,3 +1234,34 @@ CASES += [
          "gzip-compressed", isolate=True, max_rss_mb=900, check=check_tar_bombs, absent=("out/gzip.tar", "out/.*tmp*"),
          timeout=120),
 ]
+
+
+def folder_past_path_max(root: Path, ctx: Ctx) -> None:
+    """in/ holds a.png, sub/b.png and a chain of folders whose path grows past PATH_MAX (4096 on Linux), an
+    image at its bottom: made level by level through directory descriptors, as no path can name it."""
+    two_images(root, ctx)
+    fd = os.open(root / "in", os.O_RDONLY)
+    try:
+        for i in range(25):  # 25 x 203 bytes
+            name = f"{i:02d}" + "d" * 200
+            os.mkdir(name, dir_fd=fd)
+            nfd = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        out = os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, (root / "in" / "a.png").read_bytes())
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
+CASES += [
+    # 14. a folder nested past PATH_MAX is one failed item; the rest runs
+    Case("folder_past_path_max", "special files", folder_past_path_max, ("encode", "in", "-o", "out", *M), 1,
+         r"cannot read this folder: its path is longer than the system allows \(PATH_MAX\)",
+         exists=("out/a.safetensors", "out/sub/b.safetensors")),
+    Case("folder_past_path_max_roundtrip", "special files", folder_past_path_max, ("roundtrip", "in", *M), 1,
+         r"\(PATH_MAX\)"),
+    Case("folder_past_path_max_dataset", "special files", folder_past_path_max,
+         ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], *M), 1, r"\(PATH_MAX\)"),
+]

@@ -199,6 +199,10 @@ def discover(
         path = Path(raw).expanduser()
         if path.is_dir():
             for found in _walk(path, suffixes, out_id, notes):
+                if isinstance(found, Unreadable):
+                    folder, reason = found
+                    items.append(Item(folder, folder.relative_to(path).as_posix(), None, error=reason))
+                    continue
                 add(found, found.relative_to(path).as_posix())
         else:
             add(path, path.name)
@@ -233,18 +237,46 @@ def _refuse_outputs_that_are_inputs(items: list[Item]) -> None:
                 item.error = f"its output {target} is the input file {source.input}; choose another output folder"
 
 
-def _walk(root: Path, suffixes: Sequence[str], exclude: Identity | None, notes: list[str] | None) -> Iterator[Path]:
-    for dirpath, dirnames, names in os.walk(root):
+class Unreadable(tuple):  # type: ignore[type-arg]
+    """(folder, reason): a folder met while walking that cannot be read (a path past PATH_MAX, no
+    permission): one failed item, the rest of the walk goes on."""
+
+
+def _folder_problem(exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.ENAMETOOLONG:
+        return ("cannot read this folder: its path is longer than the system allows (PATH_MAX); move it or "
+                "shorten its names")
+    if exc.errno == errno.EACCES:
+        return "cannot read this folder: permission denied"
+    return f"cannot read this folder: {exc.strerror or exc}"
+
+
+def _walk(
+    root: Path, suffixes: Sequence[str], exclude: Identity | None, notes: list[str] | None
+) -> Iterator[Path | Unreadable]:
+    errors: list[OSError] = []  # folders os.walk could not list
+    for dirpath, dirnames, names in os.walk(root, onerror=errors.append):
+        while errors:
+            exc = errors.pop(0)
+            yield Unreadable((Path(exc.filename or dirpath), _folder_problem(exc)))
         here = Path(dirpath)
         keep = []
         for d in sorted(dirnames):
             if d.startswith("."):
                 continue  # hidden folders: .git, .cache, our .vaecli
-            if (here / d).is_symlink():
+            try:
+                link = (here / d).is_symlink()
+                inside_out = exclude is not None and _identity(here / d) == exclude
+            except OSError as exc:  # e.g. ENAMETOOLONG: the folder, not the run, fails
+                yield Unreadable((here / d, _folder_problem(exc)))
+                continue
+            if link:
                 if notes is not None:
                     notes.append(f"not followed: {here / d} is a symlink to a folder (name it to include it)")
                 continue
-            if exclude is not None and _identity(here / d) == exclude:
+            if inside_out:
                 continue  # the output folder inside an input folder
             keep.append(d)
         dirnames[:] = keep
@@ -253,6 +285,8 @@ def _walk(root: Path, suffixes: Sequence[str], exclude: Identity | None, notes: 
                 continue  # hidden files: .DS_Store, macOS '._x.jpg' resource forks, our temp files
             if Path(name).suffix.lower() in suffixes:
                 yield here / name
+    for exc in errors:
+        yield Unreadable((Path(exc.filename or root), _folder_problem(exc)))
 
 
 class _Claims:
