@@ -1265,3 +1265,43 @@ CASES += [
     Case("folder_past_path_max_dataset", "special files", folder_past_path_max,
          ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], *M), 1, r"\(PATH_MAX\)"),
 ]
+
+
+def case_and_unicode_twins(root: Path, ctx: Ctx) -> None:
+    """in/A.png and in/a.png; café.png in NFC and in NFD (distinct names here, ext4); a folder vol/ that
+    the run sees as a case- and normalization-insensitive volume (VAECLI_TEST_FOLDING_FS)."""
+    import unicodedata
+
+    img(root, "in/A.png", seed=1)
+    img(root, "in/a.png", seed=2)
+    img(root, "in/" + unicodedata.normalize("NFC", "café.png"), seed=3)
+    img(root, "in/" + unicodedata.normalize("NFD", "café.png"), seed=4)
+    (root / "vol").mkdir()
+
+
+def check_two_claims_failed(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc["ok"] == 2 and doc["failed"] == 2, doc
+    assert err.count("is also an output of") == 2, err
+
+
+def check_kept_apart(root: Path, doc: dict[str, Any], err: str) -> None:
+    from vaecli.discovery import name_folding
+
+    assert name_folding(root / "out") == (False, False)  # the probe on this (ext4) file system, for real
+    assert doc["ok"] == 4 and len(list((root / "out").iterdir())) == 4
+
+
+FOLDING = {"VAECLI_TEST_FOLDING_FS": "vol"}
+
+CASES += [
+    # 5. names that a case- or normalization-insensitive volume folds together are one claim. CI has no such
+    # file system (no FAT or casefold ext4 mount here): the probe's answer is simulated for folders named
+    # vol (VAECLI_TEST_FOLDING_FS); the claim keys, and finding the file system of an output folder that
+    # does not exist yet (its nearest existing parent), are the real code.
+    Case("folding_fs_output_not_yet_there", "claims", case_and_unicode_twins, ("encode", "in", "-o", "vol/new/out", *M),
+         1, "is also an output of", isolate=True, env=FOLDING, check=check_two_claims_failed),
+    Case("folding_fs_output_is_the_volume", "claims", case_and_unicode_twins, ("roundtrip", "in", "-o", "vol", *M),
+         1, "is also an output of", isolate=True, env=FOLDING, check=check_two_claims_failed),
+    Case("case_sensitive_fs_keeps_twins_apart", "claims", case_and_unicode_twins, ("encode", "in", "-o", "out", *M), 0,
+         check=check_kept_apart),
+]

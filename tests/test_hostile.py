@@ -91,6 +91,11 @@ BOOT = textwrap.dedent(
             fh = opened(path)
             return Swapping(fh, str(path)) if str(path).endswith(name) else fh
         batch.open_regular = swapping
+    folding = os.environ.get("VAECLI_TEST_FOLDING_FS")
+    if folding:  # a simulated case- and normalization-insensitive volume: every folder named `folding`
+        import vaecli.discovery as discovery
+        real_probe = discovery._probe_folding
+        discovery._probe_folding = lambda folder: (True, True) if folding in folder.parts else real_probe(folder)
     from vaecli.entry import main  # the console script's entry: signals handled before the CLI imports
     main(sys.argv[1:])
     """

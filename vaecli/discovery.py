@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .errors import ConfigError
-from .files import file_kind, is_temp_name, name_max, probe_writable
+from .files import file_kind, forget_temp, is_temp_name, name_max, probe_writable, temp_path
 
 Siblings = Callable[[Path], Sequence[Path]]  # an item's main output -> the other files it writes
 
@@ -295,13 +296,18 @@ class _Claims:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.limit = name_max(out)
-        self.fold = _case_insensitive(out)
+        self.fold, self.fold_unicode = name_folding(out)
         self.owner: dict[str, Item] = {}  # output files
         self.folders: dict[str, Item] = {}  # folders below `out` that outputs need, by the first item needing each
         self.in_the_way: dict[Path, str | None] = {}  # such a folder's path -> what is there instead, if anything
 
     def _key(self, path: Path) -> str:
-        return str(path).casefold() if self.fold else str(path)
+        """A path as the output file system tells names apart: NFC when it ignores Unicode normalization
+        (café.png in NFC and NFD is one file there), case-folded when it ignores case."""
+        text = str(path)
+        if self.fold_unicode:
+            text = unicodedata.normalize("NFC", text)
+        return text.casefold() if self.fold else text
 
     def claim(self, item: Item) -> str | None:
         """Claim every output of `item` and the folders they need; the reason it cannot have them, or None.
@@ -366,6 +372,42 @@ def _folders_between(out: Path, target: Path) -> list[Path]:
             break
         parents.append(parent)
     return parents[::-1]
+
+
+def name_folding(out: Path) -> tuple[bool, bool]:
+    """(ignores case, ignores Unicode normalization): how the file system that will hold `out` compares
+    names. Probed in `out` when it exists (a mount point has its own file system, not its parent's), else
+    in its nearest existing parent, where `out` will be created: a hidden temp file is made there, its name
+    looked up with the case swapped and in NFD, and removed. A folder that cannot be written falls back to
+    looking up an existing name with its case swapped (case only)."""
+    folder = next((p for p in (out, *out.parents) if p.is_dir()), None)
+    return _probe_folding(folder) if folder is not None else (False, False)
+
+
+_PROBE_NAME = "vaecli-probe-Caf\u00e9"  # letters for case, an NFC character for normalization
+
+
+@lru_cache(maxsize=64)
+def _probe_folding(folder: Path) -> tuple[bool, bool]:
+    probe = temp_path(folder / _PROBE_NAME)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        os.close(fd)
+    except OSError:
+        forget_temp(probe)
+        return _case_insensitive(folder), False
+    try:
+        name = probe.name
+        case = os.path.lexists(probe.with_name(name.swapcase()))
+        nfd = unicodedata.normalize("NFD", name)
+        unicode = nfd != name and os.path.lexists(probe.with_name(nfd))
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+        forget_temp(probe)
+    return case, unicode
 
 
 def _case_insensitive(folder: Path) -> bool:
