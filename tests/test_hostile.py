@@ -279,3 +279,14 @@ def test_every_class_of_issue_11_has_cases() -> None:
         "overlap", "claims", "metadata sizes", "declared sizes", "special files", "truncated", "stale", "values",
         "temp files", "messages",
     }
+
+
+def test_every_class_of_issue_23_has_cases() -> None:
+    """Issue 23 (reliability round 2): each of its classes has cases, by the class label or the case name."""
+    classes = {c.klass for c in CASES}
+    names = " ".join(c.name for c in CASES)
+    assert classes >= {"no inputs", "signals", "streams", "file contents", "claims", "stale", "truncated"}
+    for word in ("config_change", "rewritten_while_read", "repainted", "truncated_round_2", "folding_fs",
+                 "file_and_folder", "symlink_in_output", "tar_shard_bombs", "past_path_max", "libtiff",
+                 "batch_size_huge", "sigterm", "sighup", "startup", "stdout_", "deep_json", "huge_int", "enospc"):
+        assert word in names, word
