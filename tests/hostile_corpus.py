@@ -1187,3 +1187,121 @@ CASES += [
          check=check_truncated_round_2, exists=("out/good_prog.safetensors", "out/good_rgb.safetensors"),
          absent=("out/prog_after_dc.safetensors", "out/flat_cut40.safetensors", "out/quarter_rgb.safetensors")),
 ]
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]], compress: str = "") -> None:
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:" + compress) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _png_of(seed: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def tar_bombs(root: Path, ctx: Ctx) -> None:
+    """gzip.tar: gzip data under a .tar name (64 MiB of zeros inside); big.tar: a plain tar whose sample 000
+    has a 20 MiB side member and sample 002 a 17 MiB image member, beside a good sample 001."""
+    _tar(root / "in" / "gzip.tar", [("000.png", _png_of(1)), ("000.json", bytes(64 << 20))], compress="gz")
+    junk = _png_of(3) + bytes(17 << 20)  # an image member past the limit --max-pixels 5000 gives (16 MiB + 40 KB)
+    _tar(root / "in" / "big.tar", [("000.png", _png_of(1)), ("000.bin", bytes(20 << 20)), ("001.png", _png_of(2)),
+                                   ("001.txt", b"a caption"), ("002.png", junk)])
+
+
+def check_tar_bombs(root: Path, doc: dict[str, Any], err: str) -> None:
+    errors = json.dumps([i.get("error", "") for i in doc["items"]])
+    assert "gzip-compressed data, not a tar archive" in errors, errors
+    assert "000.bin declares 20,971,520 bytes, above the limit of 16,777,216 for side data" in errors, errors
+    assert "002.png declares" in errors and "for an image (--max-pixels sets it)" in errors, errors
+    assert doc["ok"] == 1 and doc["shards_failed"] == 1 and doc["shards_ok"] == 1, doc
+    assert (root / "out" / "big.tar").stat().st_size < 1 << 20  # nothing unbounded was copied
+
+
+CASES += [
+    # 9. bombs inside tar shards: compressed data under .tar refused, members bounded before they are read
+    Case("tar_shard_bombs", "declared sizes", tar_bombs,
+         ("encode", "in/gzip.tar", "in/big.tar", "-o", "out", "--dataset", "--max-pixels", "5000", *KOHYA[3:], *M), 1,
+         "gzip-compressed", isolate=True, max_rss_mb=900, check=check_tar_bombs, absent=("out/gzip.tar", "out/.*tmp*"),
+         timeout=120),
+]
+
+
+def folder_past_path_max(root: Path, ctx: Ctx) -> None:
+    """in/ holds a.png, sub/b.png and a chain of folders whose path grows past PATH_MAX (4096 on Linux), an
+    image at its bottom: made level by level through directory descriptors, as no path can name it."""
+    two_images(root, ctx)
+    fd = os.open(root / "in", os.O_RDONLY)
+    try:
+        for i in range(25):  # 25 x 203 bytes
+            name = f"{i:02d}" + "d" * 200
+            os.mkdir(name, dir_fd=fd)
+            nfd = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        out = os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, (root / "in" / "a.png").read_bytes())
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
+CASES += [
+    # 14. a folder nested past PATH_MAX is one failed item; the rest runs
+    Case("folder_past_path_max", "special files", folder_past_path_max, ("encode", "in", "-o", "out", *M), 1,
+         r"cannot read this folder: its path is longer than the system allows \(PATH_MAX\)",
+         exists=("out/a.safetensors", "out/sub/b.safetensors")),
+    Case("folder_past_path_max_roundtrip", "special files", folder_past_path_max, ("roundtrip", "in", *M), 1,
+         r"\(PATH_MAX\)"),
+    Case("folder_past_path_max_dataset", "special files", folder_past_path_max,
+         ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], *M), 1, r"\(PATH_MAX\)"),
+]
+
+
+def case_and_unicode_twins(root: Path, ctx: Ctx) -> None:
+    """in/A.png and in/a.png; café.png in NFC and in NFD (distinct names here, ext4); a folder vol/ that
+    the run sees as a case- and normalization-insensitive volume (VAECLI_TEST_FOLDING_FS)."""
+    import unicodedata
+
+    img(root, "in/A.png", seed=1)
+    img(root, "in/a.png", seed=2)
+    img(root, "in/" + unicodedata.normalize("NFC", "café.png"), seed=3)
+    img(root, "in/" + unicodedata.normalize("NFD", "café.png"), seed=4)
+    (root / "vol").mkdir()
+
+
+def check_two_claims_failed(root: Path, doc: dict[str, Any], err: str) -> None:
+    assert doc["ok"] == 2 and doc["failed"] == 2, doc
+    assert err.count("is also an output of") == 2, err
+
+
+def check_kept_apart(root: Path, doc: dict[str, Any], err: str) -> None:
+    from vaecli.discovery import name_folding
+
+    assert name_folding(root / "out") == (False, False)  # the probe on this (ext4) file system, for real
+    assert doc["ok"] == 4 and len(list((root / "out").iterdir())) == 4
+
+
+FOLDING = {"VAECLI_TEST_FOLDING_FS": "vol"}
+
+CASES += [
+    # 5. names that a case- or normalization-insensitive volume folds together are one claim. CI has no such
+    # file system (no FAT or casefold ext4 mount here): the probe's answer is simulated for folders named
+    # vol (VAECLI_TEST_FOLDING_FS); the claim keys, and finding the file system of an output folder that
+    # does not exist yet (its nearest existing parent), are the real code.
+    Case("folding_fs_output_not_yet_there", "claims", case_and_unicode_twins, ("encode", "in", "-o", "vol/new/out", *M),
+         1, "is also an output of", isolate=True, env=FOLDING, check=check_two_claims_failed),
+    Case("folding_fs_output_is_the_volume", "claims", case_and_unicode_twins, ("roundtrip", "in", "-o", "vol", *M),
+         1, "is also an output of", isolate=True, env=FOLDING, check=check_two_claims_failed),
+    Case("case_sensitive_fs_keeps_twins_apart", "claims", case_and_unicode_twins, ("encode", "in", "-o", "out", *M), 0,
+         check=check_kept_apart),
+]

@@ -91,6 +91,11 @@ BOOT = textwrap.dedent(
             fh = opened(path)
             return Swapping(fh, str(path)) if str(path).endswith(name) else fh
         batch.open_regular = swapping
+    folding = os.environ.get("VAECLI_TEST_FOLDING_FS")
+    if folding:  # a simulated case- and normalization-insensitive volume: every folder named `folding`
+        import vaecli.discovery as discovery
+        real_probe = discovery._probe_folding
+        discovery._probe_folding = lambda folder: (True, True) if folding in folder.parts else real_probe(folder)
     from vaecli.entry import main  # the console script's entry: signals handled before the CLI imports
     main(sys.argv[1:])
     """
@@ -274,3 +279,14 @@ def test_every_class_of_issue_11_has_cases() -> None:
         "overlap", "claims", "metadata sizes", "declared sizes", "special files", "truncated", "stale", "values",
         "temp files", "messages",
     }
+
+
+def test_every_class_of_issue_23_has_cases() -> None:
+    """Issue 23 (reliability round 2): each of its classes has cases, by the class label or the case name."""
+    classes = {c.klass for c in CASES}
+    names = " ".join(c.name for c in CASES)
+    assert classes >= {"no inputs", "signals", "streams", "file contents", "claims", "stale", "truncated"}
+    for word in ("config_change", "rewritten_while_read", "repainted", "truncated_round_2", "folding_fs",
+                 "file_and_folder", "symlink_in_output", "tar_shard_bombs", "past_path_max", "libtiff",
+                 "batch_size_huge", "sigterm", "sighup", "startup", "stdout_", "deep_json", "huge_int", "enospc"):
+        assert word in names, word

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     Option-parsing errors and Ctrl-C outside a command body are handled here, so that they too print one
     line on stderr, exit with their code, and under --json still print the one JSON document.
     """
-    signals.install()  # the console script did already (entry.py); `from vaecli.cli import main` callers too
+    previous = signals.install()  # the console script did already (entry.py); `from vaecli.cli import main` callers too
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in (args[: args.index("--")] if "--" in args else args)
     _route_warnings()
@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         code = _stdout_failed(exc, as_json)
     finally:
         sys.stdout, sys.stderr = saved
+        if previous and not any(h is signals._handler for h in previous.values()):
+            signals.restore(previous)  # a caller's own handlers (entry.py's are ours: kept to the end)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .errors import ConfigError
-from .files import file_kind, is_temp_name, name_max, probe_writable
+from .files import file_kind, forget_temp, is_temp_name, name_max, probe_writable, temp_path
 
 Siblings = Callable[[Path], Sequence[Path]]  # an item's main output -> the other files it writes
 
@@ -199,6 +200,10 @@ def discover(
         path = Path(raw).expanduser()
         if path.is_dir():
             for found in _walk(path, suffixes, out_id, notes):
+                if isinstance(found, Unreadable):
+                    folder, reason = found
+                    items.append(Item(folder, folder.relative_to(path).as_posix(), None, error=reason))
+                    continue
                 add(found, found.relative_to(path).as_posix())
         else:
             add(path, path.name)
@@ -233,18 +238,46 @@ def _refuse_outputs_that_are_inputs(items: list[Item]) -> None:
                 item.error = f"its output {target} is the input file {source.input}; choose another output folder"
 
 
-def _walk(root: Path, suffixes: Sequence[str], exclude: Identity | None, notes: list[str] | None) -> Iterator[Path]:
-    for dirpath, dirnames, names in os.walk(root):
+class Unreadable(tuple):  # type: ignore[type-arg]
+    """(folder, reason): a folder met while walking that cannot be read (a path past PATH_MAX, no
+    permission): one failed item, the rest of the walk goes on."""
+
+
+def _folder_problem(exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.ENAMETOOLONG:
+        return ("cannot read this folder: its path is longer than the system allows (PATH_MAX); move it or "
+                "shorten its names")
+    if exc.errno == errno.EACCES:
+        return "cannot read this folder: permission denied"
+    return f"cannot read this folder: {exc.strerror or exc}"
+
+
+def _walk(
+    root: Path, suffixes: Sequence[str], exclude: Identity | None, notes: list[str] | None
+) -> Iterator[Path | Unreadable]:
+    errors: list[OSError] = []  # folders os.walk could not list
+    for dirpath, dirnames, names in os.walk(root, onerror=errors.append):
+        while errors:
+            exc = errors.pop(0)
+            yield Unreadable((Path(exc.filename or dirpath), _folder_problem(exc)))
         here = Path(dirpath)
         keep = []
         for d in sorted(dirnames):
             if d.startswith("."):
                 continue  # hidden folders: .git, .cache, our .vaecli
-            if (here / d).is_symlink():
+            try:
+                link = (here / d).is_symlink()
+                inside_out = exclude is not None and _identity(here / d) == exclude
+            except OSError as exc:  # e.g. ENAMETOOLONG: the folder, not the run, fails
+                yield Unreadable((here / d, _folder_problem(exc)))
+                continue
+            if link:
                 if notes is not None:
                     notes.append(f"not followed: {here / d} is a symlink to a folder (name it to include it)")
                 continue
-            if exclude is not None and _identity(here / d) == exclude:
+            if inside_out:
                 continue  # the output folder inside an input folder
             keep.append(d)
         dirnames[:] = keep
@@ -253,6 +286,8 @@ def _walk(root: Path, suffixes: Sequence[str], exclude: Identity | None, notes: 
                 continue  # hidden files: .DS_Store, macOS '._x.jpg' resource forks, our temp files
             if Path(name).suffix.lower() in suffixes:
                 yield here / name
+    for exc in errors:
+        yield Unreadable((Path(exc.filename or root), _folder_problem(exc)))
 
 
 class _Claims:
@@ -261,13 +296,18 @@ class _Claims:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.limit = name_max(out)
-        self.fold = _case_insensitive(out)
+        self.fold, self.fold_unicode = name_folding(out)
         self.owner: dict[str, Item] = {}  # output files
         self.folders: dict[str, Item] = {}  # folders below `out` that outputs need, by the first item needing each
         self.in_the_way: dict[Path, str | None] = {}  # such a folder's path -> what is there instead, if anything
 
     def _key(self, path: Path) -> str:
-        return str(path).casefold() if self.fold else str(path)
+        """A path as the output file system tells names apart: NFC when it ignores Unicode normalization
+        (café.png in NFC and NFD is one file there), case-folded when it ignores case."""
+        text = str(path)
+        if self.fold_unicode:
+            text = unicodedata.normalize("NFC", text)
+        return text.casefold() if self.fold else text
 
     def claim(self, item: Item) -> str | None:
         """Claim every output of `item` and the folders they need; the reason it cannot have them, or None.
@@ -332,6 +372,42 @@ def _folders_between(out: Path, target: Path) -> list[Path]:
             break
         parents.append(parent)
     return parents[::-1]
+
+
+def name_folding(out: Path) -> tuple[bool, bool]:
+    """(ignores case, ignores Unicode normalization): how the file system that will hold `out` compares
+    names. Probed in `out` when it exists (a mount point has its own file system, not its parent's), else
+    in its nearest existing parent, where `out` will be created: a hidden temp file is made there, its name
+    looked up with the case swapped and in NFD, and removed. A folder that cannot be written falls back to
+    looking up an existing name with its case swapped (case only)."""
+    folder = next((p for p in (out, *out.parents) if p.is_dir()), None)
+    return _probe_folding(folder) if folder is not None else (False, False)
+
+
+_PROBE_NAME = "vaecli-probe-Caf\u00e9"  # letters for case, an NFC character for normalization
+
+
+@lru_cache(maxsize=64)
+def _probe_folding(folder: Path) -> tuple[bool, bool]:
+    probe = temp_path(folder / _PROBE_NAME)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        os.close(fd)
+    except OSError:
+        forget_temp(probe)
+        return _case_insensitive(folder), False
+    try:
+        name = probe.name
+        case = os.path.lexists(probe.with_name(name.swapcase()))
+        nfd = unicodedata.normalize("NFD", name)
+        unicode = nfd != name and os.path.lexists(probe.with_name(nfd))
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+        forget_temp(probe)
+    return case, unicode
 
 
 def _case_insensitive(folder: Path) -> bool:

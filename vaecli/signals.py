@@ -34,18 +34,34 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
-def install() -> None:
+def install() -> dict[int, object]:
     """Route SIGINT, SIGTERM and SIGHUP to KeyboardInterrupt (main thread only; elsewhere a no-op). A signal
-    the parent set to be ignored (nohup's SIGHUP, a background job's SIGINT) stays ignored."""
+    the parent set to be ignored (nohup's SIGHUP, a background job's SIGINT) stays ignored. Returns the
+    handlers replaced, for restore()."""
+    previous: dict[int, object] = {}
     if threading.current_thread() is not threading.main_thread():
-        return
+        return previous
     for signum in HANDLED:
         try:
-            if _sig.getsignal(signum) == _sig.SIG_IGN:
+            old = _sig.getsignal(signum)
+            if old == _sig.SIG_IGN:
                 continue
             _sig.signal(signum, _handler)
+            previous[signum] = old
         except (OSError, ValueError):  # an embedded interpreter that owns its signals
             continue
+    return previous
+
+
+def restore(previous: dict[int, object]) -> None:
+    """Put back the handlers install() replaced (a caller of cli.main in its own process keeps its own), and
+    forget this run's signal."""
+    for signum, handler in previous.items():
+        try:
+            _sig.signal(signum, handler)  # type: ignore[arg-type]
+        except (OSError, ValueError, TypeError):
+            continue
+    reset()
 
 
 def received() -> int:

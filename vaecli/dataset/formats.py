@@ -9,8 +9,11 @@ from .locations import ShardInput
 from .sample import Sample, ShardSink
 
 
-def open_source(src: ShardInput, stream: IO[bytes], image_column: str | None) -> tuple[Iterator[Sample], Any]:
-    """(samples of the shard, arrow schema of its passed-through columns: parquet only, else None)."""
+def open_source(
+    src: ShardInput, stream: IO[bytes], image_column: str | None, max_pixels: int = 8192 * 8192
+) -> tuple[Iterator[Sample], Any]:
+    """(samples of the shard, arrow schema of its passed-through columns: parquet only, else None);
+    tar members are bounded by max_pixels (read_tar)."""
     if src.kind == "parquet":
         from .parquet import ParquetSource
 
@@ -18,7 +21,7 @@ def open_source(src: ShardInput, stream: IO[bytes], image_column: str | None) ->
         return source.samples(), source.side_schema
     from .webdataset import read_tar
 
-    return read_tar(stream, image_column), None
+    return read_tar(stream, image_column, max_pixels), None
 
 
 def open_sink(layout: str, target: Path, side_schema: Any) -> ShardSink:

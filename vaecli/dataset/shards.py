@@ -201,7 +201,7 @@ def _encode_shard(job: ShardJob, src: ShardInput, identity: dict[str, Any], tall
     sink: ShardSink | None = None
     try:
         with open_input(src.url) as stream:
-            samples, side_schema = open_source(src, stream, job.enc.options.image_column)
+            samples, side_schema = open_source(src, stream, job.enc.options.image_column, job.enc.options.max_pixels)
             sink = open_sink(job.layout, target, side_schema if src.kind == "parquet" else None)
             for chunk in read_ahead(samples, CHUNK):
                 _encode_chunk(job, src, target, chunk, sink, state, tally)

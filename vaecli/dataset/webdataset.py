@@ -32,36 +32,87 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), suffix
 
 
-def read_tar(stream: IO[bytes], image_ext: str | None = None) -> Iterator[Sample]:
+SIDE_MEMBER_MAX = 16 << 20  # a caption, a JSON record, a small array: bytes copied to the output shard
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def image_member_max(max_pixels: int) -> int:
+    """The most bytes an image member may declare: 8 bytes per pixel within max_pixels (16-bit RGBA,
+    uncompressed) plus 16 MiB of metadata; 1 GiB without a pixel limit."""
+    return max_pixels * 8 + (16 << 20) if max_pixels > 0 else 1 << 30
+
+
+class _Prefixed:
+    """A stream whose first bytes were read ahead (to look for a compression signature)."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n is None or n < 0:
+                data, self.head = self.head + self.stream.read(), b""
+                return data
+            data, self.head = self.head[:n], self.head[n:]
+            return data + (self.stream.read(n - len(data)) if len(data) < n else b"")
+        return self.stream.read(n)
+
+
+def read_tar(stream: IO[bytes], image_ext: str | None = None, max_pixels: int = 8192 * 8192) -> Iterator[Sample]:
     """Samples of a tar stream in order. image_ext: the suffix holding the image (e.g. jpg); None: the
-    first member whose last suffix is an image type. Other members are side data, passed through."""
+    first member whose last suffix is an image type. Other members are side data, passed through.
+
+    Bounded: a .tar shard must be a plain tar (gzip, bzip2, xz or zstd data under that name is refused: a
+    small file could inflate to any size), and a member declaring more than image_member_max(max_pixels)
+    bytes (images) or SIDE_MEMBER_MAX (side data) fails its sample unread (the tar reader skips its data
+    in small blocks), so memory never follows a member's declared size."""
+    head = stream.read(6)
+    for magic, kind in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise InputError(f"this .tar shard holds {kind}-compressed data, not a tar archive (a small compressed "
+                             f"file can inflate to any size): decompress it to a .tar first")
     seen: set[str] = set()
     key: str | None = None
-    members: list[tuple[str, str, bytes]] = []  # (suffix, member name, bytes) of the current sample
+    members: list[tuple[str, str, bytes | None]] = []  # (suffix, member name, bytes) of the current sample
+    too_big: dict[str, str] = {}  # key -> why one of its members was not read
+    image_max = image_member_max(max_pixels)
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=_Prefixed(head, stream), mode="r|") as tar:  # type: ignore[call-overload]
             for info in tar:
                 if not info.isfile():
                     continue
                 name = info.name[2:] if info.name.startswith("./") else info.name
                 k, suffix = split_key(name)
-                data = tar.extractfile(info).read()  # type: ignore[union-attr]
                 if k != key and members:
-                    yield _sample(key, members, image_ext, seen)  # type: ignore[arg-type]
+                    yield _sample(key, members, image_ext, seen, too_big.pop(key, None))  # type: ignore[arg-type]
                     members = []
                 key = k
+                limit = image_max if _is_image(suffix, image_ext) else SIDE_MEMBER_MAX
+                if info.size > limit:
+                    too_big.setdefault(k, f"member {name} declares {info.size:,} bytes, above the limit of "
+                                          f"{limit:,} for {'an image' if limit == image_max else 'side data'}"
+                                          f"{' (--max-pixels sets it)' if limit == image_max else ''}")
+                    members.append((suffix, name, None))
+                    continue
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
                 members.append((suffix, name, data))
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise InputError(f"not a readable tar shard, or truncated ({exc})") from None
     if members:
-        yield _sample(key, members, image_ext, seen)  # type: ignore[arg-type]
+        yield _sample(key, members, image_ext, seen, too_big.pop(key, None))  # type: ignore[arg-type]
 
 
-def _sample(key: str, members: list[tuple[str, str, bytes]], image_ext: str | None, seen: set[str]) -> Sample:
+def _sample(
+    key: str, members: list[tuple[str, str, bytes | None]], image_ext: str | None, seen: set[str],
+    too_big: str | None = None,
+) -> Sample:
     image = next((m for m in members if _is_image(m[0], image_ext)), None)
-    sides = {suffix: data for suffix, _, data in members if image is None or suffix != image[0]}
+    sides = {suffix: data for suffix, _, data in members if (image is None or suffix != image[0]) and data is not None}
     source = image[1] if image is not None else key
     error = None
+    if too_big is not None:
+        seen.add(key)
+        return Sample(key, source, None, {}, too_big)
     if key in seen:
         error = f"key {key!r} appears twice in the shard (its members are not adjacent); only the first is kept"
     elif image is None:
