@@ -1193,7 +1193,7 @@ def stored_spec(lf: LatentFile, channels: int, model_spec: LatentSpec) -> Latent
     )
 
 
-def _preview_latents(stored: torch.Tensor, spec: LatentSpec | None, tiny: AutoencoderKL) -> torch.Tensor:
+def _preview_latents(stored: torch.Tensor, spec: LatentSpec | None, tiny: torch.nn.Module) -> torch.Tensor:
     """A full VAE's diffusion latents as its tiny autoencoder takes them (unpatchified), or InputError when
     the file holds raw latents or latents of another latent space than the tiny model's."""
     if spec is None:

@@ -210,12 +210,17 @@ MAX_CHANNELS = 16384
 _BOOL_FIELDS = ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not sizes
+def is_int(value: Any) -> bool:
+    """An integer from JSON (true/false are not sizes); every family's config checks use it."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float from JSON (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_is_int, _is_number = is_int, is_number
 
 
 def _field_problems(cfg: "VAEConfig") -> list[str]:

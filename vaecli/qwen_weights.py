@@ -21,10 +21,8 @@ import torch
 from .config import ModelInfo
 from .errors import ConfigError, WeightsError
 from .models.qwenimage import CLASS_NAME, QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, AutoencoderKLQwenImage, QwenImageConfig
-from .weights import check_keys, check_values, locate, read_state_dict, weights_sha256
+from .weights import VAE_PREFIXES, check_keys, check_values, locate, read_state_dict, weights_sha256
 
-# Prefixes under which whole-pipeline checkpoints keep their VAE.
-VAE_PREFIXES = ("vae.", "first_stage_model.")
 
 # The one rename table: original Wan 2.1 key prefixes <-> diffusers key prefixes, first match wins.
 # {e} is encoder or decoder, {k} a flat encoder index (the same list in both layouts). {d} is a flat index

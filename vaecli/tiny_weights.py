@@ -12,9 +12,7 @@ The two layouts differ only in the decoder's layer numbering: RENAME_TABLE.
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,7 +22,7 @@ import torch
 from .config import ModelInfo
 from .errors import ConfigError, WeightsError
 from .models.tiny import CLASS_NAME, AutoencoderTiny, TinyConfig
-from .weights import FOLDER_WEIGHTS, check_keys, check_values, read_state_dict, weights_sha256
+from .weights import FOLDER_WEIGHTS, check_keys, check_values, read_state_dict, regular_file, weights_sha256
 
 HALVES = ("encoder", "decoder")
 # The one rename table: per half, the original nn.Sequential index minus diffusers' `layers` index. The
@@ -118,27 +116,12 @@ def _original_half(keys: Iterable[str]) -> str | None:
     return None
 
 
-def _regular_file(path: Path) -> bool:
-    """Whether a regular file is at `path`; a FIFO or device there is refused, never opened (a FIFO blocks)."""
-    if not os.path.lexists(path):
-        return False
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise WeightsError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(mode):
-        return False
-    if not stat.S_ISREG(mode):
-        raise WeightsError(f"{path} is not a regular file: it is never read")
-    return True
-
-
 def _sibling(path: Path, prefix: str, half: str) -> Path | None:
     """The `<prefix>_<half>` file beside `path`, with `path`'s suffix first."""
     suffixes = (path.suffix.lower(),) + tuple(s for s in PAIR_SUFFIXES if s != path.suffix.lower())
     for suffix in suffixes:
         candidate = path.with_name(f"{prefix}_{half}{suffix}")
-        if _regular_file(candidate):
+        if regular_file(candidate):
             return candidate
     return None
 
@@ -148,7 +131,7 @@ def find_tiny_pair(path: Path) -> tuple[Path, Path] | None:
     file of it; None when `path` names no such file. Raises WeightsError when one half is there without the
     other (naming the missing file), or when a folder holds several pairs (naming them)."""
     path = Path(path).expanduser()
-    if _regular_file(path):
+    if regular_file(path):
         stem = path.name[: -len(path.suffix)] if path.suffix.lower() in PAIR_SUFFIXES else None
         m = _HALF_NAME.match(stem) if stem else None
         if m is None:
@@ -168,12 +151,12 @@ def find_tiny_pair(path: Path) -> tuple[Path, Path] | None:
         if child.suffix.lower() not in PAIR_SUFFIXES:
             continue
         m = _HALF_NAME.match(child.name[: -len(child.suffix)])
-        if m is not None and _regular_file(child):
+        if m is not None and regular_file(child):
             halves.setdefault(m["prefix"], {}).setdefault(m["half"], child)  # sorted: .pth before .safetensors
     for prefix, files in halves.items():  # prefer safetensors whatever the listing order
         for half in HALVES:
             safe = path / f"{prefix}_{half}.safetensors"
-            if half in files and _regular_file(safe):
+            if half in files and regular_file(safe):
                 files[half] = safe
     pairs = {p: f for p, f in halves.items() if set(f) == set(HALVES)}
     if len(pairs) > 1:
@@ -283,14 +266,14 @@ def _read_pair(encoder: Path, decoder: Path) -> dict[str, dict[str, torch.Tensor
 
 def _folder_weights(folder: Path) -> Path:
     for name in FOLDER_WEIGHTS:
-        if _regular_file(folder / name):
+        if regular_file(folder / name):
             return folder / name
     raise WeightsError(f"{folder}: no diffusers weights found (expected {' or '.join(FOLDER_WEIGHTS)})")
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
     """A config.json's object when it describes an AutoencoderTiny, else None."""
-    if not _regular_file(path):
+    if not regular_file(path):
         return None
     try:
         data = json.loads(path.read_text())
@@ -307,13 +290,13 @@ def _locate(path: Path) -> tuple[dict[str, torch.Tensor], str, str, TinyConfig |
         if data is not None:
             weights = _folder_weights(path)
             return dict(read_state_dict(weights)), str(weights), "diffusers", TinyConfig.from_dict(data), notes
-        if _regular_file(path / "config.json"):
+        if regular_file(path / "config.json"):
             raise WeightsError(f"{path}: its config.json does not describe an AutoencoderTiny (_class_name)")
     pair = find_tiny_pair(path)
     if pair is not None:
         state = original_to_diffusers(_read_pair(*pair))
         return state, f"{pair[0]} + {pair[1]}", "taesd", None, notes
-    if not _regular_file(path):
+    if not regular_file(path):
         raise WeightsError(f"{path}: no tiny VAE here (a diffusers AutoencoderTiny folder, or a "
                            "<name>_encoder/<name>_decoder pair of .safetensors or .pth files)")
     raw = read_state_dict(path)

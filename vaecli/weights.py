@@ -397,10 +397,10 @@ def _resolve_config(config: VAEConfig | Mapping[str, Any] | str | Path | None) -
     path = Path(config)
     if path.is_dir():
         for candidate in (path / "config.json", path / "vae" / "config.json"):
-            if _regular_file(candidate):
+            if regular_file(candidate):
                 return families.config_from_json(candidate)
         raise ConfigError(f"{path}: no config.json in this folder (or its vae/ subfolder)")
-    if _regular_file(path):
+    if regular_file(path):
         return families.config_from_json(path)
     raise ConfigError(f"config {config}: no such file or folder")
 
@@ -420,7 +420,7 @@ def locate(
     path = Path(source).expanduser()
     if path.is_dir():
         return _in_folder(path, subfolder, variant)
-    if _regular_file(path):
+    if regular_file(path):
         if subfolder or variant:
             raise ConfigError(f"{source} is a single file: subfolder and variant apply to folders and Hub repos")
         return path, None
@@ -438,7 +438,7 @@ def locate(
     return fetched, None
 
 
-def _regular_file(path: Path) -> bool:
+def regular_file(path: Path) -> bool:
     """Whether a regular file is at `path` (symlinks followed); a FIFO, socket or device there is refused by
     name, never opened (reading a FIFO blocks forever), never skipped as if absent."""
     import os
@@ -465,14 +465,14 @@ def _in_folder(path: Path, subfolder: str | None, variant: str | None) -> tuple[
         if not folder.is_dir():
             raise WeightsError(f"{path}: no subfolder {subfolder!r}")
     else:  # a model folder, or a pipeline folder whose VAE is in vae/
-        folder = path / "vae" if not _regular_file(path / "config.json") and (path / "vae").is_dir() else path
+        folder = path / "vae" if not regular_file(path / "config.json") and (path / "vae").is_dir() else path
     from .hub import weights_names
 
     names = weights_names(variant) if variant else FOLDER_WEIGHTS
     for name in names:
-        if _regular_file(folder / name):
+        if regular_file(folder / name):
             cfg = folder / "config.json"
-            return folder / name, cfg if _regular_file(cfg) else None
+            return folder / name, cfg if regular_file(cfg) else None
     where = "" if subfolder or folder != path else ", in the folder or its vae/ subfolder"
     raise WeightsError(f"{folder}: no diffusers weights found (expected {' or '.join(names)}{where})")
 
@@ -557,62 +557,60 @@ def load_vae(
     return model.eval()
 
 
+def _config_class(folder: Path) -> str | None:
+    """The _class_name of folder/config.json; None when there is none or it cannot be read (the regular path
+    then reports the unreadable config)."""
+    config = folder / "config.json"
+    if not regular_file(config):
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a .safetensors file (header only); [] for other or unreadable files."""
+    if path.suffix.lower() != ".safetensors":
+        return []
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception:  # noqa: BLE001 - unreadable: the regular path names the problem
+        return []
+
+
 def _tiny_source(path: Path) -> Path | None:
     """`path` when it names a tiny autoencoder (AutoencoderTiny folder, TAESD pair or either half, a
     tiny-keyed weights file), else None; a half without its other half raises WeightsError."""
-    from .tiny_weights import find_tiny_pair, is_tiny_config, is_tiny_state
+    from .tiny_weights import CLASS_NAME, find_tiny_pair, is_tiny_state
 
     if path.is_dir():
-        config = path / "config.json"
-        if _regular_file(config):
-            try:
-                data = json.loads(config.read_text())
-            except (OSError, ValueError, RecursionError):
-                return None  # the regular path reports the unreadable config
-            return path if is_tiny_config(data) else None
+        if regular_file(path / "config.json"):
+            return path if _config_class(path) == CLASS_NAME else None
         return path if find_tiny_pair(path) is not None else None
-    if not _regular_file(path):
+    if not regular_file(path):
         return None
     if find_tiny_pair(path) is not None:
         return path
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-        except Exception:  # noqa: BLE001 - unreadable: the regular path names the problem
-            return None
-        return path if keys and is_tiny_state(keys) else None
-    return None
+    keys = _safetensors_keys(path)
+    return path if keys and is_tiny_state(keys) else None
 
 
 def _qwen_source(path: Path) -> Path | None:
     """`path` when it names a Qwen-Image (or other Wan-style) VAE: a folder whose config.json says
     AutoencoderKLQwenImage or AutoencoderKLWan (refused by the Qwen loader with its reason), or a weights
     file with Wan-style keys; else None."""
-    from .qwen_weights import is_qwen_config, is_qwen_state
+    from .qwen_weights import CLASS_NAME, is_qwen_state
 
     if path.is_dir():
-        config = path / "config.json"
-        if not _regular_file(config):
-            return None
-        try:
-            data = json.loads(config.read_text())
-        except (OSError, ValueError, RecursionError):
-            return None
-        wan = isinstance(data, dict) and data.get("_class_name") == "AutoencoderKLWan"
-        return path if is_qwen_config(data) or wan else None
-    if _regular_file(path) and path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-        except Exception:  # noqa: BLE001 - unreadable: the regular path names the problem
-            return None
-        return path if keys and is_qwen_state(keys) else None
-    return None
+        return path if _config_class(path) in (CLASS_NAME, "AutoencoderKLWan") else None
+    keys = _safetensors_keys(path) if regular_file(path) else []
+    return path if keys and is_qwen_state(keys) else None
 
 
 def _load_tiny(path: Path, config: Any, device: str | torch.device, dtype: torch.dtype,

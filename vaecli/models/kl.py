@@ -259,7 +259,8 @@ class DiagonalGaussian:
 IMAGE_RANGE_LIMIT = 1.5
 
 
-def _check_image_range(x: torch.Tensor) -> None:
+def check_image_range(x: torch.Tensor) -> None:
+    """InputError for NaN/Inf or values far outside [-1, 1] (every family's encode checks its input so)."""
     low, high = (float(v) for v in torch.aminmax(x.detach()))
     if not (math.isfinite(low) and math.isfinite(high)):
         raise InputError("the image tensor holds NaN or Inf values")
@@ -316,7 +317,7 @@ class AutoencoderKL(nn.Module):
         plan: how the layers run (vaecli.plans); the default is diffusers' own sequence of operations.
         """
         if check_range and x.is_floating_point():
-            _check_image_range(x)
+            check_image_range(x)
         return DiagonalGaussian(self.encode_moments(x, checkpointing, plan))
 
     def decode(self, z: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:

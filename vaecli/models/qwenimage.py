@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..config import LatentSpec, ModelInfo, latent_spec_problems
+from ..config import LatentSpec, ModelInfo, is_int as _is_int, is_number as _is_number, latent_spec_problems
 from ..errors import ConfigError, InputError
-from .kl import DiagonalGaussian
+from .kl import DiagonalGaussian, check_image_range
 from ..plans import REFERENCE, Plan
 
 CLASS_NAME = "AutoencoderKLQwenImage"
@@ -51,8 +51,6 @@ QWEN_LATENTS_STD = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )
-# Inputs beyond this are not [-1, 1] images (the same limit as AutoencoderKL.encode's check).
-IMAGE_RANGE_LIMIT = 1.5
 # Size bounds: far above the released model (96 channels x 4 at most, 4 levels, 16 latent channels), far
 # below what would make building the model hang or exhaust memory.
 MAX_LEVELS = 8
@@ -175,12 +173,6 @@ class QwenImageConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not sizes
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _field_problems(cfg: QwenImageConfig) -> list[str]:
@@ -450,13 +442,6 @@ class Decoder(nn.Module):
         return self.upsample(self.trunk(z, checkpointing, plan), checkpointing, plan)
 
 
-def _check_image_range(x: torch.Tensor) -> None:
-    low, high = (float(v) for v in torch.aminmax(x.detach()))
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise InputError("the image tensor holds NaN or Inf values")
-    if low < -IMAGE_RANGE_LIMIT or high > IMAGE_RANGE_LIMIT:
-        hint = " ([0, 255] pixels: use x / 127.5 - 1)" if high > 2.0 else ""
-        raise InputError(f"images must be in [-1, 1], these range over [{low:g}, {high:g}]{hint}")
 
 
 class AutoencoderKLQwenImage(nn.Module):
@@ -514,7 +499,7 @@ class AutoencoderKLQwenImage(nn.Module):
         plan: only its attention call applies (see the class docstring).
         """
         if check_range and x.is_floating_point():
-            _check_image_range(x)
+            check_image_range(x)
         return DiagonalGaussian(self.encode_moments(x, checkpointing, plan))
 
     def decode(self, z: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:

@@ -14,7 +14,6 @@ model rescales to TAESD's [0, 1] inside); latents are the model's own latents, w
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..config import LatentSpec, ModelInfo, latent_spec_problems
+from ..config import LatentSpec, ModelInfo, is_int as _is_int, is_number as _is_number, latent_spec_problems
 from ..errors import ConfigError, InputError
 from ..plans import REFERENCE, Plan, activate
+from .kl import check_image_range
 
 CLASS_NAME = "AutoencoderTiny"
 ACTIVATIONS = ("silu", "swish", "mish", "gelu", "relu")  # diffusers' get_activation, which lower-cases the name
@@ -37,8 +37,6 @@ UPSAMPLE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 # latent value above ~1e-5), while -inf would turn std * noise into 0 * inf = NaN for a zero noise draw
 # and KL terms into inf. It is finite in fp16 and bf16, so the moments survive a half-precision file.
 DETERMINISTIC_LOGVAR = -30.0
-# Inputs beyond this are not [-1, 1] images (the same limit as AutoencoderKL.encode's check).
-IMAGE_RANGE_LIMIT = 1.5
 # Size bounds: far above every released tiny VAE (64 channels, 4 levels, 32 latent channels), far below
 # what would make building the model hang or exhaust memory.
 MAX_LEVELS = 8
@@ -157,12 +155,6 @@ class TinyConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not sizes
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _int_list_problem(name: str, value: Any, low: int, high: int) -> str | None:
@@ -386,14 +378,6 @@ class TinyPosterior:
         return self.mean
 
 
-def _check_image_range(x: torch.Tensor) -> None:
-    """The same refusal as AutoencoderKL.encode's: NaN/Inf, or values far outside [-1, 1]."""
-    low, high = (float(v) for v in torch.aminmax(x.detach()))
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise InputError("the image tensor holds NaN or Inf values")
-    if low < -IMAGE_RANGE_LIMIT or high > IMAGE_RANGE_LIMIT:
-        hint = " ([0, 255] pixels: use x / 127.5 - 1)" if high > 2.0 else ""
-        raise InputError(f"images must be in [-1, 1], these range over [{low:g}, {high:g}]{hint}")
 
 
 class AutoencoderTiny(nn.Module):
@@ -440,7 +424,7 @@ class AutoencoderTiny(nn.Module):
         [-1, 1]; `check_range=False` skips the value check (one device sync per call).
         """
         if check_range and x.is_floating_point():
-            _check_image_range(x)
+            check_image_range(x)
         return TinyPosterior(self.encoder(self._prepare(x, plan), checkpointing, plan))
 
     def encode_moments(self, x: torch.Tensor, checkpointing: bool = False, plan: Plan = REFERENCE) -> torch.Tensor:
