@@ -253,7 +253,7 @@ def test_console_entry_point(model, tmp_path):
 
 def test_retries_and_events_are_reported(model, tmp_path, monkeypatch):
     """Precision retries and OOM events of the Runner reach the items, the summary and --json."""
-    import vaecli.batch
+    import vaecli.batch.run
     from vaecli.pipeline import Pending, Retry, Runner
 
     class Flaky(Runner):
@@ -270,7 +270,7 @@ def test_retries_and_events_are_reported(model, tmp_path, monkeypatch):
 
             return Pending(result)
 
-    monkeypatch.setattr(vaecli.batch, "Runner", Flaky)
+    monkeypatch.setattr(vaecli.batch.run, "Runner", Flaky)  # where run_job makes its Runner
     src = tmp_path / "in"
     noise_image(src / "a.png", 16, 16)
     noise_image(src / "b.png", 16, 16)

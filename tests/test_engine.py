@@ -5,20 +5,47 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Hashable
 
 import numpy as np
 import pytest
 import torch
 
-import vaecli.batch as batch
-from vaecli.batch import Counts, Deferred, Loaded, _Engine
+import vaecli.batch.engine as batch_engine
+from vaecli.batch import Counts, Engine, Loaded, Skip
 from vaecli.discovery import Item
 from vaecli.errors import InputError
+from vaecli.pipeline import Pending, Runner
 
 
 def items(n: int, bad: tuple[int, ...] = ()) -> list[Item]:
     return [Item(Path(f"{i:02d}.png"), f"{i:02d}.png", Path(f"out/{i:02d}"), "broken" if i in bad else None) for i in range(n)]
+
+
+@dataclass
+class Steps:
+    """A Job made of functions (the engine's protocol: probe, load, key, compute, save)."""
+
+    load: Callable[[int, Item], Loaded[Any] | Skip]
+    key_of: Callable[[Loaded[Any]], Hashable]
+    compute_fn: Callable[[list[Loaded[Any]]], Any]
+    save_fn: Callable[[Loaded[Any], Any], None]
+    probe: Callable[[Item], Hashable | None] | None = None
+
+    def key(self, loaded: Loaded[Any]) -> Hashable:
+        return self.key_of(loaded)
+
+    def compute(self, batch: list[Loaded[Any]]) -> Any:
+        return self.compute_fn(batch)
+
+    def save(self, loaded: Loaded[Any], output: Any) -> None:
+        self.save_fn(loaded, output)
+
+
+def loaded(i: int, it: Item) -> Loaded[None]:
+    return Loaded(i, it, np.zeros(1), None)
 
 
 def test_writes_are_counted_as_they_finish_not_in_order():
@@ -38,8 +65,8 @@ def test_writes_are_counted_as_they_finish_not_in_order():
             counted_while_first_blocked.append(counts.ok)
             release.set()
 
-    engine = _Engine(items(6), 4, 2, progress)  # up to 2 * 4 + 2 writes may queue
-    engine.run(lambda i, it: Loaded(i, it, np.zeros(1)), lambda b: 1, lambda batch: [0] * len(batch), save)
+    engine = Engine(items(6), 4, 2, progress)  # up to 2 * 4 + 2 writes may queue
+    engine.run(Steps(loaded, lambda b: 1, lambda batch: [0] * len(batch), save))
     assert counted_while_first_blocked == [5]
     assert [c.done for c in seen] == list(range(7)) and seen[-1].ok == 6 and seen[-1].total == 6
     assert all(c.item is not None and c.item.status == "ok" for c in seen[1:]) and seen[0].item is None
@@ -57,8 +84,8 @@ def test_failures_are_reported_when_they_happen():
         log.append(f"compute {[x.index for x in b]}")
         return [0] * len(b)
 
-    engine = _Engine(items(6, bad=(1,)), 1, 1, progress)
-    engine.run(lambda i, it: Loaded(i, it, np.zeros(1)), lambda b: 1, compute, lambda b, o: None)
+    engine = Engine(items(6, bad=(1,)), 1, 1, progress)
+    engine.run(Steps(loaded, lambda b: 1, compute, lambda b, o: None))
     assert log.index("failed 01.png: broken") < log.index("compute [5]")
     assert [r.status for r in engine.results] == ["ok", "failed", "ok", "ok", "ok", "ok"]
 
@@ -73,20 +100,20 @@ def test_sizes_grouped_across_the_whole_input():
         batches.append([x.index for x in b])
         return [0] * len(b)
 
-    run = _Engine(items(40), 4, 2, None)
-    run.run(lambda i, it: Loaded(i, it, np.zeros(1)), lambda b: sizes[b.index], compute, lambda b, o: None,
-            probe=lambda it: sizes[int(it.rel[:2])])
+    run = Engine(items(40), 4, 2, None)
+    run.run(Steps(loaded, lambda b: sizes[b.index], compute, lambda b, o: None,
+                  probe=lambda it: sizes[int(it.rel[:2])]))
     assert sorted(len(b) for b in batches) == [4] * 10
     unprobed: list[int] = []
-    run = _Engine(items(40), 4, 2, None)
-    run.run(lambda i, it: Loaded(i, it, np.zeros(1)), lambda b: sizes[b.index],
-            lambda b: unprobed.append(len(b)) or [0] * len(b), lambda b, o: None)
+    run = Engine(items(40), 4, 2, None)
+    run.run(Steps(loaded, lambda b: sizes[b.index],
+                  lambda b: unprobed.append(len(b)) or [0] * len(b), lambda b, o: None))
     assert min(unprobed) < 4  # without headers, the window flushes partial batches
 
 
 def test_a_stalled_header_read_is_not_waited_for(monkeypatch):
     """One probe never answers (a stalled mount): the others' items run first, that one last."""
-    monkeypatch.setattr(batch, "PROBE_PATIENCE_S", 0.2)
+    monkeypatch.setattr(batch_engine, "PROBE_PATIENCE_S", 0.2)
     stall = threading.Event()
     order: list[int] = []
 
@@ -96,9 +123,9 @@ def test_a_stalled_header_read_is_not_waited_for(monkeypatch):
         return (8, 8)
 
     start = time.monotonic()
-    engine = _Engine(items(6), 2, 3, None)
-    engine.run(lambda i, it: Loaded(i, it, np.zeros(1)), lambda b: 1,
-               lambda b: order.extend(x.index for x in b) or [0] * len(b), lambda b, o: None, probe)
+    engine = Engine(items(6), 2, 3, None)
+    engine.run(Steps(loaded, lambda b: 1,
+                     lambda b: order.extend(x.index for x in b) or [0] * len(b), lambda b, o: None, probe))
     stall.set()
     assert time.monotonic() - start < 3 and order[-1] == 2 and sorted(order) == list(range(6))
 
@@ -107,27 +134,27 @@ def test_next_batch_launched_before_outputs_are_taken():
     """compute k+1 runs before the outputs of batch k are taken (the device never waits for the host)."""
     log: list[str] = []
 
-    def compute(b: list[Loaded]) -> Deferred:
+    def compute(b: list[Loaded]) -> Pending:
         k = b[0].index // 2
         log.append(f"launch {k}")
-        return Deferred(lambda: log.append(f"take {k}") or [0] * len(b))
+        return Pending(lambda: log.append(f"take {k}") or [0] * len(b))
 
-    engine = _Engine(items(6), 2, 1, None)
-    engine.run(lambda i, it: Loaded(i, it, np.zeros(1)), lambda b: 1, compute, lambda b, o: None)
+    engine = Engine(items(6), 2, 1, None)
+    engine.run(Steps(loaded, lambda b: 1, compute, lambda b, o: None))
     assert log == ["launch 0", "launch 1", "take 0", "launch 2", "take 1", "take 2"]
 
 
 def test_deferred_failures_fail_their_batch_only():
-    def compute(b: list[Loaded]) -> Deferred:
+    def compute(b: list[Loaded]) -> Pending:
         def get() -> list[object]:
             if b[0].index == 0:
                 raise InputError("device lost this batch")
             return [0] * len(b)
 
-        return Deferred(get)
+        return Pending(get)
 
-    engine = _Engine(items(4), 2, 1, None)
-    engine.run(lambda i, it: Loaded(i, it, np.zeros(1)), lambda b: 1, compute, lambda b, o: None)
+    engine = Engine(items(4), 2, 1, None)
+    engine.run(Steps(loaded, lambda b: 1, compute, lambda b, o: None))
     assert [r.status for r in engine.results] == ["failed", "failed", "ok", "ok"]
     assert engine.results[0].error == "device lost this batch"
 
@@ -142,9 +169,9 @@ def test_progress_errors_stop_the_run_from_a_writer_thread():
         if counts.ok == 2:
             raise Stop
 
-    engine = _Engine(items(8), 1, 1, progress)
+    engine = Engine(items(8), 1, 1, progress)
     with pytest.raises(Stop):
-        engine.run(lambda i, it: Loaded(i, it, np.zeros(1)), lambda b: 1, lambda b: [0] * len(b), lambda b, o: None)
+        engine.run(Steps(loaded, lambda b: 1, lambda b: [0] * len(b), lambda b, o: None))
     assert sum(r.status == "ok" for r in engine.results) < 8
 
 
@@ -161,17 +188,17 @@ def test_folder_batches_by_size_and_matches_one_by_one(tmp_path):
     for i in range(8):
         noise_image(tmp_path / "in" / f"{i}.png", 30 + 8 * (i % 2), 21, seed=i)  # 30x21 and 38x21, alternating
     calls: list[int] = []
-    real = batch.Runner.submit_encode
+    real = Runner.submit_encode
 
     def counting(self, x, *args, **kwargs):
         calls.append(x.shape[0])
         return real(self, x, *args, **kwargs)
 
-    batch.Runner.submit_encode = counting
+    Runner.submit_encode = counting
     try:
         grouped = encode_paths(vae, [tmp_path / "in"], tmp_path / "a", EncodeOptions(batch_size=4))
     finally:
-        batch.Runner.submit_encode = real
+        Runner.submit_encode = real
     single = encode_paths(vae, [tmp_path / "in"], tmp_path / "b", EncodeOptions(batch_size=1))
     assert grouped.count("ok") == single.count("ok") == 8 and sorted(calls) == [4, 4]
     for i in range(8):
@@ -179,7 +206,6 @@ def test_folder_batches_by_size_and_matches_one_by_one(tmp_path):
         torch.testing.assert_close(za, zb, atol=1e-5, rtol=0)  # batch size may change the kernels' sums
     from vaecli.batch import apply_size_policy
     from vaecli.io import read_image
-    from vaecli.pipeline import Runner
 
     pixels, _ = apply_size_policy(read_image(tmp_path / "in" / "1.png"), 8, "pad")  # the host path of before
     nhwc = torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (H, W, 3) -> (1, 3, H, W)

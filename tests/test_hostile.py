@@ -31,7 +31,7 @@ BOOT = textwrap.dedent(
     import os, sys, threading
     block = os.environ.get("VAECLI_TEST_BLOCK_READ")
     if block:
-        import vaecli.batch as batch
+        import vaecli.batch.sources as batch  # where a run opens its inputs
         real = batch.open_regular
         def stalled(path):
             if str(path).endswith(block):
@@ -66,7 +66,7 @@ BOOT = textwrap.dedent(
         vio.atomic_write = filling
     swap = os.environ.get("VAECLI_TEST_SWAP_AFTER_READ")
     if swap:  # "a.png:new.png": once a.png's bytes have been read to the end, a.png becomes new.png
-        import vaecli.batch as batch
+        import vaecli.batch.sources as batch  # where a run opens its inputs
         name, replacement = swap.split(":")
         opened = batch.open_regular
         class Swapping:

@@ -205,11 +205,12 @@ def test_interrupt_keeps_finished_items(model, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a run: Interrupted carries the finished items; their files are complete."""
     from vaecli import batch
     from vaecli.io import latent_is_complete
+    from vaecli.pipeline import Runner
 
     for i in range(6):
         noise_image(tmp_path / "in" / f"{i}.png", 16, 16, seed=i)
     calls = []
-    real = batch.Runner.submit_encode
+    real = Runner.submit_encode
 
     def submit_encode(self, *args, **kwargs):
         calls.append(1)
@@ -217,7 +218,7 @@ def test_interrupt_keeps_finished_items(model, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(batch.Runner, "submit_encode", submit_encode)
+    monkeypatch.setattr(Runner, "submit_encode", submit_encode)
     from vaecli.weights import load_vae
 
     with pytest.raises(Interrupted) as info:

@@ -160,11 +160,14 @@ def _finite_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 class Pending(Generic[T]):
-    """A batch launched on the device; `result()` waits for its outputs (the only wait of a batch), so a
-    caller can launch the next batch first and keep the device busy while this one comes back."""
+    """Work launched on the device whose outputs are still on their way back; `result()` waits for them
+    (the only wait of a batch), so a caller can launch the next batch first and keep the device busy while
+    this one comes back. The one future type of a run: the Runner returns it, `then` turns it into the
+    outputs a Job hands the batch engine, which takes them after launching the next batch."""
 
     def __init__(self, settle: Callable[[], T]) -> None:
         self._settle: Callable[[], T] | None = settle
@@ -175,6 +178,10 @@ class Pending(Generic[T]):
             self._result, self._settle = self._settle(), None
         assert self._result is not None
         return self._result
+
+    def then(self, step: Callable[[T], U]) -> Pending[U]:
+        """A Pending of `step` applied to this result, run when it is asked for (nothing waits now)."""
+        return Pending(lambda: step(self.result()))
 
 
 Post = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (raw float32 rows, their indices) -> output

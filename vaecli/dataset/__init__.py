@@ -9,6 +9,8 @@ OUT/manifest.jsonl (one JSON object per image). One module per concern:
   folder.py       the folder layout: one vaecli/kohya/comfyui file per image, each embedding its record
   manifest.py     manifest.jsonl, shard manifests and their merge
   distributed.py  --shard i/n (Slurm arrays) and torchrun: dealing work, barriers, local devices
+  jobs.py         the pipelines as Jobs on the batch engine: FolderJob (image files), SampleJob (shard samples)
+  report.py       DatasetReport
   core.py         prepare_dataset: folders here, shards dispatched to the shard pipeline
   locations.py    shard lists: brace expansion, globs, local paths and fsspec URLs, input identity
   sample.py       a sample in, an encoded sample out, latent file bytes
@@ -21,7 +23,7 @@ OUT/manifest.jsonl (one JSON object per image). One module per concern:
 """
 
 from .buckets import BucketChoice, crop_box, kohya_crop_ltrb, make_buckets, select_bucket
-from .core import DatasetReport, prepare_dataset
+from .core import prepare_dataset
 from .distributed import bind_local_device, parse_shard, resolve_shard, shard_items, torchrun_env
 from .encoder import DatasetEncoder, Placement, settings_sha256
 from .folder import output_paths, read_record, write_outputs
@@ -38,6 +40,7 @@ from .options import (
     EngineOptions,
     check_options,
 )
+from .report import DatasetReport
 
 __all__ = [
     "BucketChoice",

@@ -7,33 +7,16 @@ the files: there is no journal that could disagree with them.
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
-from ..batch import (
-    Item,
-    Loaded,
-    Progress,
-    Report,
-    Skip,
-    _Engine,
-    model_notes,
-    check_container,
-    read_source,
-    batch_sizer,
-    check_output_root,
-    discover,
-)
-from ..errors import ConfigError, InputError, VaecliError
-from ..files import json_path
-from ..io import IMAGE_SUFFIXES, clean_temp_files, latent_output_state, read_image
+from ..batch import Engine, Progress, batch_sizer, check_container, model_notes
+from ..discovery import Item, check_output_root, discover
+from ..errors import ConfigError, VaecliError
+from ..io import IMAGE_SUFFIXES, clean_temp_files
 from ..models.kl import AutoencoderKL
-from ..pipeline import BatchResult, RunOptions
+from ..pipeline import RunOptions
 from .distributed import (
     barrier_after_error,
     finish_distributed,
@@ -44,7 +27,9 @@ from .distributed import (
     to_local_device,
 )
 from .encoder import DatasetEncoder
-from .folder import flipped_path, output_paths, read_record, write_outputs
+from .folder import flipped_path
+from .jobs import FolderJob
+from .locations import ShardInput, shard_inputs
 from .manifest import (
     merge_lock,
     merge_manifests,
@@ -53,52 +38,8 @@ from .manifest import (
     shard_manifests,
     write_manifest,
 )
-from .locations import ShardInput, shard_inputs
 from .options import ENGINES, FORMAT_SUFFIX, MANIFEST, DatasetOptions, EngineOptions, check_options
-
-
-@dataclass
-class DatasetReport(Report):
-    """A Report (ok = encoded now, skipped = reused, failed) plus what only dataset mode knows."""
-
-    missing: list[dict[str, Any]] = field(default_factory=list)  # sources in the old manifest that are gone
-    shard: tuple[int, int] = (0, 1)
-    manifest: str | None = None  # manifest.jsonl when this process wrote it, else its shard manifest
-    merged: bool = False  # manifest.jsonl is complete and current after this run
-    notes: list[str] = field(default_factory=list)
-    shards: list[dict[str, Any]] = field(default_factory=list)  # shard inputs: what became of each
-
-    ranks: int = 1  # torchrun: how many ranks' results this report holds (rank 0's holds them all)
-
-    def absorb(self, others: list[DatasetReport]) -> None:
-        """Add the results of other torchrun ranks (their items, counts, events, missing sources, shards)."""
-        for other in others:
-            self.items.extend(other.items)
-            self.events.extend(other.events)
-            self.computed += other.computed
-            self.tiles += other.tiles
-            self.temp_files_removed += other.temp_files_removed
-            self.missing.extend(other.missing)
-            self.shards.extend(other.shards)
-            self.notes.extend(n for n in other.notes if n not in self.notes)
-            self.ranks += 1
-
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        d.update(
-            ranks=self.ranks,
-            missing=self.missing,
-            shard=f"{self.shard[0]}/{self.shard[1]}",
-            manifest=json_path(self.manifest),
-            merged=self.merged,
-            notes=self.notes,
-        )
-        if self.shards:
-            d["shards"] = self.shards
-            d["shards_ok"] = sum(s["status"] == "ok" for s in self.shards)
-            d["shards_skipped"] = sum(s["status"] == "skipped" for s in self.shards)
-            d["shards_failed"] = sum(s["status"] == "failed" for s in self.shards)
-        return d
+from .report import DatasetReport
 
 
 def prepare_dataset(
@@ -221,7 +162,7 @@ def _prepare_share(
     prior = prior_records(out, notes)
     enc = DatasetEncoder(vae, options, run)
     size, batch_for = batch_sizer(options.batch_size, vae, run, latent_keys=False)
-    engine = _Engine(items, size, options.workers, progress, batch_for)
+    engine = Engine(items, size, options.workers, progress, batch_for)
     records = _encode_items(enc, engine, out)
     seen = {it.rel for it in all_items}
     missing = [
@@ -255,107 +196,14 @@ def _claim_beside(items: list[Item]) -> None:
         owner.setdefault(target, item)
 
 
-def _encode_items(enc: DatasetEncoder, engine: _Engine, out: Path) -> dict[int, dict[str, Any]]:
+def _encode_items(enc: DatasetEncoder, engine: Engine, out: Path) -> dict[int, dict[str, Any]]:
     """Run the engine over its items: reuse up-to-date files, encode the rest; records by item index."""
-    o = enc.options
-    records: dict[int, dict[str, Any]] = {}
-
-    def load(i: int, item: Item) -> Loaded | Skip:
-        data, source_sha = read_source(item.input, o.max_pixels)  # the bytes hashed are the bytes decoded
-        reused = _reusable(enc, item, out, source_sha)
-        if isinstance(reused, dict):
-            records[i] = reused
-            return Skip()
-        if reused is not None:
-            engine.results[i].notes.append(reused)
-        pixels = read_image(data, o.alpha_policy(), o.max_pixels, o.pixel_convention())
-        crop, placement = enc.place(pixels, item.rel)
-        return Loaded(i, item, crop, {"source_sha256": source_sha, "placement": placement})
-
-    def save(loaded: Loaded, tensors: dict[str, torch.Tensor]) -> None:
-        records[loaded.index] = _save_item(enc, loaded, tensors, out)
-
-    engine.run(load, lambda b: b.x.shape, encode_step(enc, engine), save)
+    job = FolderJob(enc, engine, out)
+    engine.run(job)
     for i, r in enumerate(engine.results):
-        if i in records:
-            r.output = str(out / records[i]["latent"])
-    return records
-
-
-def _reusable(enc: DatasetEncoder, item: Item, out: Path, source_sha: str) -> dict[str, Any] | str | None:
-    """The record of an up-to-date output to reuse, or a note saying why it is re-encoded, or None."""
-    o = enc.options
-    main, flipped = output_paths(item, out, o)
-    for path in (main, flipped) if flipped is not None else (main,):
-        _check_replaceable(path, o.overwrite)
-    if o.overwrite or not main.exists():
-        return None
-    rec = read_record(main, o.format)
-    if rec is None:
-        return "re-encoded: the existing file is incomplete or unreadable"
-    want = {
-        "source": item.rel,
-        "source_sha256": source_sha,
-        "model_sha256": enc.model_sha,
-        "settings_sha256": enc.settings_sha,
-    }
-    changed = [k for k, v in want.items() if rec.get(k) != v]
-    if not changed and (flipped is None or flipped.exists()):
-        return {**rec, "source_path": str(item.input.resolve())}  # the folder may have moved
-    return f"re-encoded: changed {', '.join(changed) or 'flipped file missing'}"
-
-
-def _check_replaceable(path: Path, overwrite: bool) -> None:
-    """A file at an output path that vaecli did not write (a kohya cache beside an image, a user's own file)
-    is never replaced without --overwrite; a folder or FIFO there never."""
-    state = latent_output_state(path)
-    if state.status == "blocked":
-        raise InputError(f"cannot replace the output {path}: {state.detail}")
-    if state.status == "foreign" and not overwrite:
-        raise InputError(f"the output {path} already exists and {state.detail}; pass --overwrite to replace it, "
-                         "or choose another output folder")
-
-
-def _save_item(enc: DatasetEncoder, loaded: Loaded, tensors: dict[str, torch.Tensor], out: Path) -> dict[str, Any]:
-    """Write one image's file(s) under OUT; its manifest record."""
-    main, flipped = output_paths(loaded.item, out, enc.options)
-
-    def rel(path: Path) -> str:
-        return Path(os.path.relpath(path, out)).as_posix()
-
-    e = loaded.extra
-    record = enc.record(
-        loaded.item.rel,
-        str(loaded.item.input.resolve()),
-        e["source_sha256"],
-        e["placement"],
-        tensors,
-        rel(main),
-        rel(flipped) if flipped is not None else None,
-    )
-    write_outputs(record, tensors, main, flipped, enc.options.format, enc.file_meta(record))
-    return record
-
-
-def encode_step(enc: DatasetEncoder, engine: _Engine) -> Callable[[list[Loaded]], list[Any]]:
-    """The engine's compute step: one model call per batch of crops, retries and events noted per item."""
-
-    def compute(batch: list[Loaded]) -> list[Any]:
-        outs, result = enc.encode([b.x for b in batch], [b.item.rel for b in batch])  # type: ignore[misc]
-        note_retries(engine, [b.index for b in batch], result)
-        return outs
-
-    return compute
-
-
-def note_retries(engine: _Engine, indices: list[int], result: BatchResult) -> None:
-    """Record retries and events; rows of flipped copies (row >= len(indices)) count for their original."""
-    n = len(indices)
-    for retry in result.retries:
-        engine.results[indices[retry.index % n]].retries.append(
-            {"stage": "encode", "from_dtype": retry.from_dtype, "to_dtype": retry.to_dtype}
-        )
-    engine.events.extend(f"encode: {e}" for e in result.events)
+        if i in job.records:
+            r.output = str(out / job.records[i]["latent"])
+    return job.records
 
 
 def _write_share_manifest(report: DatasetReport, out: Path, kept: list[dict[str, Any]], count: int) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-from ..batch import Item
+from ..discovery import Item
 from ..errors import ConfigError
 from ..models.kl import AutoencoderKL
 

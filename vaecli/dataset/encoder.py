@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..batch import _noise, container_spec, model_summary, resample
+from ..batch import container_spec, model_summary, posterior_noise, resample
 from ..errors import InputError
 from ..models.kl import AutoencoderKL
 from ..pipeline import DTYPE_NAMES, DTYPES, BatchResult, RunOptions, Runner
@@ -114,7 +114,7 @@ class DatasetEncoder:
         if o.sample:
             shape = tuple(mean.shape[1:])
             rows = list(keys) + ([k + "\0flip" for k in keys] if o.flip else [])
-            noise = torch.stack([_noise(o.seed, k, shape) for k in rows])
+            noise = torch.stack([posterior_noise(o.seed, k, shape) for k in rows])
             z = mean + torch.exp(0.5 * logvar) * noise
         if self.spec is not None:
             z = self.spec.normalize(z)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import safejson
-from ..batch import Item
+from ..discovery import Item
 from ..files import check_regular
 from ..io import atomic_write
 from .options import RECORD_KEY, DatasetOptions

@@ -22,11 +22,11 @@ from ..batch import Progress, batch_sizer
 from ..errors import ConfigError
 from ..models.kl import AutoencoderKL
 from ..pipeline import RunOptions
-from .core import DatasetReport
 from .distributed import torchrun_env
 from .encoder import DatasetEncoder
 from .locations import ShardInput, need
 from .options import DatasetOptions, EngineOptions
+from .report import DatasetReport
 from .shard_run import ShardShare
 from .shards import ShardJob, ShardOutcome, Tally, check_shard, process_shard
 

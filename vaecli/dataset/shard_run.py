@@ -9,12 +9,12 @@ from ..errors import VaecliError
 from ..io import clean_temp_files
 from ..models.kl import AutoencoderKL
 from ..pipeline import RunOptions
-from .core import DatasetReport
 from .distributed import deal
 from .encoder import DatasetEncoder
 from .locations import ShardInput
 from .manifest import merge_lock
 from .options import DatasetOptions
+from .report import DatasetReport
 from .shards import ShardJob, ShardOutcome, Tally, check_unique_names, process_shard, write_run_index
 
 

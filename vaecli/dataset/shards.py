@@ -10,8 +10,6 @@ skipped; anything else is redone whole. OUT/index.json summarizes all shards of 
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import queue
 import threading
@@ -23,13 +21,14 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
 from .. import safejson
-from ..batch import Counts, Item, ItemResult, Loaded, Progress, _Engine
+from ..batch import Counts, Engine, ItemResult, Progress
+from ..discovery import Item
 from ..errors import ConfigError, InputError
-from ..io import read_image
 from .encoder import DatasetEncoder
+from .jobs import SampleJob
 from .locations import ShardInput, input_identity, open_input
 from .manifest import write_text_durably
-from .sample import Encoded, Sample, ShardSink, latent_bytes
+from .sample import Sample, ShardSink
 
 INDEX_VERSION = 1
 RUN_INDEX = "index.json"
@@ -102,7 +101,8 @@ class Tally:
                 if r.status in self.counts:
                     self.counts[r.status] += 1
             if self.progress is not None:
-                self.progress(Counts(self.total, **self.counts))
+                c = self.counts
+                self.progress(Counts(self.total, ok=c["ok"], failed=c["failed"], skipped=c["skipped"]))
 
 
 def check_unique_names(shards: list[ShardInput], layout: str) -> None:
@@ -234,27 +234,10 @@ def _encode_chunk(
     job: ShardJob, src: ShardInput, target: Path, chunk: list[Sample], sink: ShardSink, state: _ShardState, tally: Tally
 ) -> None:
     """Samples of one chunk through the engine: decode and place in reader threads, encode, add to the sink."""
-    from .core import encode_step
-
-    enc, o = job.enc, job.enc.options
     items = [Item(Path(s.source), s.source, None, s.error) for s in chunk]
     tally.add(total=len(chunk))
-    engine = _Engine(items, job.batch_size, o.workers, _progress_delta(tally), job.batch_for)
-
-    def load(i: int, item: Item) -> Loaded:
-        data = chunk[i].data or b""
-        pixels = read_image(io.BytesIO(data), o.alpha_policy(), o.max_pixels)
-        crop, placement = enc.place(pixels, item.rel)
-        return Loaded(i, item, crop, {"sha": hashlib.sha256(data).hexdigest(), "placement": placement})
-
-    def save(loaded: Loaded, tensors: dict[str, Any]) -> None:
-        s, e = chunk[loaded.index], loaded.extra
-        where = f"{s.key}.{sink.suffix}"
-        rec = enc.record(s.source, f"{src.url}#{s.source}", e["sha"], e["placement"], tensors, where)
-        sink.add(Encoded(s.key, latent_bytes(tensors, enc.file_meta(rec), rec), rec, s.sides))
-        state.records.append(rec)
-
-    engine.run(load, lambda b: b.x.shape, encode_step(enc, engine), save)
+    engine = Engine(items, job.batch_size, job.enc.options.workers, _progress_delta(tally), job.batch_for)
+    engine.run(SampleJob(job.enc, engine, chunk, src.url, sink, state.records))
     for s, r in zip(chunk, engine.results):
         r.input = f"{src.url}#{s.source}"
         if r.status == "ok":

@@ -1,0 +1,177 @@
+"""`encode_paths`: image files and folders -> latent files with metadata (ours, kohya's .npz or ComfyUI's
+.latent), as one Job on the engine."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+import torch
+
+from .. import __version__
+from ..discovery import Item
+from ..errors import ConfigError, InputError
+from ..exports import CONTAINER_SUFFIX, alpha_for, kohya_plain_arrays, write_comfyui, write_kohya
+from ..io import (
+    IMAGE_SUFFIXES,
+    LATENT_FORMAT,
+    LATENT_FORMAT_VERSION,
+    decode_image,
+    latent_output_state,
+    meta_name,
+    write_latent,
+)
+from ..models.kl import AutoencoderKL
+from ..pipeline import DTYPE_NAMES, DTYPES, Pending, RunOptions
+from .engine import Loaded, Outputs, Skip
+from .latent_meta import check_container, container_spec
+from .options import EncodeOptions
+from .report import Progress, Report
+from .reuse import reuse_output
+from .run import Discovery, RunContext, latent_names, note_batch, run_job, stage_images
+from .sizes import check_size_policy, prepare_pixels
+from .sources import image_probe, read_source
+
+KOHYA_NOTE = ("kohya format without --dataset: each latent has its image's own size; kohya uses a cache only at "
+              "the size of its bucket (use --dataset for a training cache)")
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    """One image on its way to a latent file: what its metadata records."""
+
+    width: int  # the original's size (as displayed, or as stored for kohya)
+    height: int
+    size: tuple[int, int]  # (height, width) the model sees: the batch key
+    undo: dict[str, Any]  # how the size policy is undone (recorded as size_params)
+    source_sha256: str
+
+
+class EncodeJob:
+    """The encode command's Job: read and prepare an image, encode a batch, write each latent."""
+
+    command = "encode"
+    latent_keys = False
+
+    @staticmethod
+    def check(vae: AutoencoderKL, options: EncodeOptions) -> Discovery:
+        fmt = options.format
+        check_size_policy(options.size_policy)
+        if options.latent_dtype not in DTYPES:
+            raise ConfigError(f"unknown latent dtype {options.latent_dtype!r}; choose one of {', '.join(DTYPES)}")
+        if fmt not in CONTAINER_SUFFIX:
+            raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(CONTAINER_SUFFIX)}")
+        check_container(vae.config, fmt)
+        if fmt != "vaecli" and options.latent_dtype != "fp32":
+            raise ConfigError(f"--format {fmt} stores float32 latents (what its reader expects); drop --latent-dtype")
+        alpha_for(fmt, options.alpha)  # refuses an alpha policy the container does not take
+        return Discovery(IMAGE_SUFFIXES, latent_names(CONTAINER_SUFFIX[fmt]), flat=options.flat)
+
+    def __init__(self, ctx: RunContext, options: EncodeOptions) -> None:
+        self.ctx, self.options = ctx, options
+        config = ctx.vae.config
+        self.fmt = fmt = options.format
+        self.alpha = alpha_for(fmt, options.alpha)
+        self.factor = config.size_multiple  # image sides: the downsample factor, times FLUX.2's patch
+        self.spec = None if options.raw else container_spec(config.latent_spec, fmt)
+        self.store_dtype = DTYPES[options.latent_dtype]
+        self.settings = {
+            "model_sha256": ctx.info["weights_sha256"],
+            "model_identity_sha256": ctx.info["identity_sha256"],
+            "latent_spec": json.dumps(self.spec.to_dict()) if self.spec is not None else "none",
+            "posterior": "sample" if options.sample else "mode",
+            "seed": str(options.seed) if options.sample else "",
+            "size_policy": options.size_policy,
+            "latent_dtype": options.latent_dtype,
+            "alpha": self.alpha,
+            **({"pixels": "kohya"} if fmt == "kohya" else {}),  # stored orientation, Pillow's RGB conversion
+        }
+        self.probe = image_probe(self.factor, options.size_policy, exif=fmt != "kohya")  # kohya: as stored
+        if fmt == "kohya":
+            ctx.notes.append(KOHYA_NOTE)
+
+    def load(self, index: int, item: Item) -> Loaded[EncodeItem] | Skip:
+        o = self.options
+        assert item.output is not None
+        fh, source_sha = read_source(item.input, o.max_pixels)  # the bytes hashed are the bytes decoded
+        want = {"source_sha256": source_sha, **self.settings}
+        skip, note = reuse_output(latent_output_state(item.output), want, o.overwrite, item.output)
+        if skip:
+            return Skip()
+        convention = "kohya" if self.fmt == "kohya" else "vaecli"
+        pixels = decode_image(fh, self.alpha, o.max_pixels, convention, keep_uint8=True)
+        h, w = pixels.shape[:2]
+        prepared, encoded, undo = prepare_pixels(pixels, self.factor, o.size_policy)
+        if note:
+            self.ctx.engine.results[index].notes.append(note)
+        return Loaded(index, item, prepared, EncodeItem(w, h, encoded, undo, source_sha))
+
+    def key(self, loaded: Loaded[EncodeItem]) -> Hashable:
+        return loaded.state.size
+
+    def compute(self, batch: list[Loaded[EncodeItem]]) -> Pending[Outputs]:
+        o, runner = self.options, self.ctx.runner
+        x, noise = stage_images(runner, batch, batch[0].state.size, o.sample, o.seed)
+        return runner.submit_encode(x, self.spec, noise).then(lambda result: self._latents(batch, result))
+
+    def _latents(self, batch: list[Loaded[EncodeItem]], result: Any) -> Outputs:
+        """Each row's latent in the stored dtype, or why the item failed."""
+        outs: Outputs = []
+        for i, err in enumerate(note_batch(self.ctx.engine, batch, result, "encode")):
+            z = result.tensor[i].to(self.store_dtype) if err is None else None
+            if z is not None and not torch.isfinite(z).all():
+                err = InputError(f"latent overflows {self.options.latent_dtype}; use --latent-dtype fp32 or bf16")
+            outs.append(err if err is not None else z)
+        return outs
+
+    def save(self, loaded: Loaded[EncodeItem], z: torch.Tensor) -> None:
+        target = loaded.item.output
+        assert target is not None
+        meta = self._meta(loaded.item, loaded.state)
+        if self.fmt == "comfyui":
+            write_comfyui(target, z, meta)
+        elif self.fmt == "kohya":
+            write_kohya(target, kohya_plain_arrays(z, meta))
+        else:
+            write_latent(target, z, meta)
+
+    def _meta(self, item: Item, e: EncodeItem) -> dict[str, str]:
+        """The metadata one latent file records: the run's settings, and this image's sizes and source."""
+        config = self.ctx.vae.config
+        return {
+            "format": LATENT_FORMAT,
+            "format_version": LATENT_FORMAT_VERSION,
+            "vaecli_version": __version__,
+            "model_name": self.ctx.info["name"],
+            **self.settings,
+            "seed_key": meta_name(item.rel) if self.options.sample else "",
+            "compute_dtype": DTYPE_NAMES[self.ctx.runner.dtype],
+            "downsample_factor": str(config.downsample_factor),
+            **({"size_multiple": str(self.factor)} if self.factor != config.downsample_factor else {}),
+            "original_width": str(e.width),
+            "original_height": str(e.height),
+            "encoded_width": str(e.size[1]),
+            "encoded_height": str(e.size[0]),
+            "size_params": json.dumps(e.undo),
+            "source": meta_name(item.rel),
+            "source_sha256": e.source_sha256,
+        }
+
+
+def encode_paths(
+    vae: AutoencoderKL,
+    inputs: Sequence[str | Path],
+    out: Path,
+    options: EncodeOptions = EncodeOptions(),
+    run: RunOptions = RunOptions(),
+    progress: Progress | None = None,
+) -> Report:
+    """Encode image files and folders into `out/<rel>.safetensors` latent files with metadata.
+
+    An existing complete output made from the same source bytes with the same settings is skipped; a
+    stale one (source edited, other model or settings) is recomputed, as is every output with overwrite.
+    A file at an output path that is not a vaecli latent is replaced only with overwrite.
+    """
+    return run_job(EncodeJob, vae, inputs, out, options, run, progress)
