@@ -23,7 +23,9 @@ KOHYA_DEFAULTS: dict[str, Any] = {
     "enable_bucket": False, "min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64,
     "bucket_no_upscale": False, "flip_aug": False, "random_crop": False, "alpha_mask": False, "resolution": None,
 }
-BUCKET_KEYS = ("resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
+BUCKET_KEYS = (
+    "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
+)
 # kohya's names for our flags (its command line): given flags fill what the config leaves out
 FLAG_NAMES = {"resolution": "--bucket-resolution", "min_bucket_reso": "--min-bucket-size",
               "max_bucket_reso": "--max-bucket-size", "bucket_reso_steps": "--bucket-step",
@@ -81,7 +83,9 @@ def _buckets(lookup: _Lookup, flip: bool, path: str | Path) -> KohyaBuckets:
     lo -= lo % step  # kohya's adjust_min_max_bucket_reso_by_steps
     hi += (step - hi % step) % step
     if not lo <= resolution <= hi:
-        raise ConfigError(f"{path}: kohya needs min_bucket_reso {lo} <= resolution {resolution} <= max_bucket_reso {hi}")
+        raise ConfigError(
+            f"{path}: kohya needs min_bucket_reso {lo} <= resolution {resolution} <= max_bucket_reso {hi}"
+        )
     return KohyaBuckets(resolution, step, lo, hi, bool(lookup.get("bucket_no_upscale")), flip)
 
 
@@ -111,8 +115,10 @@ def _norm(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _choose_dataset(path: Path, datasets: list[dict[str, Any]], general: Mapping[str, Any],
-                    inputs: Sequence[str | Path], flags: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _choose_dataset(
+    path: Path, datasets: list[dict[str, Any]], general: Mapping[str, Any], inputs: Sequence[str | Path],
+    flags: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The dataset whose subsets' image_dir are the inputs; any dataset when all share their bucket settings."""
     entries = [(d, [_table(s, "a subset") for s in d.get("subsets", []) or []]) for d in datasets]
     wanted = {_identity(i) for i in inputs} - {None}

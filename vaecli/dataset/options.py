@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..exports import CONTAINER_SUFFIX, RECORD_KEY, alpha_for
+from ..exports import CONTAINER_SUFFIX, RECORD_KEY, alpha_for  # noqa: F401 - RECORD_KEY: also a dataset name
 from ..io import DEFAULT_MAX_PIXELS
 from ..pipeline import DTYPES
 
@@ -114,7 +114,9 @@ def check_options(options: DatasetOptions, factor: int) -> None:
     if o.layout is not None and o.layout not in LAYOUTS:
         problems.append(f"unknown --layout {o.layout!r}; choose one of {', '.join(LAYOUTS)}")
     if o.layout in ("tar", "parquet") and o.format != "vaecli":
-        problems.append(f"--layout {o.layout} stores vaecli latents; drop --format {o.format} (its readers read folders)")
+        problems.append(
+            f"--layout {o.layout} stores vaecli latents; drop --format {o.format} (its readers read folders)"
+        )
     if o.batch_size < 0:
         problems.append("--batch-size must be at least 1 (or 0 / auto: sized from free memory)")
     if problems:

@@ -38,10 +38,11 @@ class ParquetSource:
             raise InputError(f"not a readable parquet shard ({exc})") from None
         schema = self.file.schema_arrow
         names = schema.names
-        self.column = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
-        if self.column not in names:
+        column = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
+        if column is None or column not in names:
             what = f"no column {image_column!r}" if image_column else "no image column found"
             raise InputError(f"{what} (columns: {', '.join(names)}); name it with --image-column")
+        self.column = column
         # img2dataset names the column by the image type (jpg): the source is then <key>.jpg, as the tar
         # member and the extracted file are called, so all three give the same records and random crops.
         self.suffix = f".{self.column}" if self.column.lower() in ("jpg", "jpeg", "png", "webp") else ""

@@ -161,7 +161,9 @@ class TarSink:
         self._fh = open(self.tmp, "wb")
         self._hash = _HashingFile(self._fh)
         # Stream mode: tarfile only writes (through the hash), never seeks.
-        self._tar = tarfile.open(fileobj=self._hash, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
+        self._tar = tarfile.open(  # type: ignore[call-overload]
+            fileobj=self._hash, mode="w|", format=tarfile.PAX_FORMAT
+        )
         self._lock = threading.Lock()
         self._mtime = int(time.time())
 
