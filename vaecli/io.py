@@ -183,9 +183,9 @@ def image_size(fh: BinaryIO, exif: bool = True) -> tuple[int, int]:
         orientation = 1
         raw = img.info.get("exif") if exif else None
         if isinstance(raw, bytes) and raw:
-            exif = Image.Exif()
-            exif.load(raw)
-            orientation = exif.get(0x0112, 1)
+            tags = Image.Exif()
+            tags.load(raw)
+            orientation = tags.get(0x0112, 1)
         elif exif and hasattr(img, "tag_v2"):  # TIFF keeps it among its tags
             orientation = img.tag_v2.get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # 5-8: rotated by 90 degrees
@@ -205,7 +205,7 @@ def _open_pil(fh: BinaryIO) -> Any:
         Image,
         JpegImagePlugin,
         PngImagePlugin,
-        TiffImagePlugin,  # noqa: F401
+        TiffImagePlugin,
     )
 
     try:

@@ -72,6 +72,8 @@ def kohya_crop_ltrb(bucket: tuple[int, int], original: tuple[int, int]) -> tuple
     """
     (bw, bh), (w, h) = bucket, original
     image_ar = w / h
+    rw: float
+    rh: float
     if bw / bh > image_ar:
         rw, rh = bh * image_ar, bh
     else:
@@ -139,7 +141,7 @@ def text_array(value: Mapping[str, Any]) -> np.ndarray:
 def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """np.savez into an open file: given a name, np.savez would append .npz to our temp name."""
     with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub: a ** mapping could bind allow_pickle
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import numpy as np
 
@@ -21,7 +21,7 @@ def is_npy(prefix: bytes) -> bool:
     return prefix.startswith(NPY_MAGIC)
 
 
-def read_npy(fh: BinaryIO, check: ShapeCheck | None = None, kind: str = "f", limit: int | None = None) -> np.ndarray:
+def read_npy(fh: IO[bytes], check: ShapeCheck | None = None, kind: str = "f", limit: int | None = None) -> np.ndarray:
     """A .npy array, its header checked before its data is read (no pickles, ever).
 
     kind "f": a latent of floats, shape (C, h, w) or (1, C, h, w) (seen by `check`), returned as float32.
@@ -46,7 +46,7 @@ def read_npy(fh: BinaryIO, check: ShapeCheck | None = None, kind: str = "f", lim
     return np.array(array)
 
 
-def _header(fh: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+def _header(fh: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, Fortran order, dtype) of a .npy header, versions 1.0 and 2.0."""
     fmt = np.lib.format
     try:
