@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vaecli.batch import apply_size_policy, undo_size_policy
-from vaecli.io import atomic_write, latent_is_complete, read_latent, write_latent
+from vaecli.io import atomic_write
+from vaecli.latents import latent_is_complete, read_latent, write_latent
 from vaecli.metrics import PSNR_CAP, max_abs_error, psnr, ssim
 
 
@@ -101,7 +102,7 @@ def test_image_size_from_the_header_follows_exif_orientation(tmp_path, orientati
 def test_latent_shape_from_the_header(tmp_path):
     import numpy as np
 
-    from vaecli.io import latent_shape
+    from vaecli.latents import latent_shape
 
     np.save(tmp_path / "z.npy", np.zeros((1, 4, 5, 7), dtype=np.float16))
     with open(tmp_path / "z.npy", "rb") as fh:

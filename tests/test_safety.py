@@ -204,7 +204,7 @@ def test_unwritable_output_fails_every_item_before_the_model_runs(model, tmp_pat
 def test_interrupt_keeps_finished_items(model, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a run: Interrupted carries the finished items; their files are complete."""
     from vaecli import batch
-    from vaecli.io import latent_is_complete
+    from vaecli.latents import latent_is_complete
     from vaecli.pipeline import Runner
 
     for i in range(6):

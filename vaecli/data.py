@@ -18,7 +18,6 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
@@ -26,7 +25,7 @@ from . import safejson
 from .config import LatentSpec
 from .dataset import LOGVAR_RANGE, MANIFEST, read_manifest
 from .errors import InputError
-from .exports import COMFYUI_TENSOR
+from .latents import CONTAINERS, by_name
 
 FLIP_MODES = (False, True, "random")
 
@@ -74,18 +73,10 @@ class LatentDataset(Dataset):
 
     def _tensor(self, rec: dict[str, Any], field: str, name: str) -> torch.Tensor:
         """Tensor `name` (our naming) of the file that manifest field `field` points to, as float32 (C, h, w)."""
-        path = self.root / rec[field]
-        fmt = rec.get("format", "vaecli")
-        if fmt == "kohya":
-            key = {"latent": "latents", "latent_flipped": "latents_flipped"}.get(name, name)
-            with np.load(path, allow_pickle=False) as npz:
-                return torch.from_numpy(np.array(npz[key], dtype=np.float32))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            if fmt == "comfyui":
-                return f.get_tensor(COMFYUI_TENSOR)[0].float()  # (1, C, h, w) -> (C, h, w)
-            return f.get_tensor(name).float()
+        read = by_name(rec.get("format", CONTAINERS[0].name)).dataset_tensor  # records before "format": ours
+        if read is None:
+            raise InputError(f"{self.manifest}: format {rec['format']!r} holds no dataset latents")
+        return read(self.root / rec[field], name)
 
 
 def _item(
