@@ -41,6 +41,7 @@ BOOT = textwrap.dedent(
     wblock = os.environ.get("VAECLI_TEST_BLOCK_WRITE")
     if wblock:  # a write that never finishes once its temp file is whole (a stalled disk)
         import vaecli.io as vio
+        import vaecli.latents.native as vnative  # where latent files are written
         real_write = vio.atomic_write
         def stuck(path, write):
             if str(path).endswith(wblock):
@@ -49,10 +50,11 @@ BOOT = textwrap.dedent(
                     threading.Event().wait()
                 return real_write(path, held)
             return real_write(path, write)
-        vio.atomic_write = stuck
+        vio.atomic_write = vnative.atomic_write = stuck
     full = os.environ.get("VAECLI_TEST_ENOSPC")
     if full:  # the disk fills while safetensors writes this output (its Rust writer reports errno as text)
         import vaecli.io as vio
+        import vaecli.latents.native as vnative
         from safetensors import SafetensorError
         real_write2 = vio.atomic_write
         def filling(path, write):
@@ -63,7 +65,7 @@ BOOT = textwrap.dedent(
                                           'message: "No space left on device" })')
                 return real_write2(path, fail)
             return real_write2(path, write)
-        vio.atomic_write = filling
+        vio.atomic_write = vnative.atomic_write = filling
     swap = os.environ.get("VAECLI_TEST_SWAP_AFTER_READ")
     if swap:  # "a.png:new.png": once a.png's bytes have been read to the end, a.png becomes new.png
         import vaecli.batch.sources as batch  # where a run opens its inputs
