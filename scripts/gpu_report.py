@@ -51,7 +51,8 @@ import vaecli  # noqa: E402
 from bench_vs_diffusers import bench_op, build_models, inference, sync  # noqa: E402
 from vaecli import accel, kernels  # noqa: E402
 from vaecli.bench import device_name  # noqa: E402
-from vaecli.pipeline import DTYPES, RunOptions, Runner  # noqa: E402
+from vaecli.devices import DTYPES  # noqa: E402
+from vaecli.pipeline import RunOptions, Runner  # noqa: E402
 from vaecli.plans import TABLE, apply_layout, plan_for  # noqa: E402
 
 # (op, side, batch) per row, as in issue 12's table; --quick shrinks sides and batches.
@@ -125,7 +126,7 @@ def env_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]], 
             capability=list(torch.cuda.get_device_capability()) if args.device == "cuda" else None,
             kernels_run_here={str(dt).removeprefix("torch."): kernels.device_ok(torch.empty(1, device=args.device, dtype=dt))
                               for dt in (torch.bfloat16, torch.float16, torch.float32)},
-            plan_table={dev: {k: {"value": c.value, "measured": c.measured} for k, c in row.items()} for dev, row in TABLE.items()},
+            plan_table={dev: dataclasses.asdict(row) for dev, row in TABLE.items()},  # layer and run-level choices
         )
         print("   " + " | ".join(f"{k} {out[k]}" for k in ("device", "torch", "diffusers", "triton", "cuda", "git")), flush=True)
 

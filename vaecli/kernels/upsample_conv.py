@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_installed, usable
+from . import Blocks, triton_installed, usable
 
 # -- the plain-torch forms -------------------------------------------------------------------------------
 
@@ -113,7 +113,7 @@ def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     )
 
 
-def fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, blocks: Blocks) -> torch.Tensor:
     """The four phase convolutions in one Triton kernel when `supported`, else `reference`."""
     if not supported(x, weight, bias):
         return reference(x, weight, bias)
@@ -121,7 +121,7 @@ def fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     co = weight.shape[0]
     k = folded(weight, "phases").permute(0, 1, 4, 5, 3, 2).reshape(4, 4 * ci, co).contiguous()  # (phase, tap*Ci+ci, Co)
     out = torch.empty((n, co, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=_layout_of(x))
-    bm, bn, bk = (64, 64, 32) if x.device.type == "cuda" else (16, 16, 16)  # small tiles keep the interpreter quick
+    bm, bn, bk = blocks.conv_tile  # plans.TABLE: the device's tiles (small under the interpreter)
     grid = (-(-(n * h * w) // bm), -(-co // bn), 4)
     # fp32 tiles: TF32 where cuDNN's convolutions use it too (torch's default), else exact products
     precision = ("tf32" if torch.backends.cudnn.allow_tf32 else "ieee") if x.dtype == torch.float32 else None
