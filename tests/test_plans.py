@@ -237,7 +237,8 @@ def test_runner_plans_layout_and_kernels(reference):
 
 def _snapshot(model: torch.nn.Module) -> dict:
     """What a caller can see of its model: tensors (identity, values, strides, dtype), module classes, mode."""
-    tensors = {name: (id(t), t.detach().clone(), t.stride(), t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
+    state = model.state_dict(keep_vars=True)
+    tensors = {name: (id(t), t.detach().clone(), t.stride(), t.dtype) for name, t in state.items()}
     return {"tensors": tensors, "classes": [type(m) for m in model.modules()], "training": model.training}
 
 

@@ -59,7 +59,7 @@ class RunOptions:
     slicing: int | None = None  # run batches in slices of this many samples
     tile_batch: int = 4  # tiles per model call when tiling
     compile: bool = False  # untiled calls run as compiled packages (accel.py), cached on disk across runs
-    kernels: str = "auto"  # the device's plan (plans.TABLE); "on": every Triton kernel; "off": diffusers' exact sequence
+    kernels: str = "auto"  # the device's plan (plans.TABLE); "on": every Triton kernel; "off": diffusers' sequence
 
     def compute_dtype(self, config: VAEConfig) -> torch.dtype:
         """The precision a run of `config`'s model computes in (fp16 may be upcast): the one derivation."""

@@ -1,10 +1,13 @@
-"""How each layer runs on each device: one table, every choice with the measurement behind it.
+"""Every per-device choice in one table, each with the file in this repository that measured it.
 
-The model has one module tree and one set of weights; a `Plan` passed to its forward methods decides how
-the layers compute: the memory layout of activations and conv weights, GroupNorm's implementation for
-half-precision inputs, the upsampling form, the attention call, and which Triton kernels (vaecli/kernels)
-replace torch ops. `plan_for(device, config, kernels)` builds the plan of a device from TABLE; `REFERENCE`
-is diffusers' own sequence of operations, the default of the model's methods.
+TABLE has a row per kind of device with two parts. `layers`: how the layers compute (a `Plan` passed to
+the model's forward methods: memory layout of activations and conv weights, GroupNorm's implementation for
+half-precision inputs, the upsampling form, the attention call, which Triton kernels replace torch ops);
+`plan_for(device, config, kernels)` builds a device's plan from it, and `REFERENCE` is diffusers' own
+sequence of operations, the default of the model's methods. `run`: the run-level choices (I/O threads,
+the automatic batch limit, the memory model's factors and budgets, heap trimming, cuDNN's autotuning,
+the kernels' block sizes), read through `run_choices(device)`. Each choice cites its measurement
+(`Cited.source`: a repository file, or exactly "not measured"); tests/test_plans.py checks the files exist.
 """
 
 from __future__ import annotations
@@ -191,8 +194,9 @@ TABLE: dict[str, DeviceRow] = {
         LayerChoices(
             nhwc_from=Choice(256, Cited(NOT_MEASURED, "2-core x86 CPU, oneDNN: NHWC 3x3 convs ~15% faster than NCHW "
                                                       "at SD widths (figure not kept); narrow models keep NCHW")),
-            nhwc_needs_norm_kernel=Choice(False, Cited(NOT_MEASURED, "source reading: aten's CPU GroupNorm has a "
-                                                       "channels-last kernel (GroupNormKernelImplChannelsLastInternal)")),
+            nhwc_needs_norm_kernel=Choice(False, Cited(NOT_MEASURED, "source reading: aten's CPU GroupNorm has "
+                                                       "a channels-last kernel "
+                                                       "(GroupNormKernelImplChannelsLastInternal)")),
             norm=Choice("native", Cited("docs/performance.md", "CPU 2026-11-27: bf16 GroupNorm 256x128x128 15 ms "
                                         "native vs 82 ms on an fp32 copy (fp16 17 vs 51); SD bf16 decode 256^2 0.77 "
                                         "of diffusers' time vs 0.90 before; aten's CPU kernel accumulates in fp32")),

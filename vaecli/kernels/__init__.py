@@ -54,7 +54,8 @@ def device_ok(t: torch.Tensor) -> bool:
         return interpreting()
     if t.device.type != "cuda":
         return False  # MPS, XPU...: no Triton backend here
-    return capability_ok(_capability(t.device.index if t.device.index is not None else torch.cuda.current_device()), t.dtype)
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return capability_ok(_capability(index), t.dtype)
 
 
 def available_for(device: torch.device) -> bool:

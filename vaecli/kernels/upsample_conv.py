@@ -163,7 +163,8 @@ if triton_installed():
             for c0 in range(0, Ci, BK):
                 c = c0 + tl.arange(0, BK)
                 c_ok = c < Ci
-                xa = tl.load(row[:, None] + c[None, :].to(tl.int64) * sxc, mask=inside[:, None] & c_ok[None, :], other=0.0)
+                xa = tl.load(row[:, None] + c[None, :].to(tl.int64) * sxc, mask=inside[:, None] & c_ok[None, :],
+                             other=0.0)
                 kb = tl.load(k_ptr + (phase * 4 * Ci + tap * Ci + c)[:, None] * Co + co[None, :],
                              mask=c_ok[:, None] & co_ok[None, :], other=0.0)
                 if UPCAST:
@@ -171,5 +172,6 @@ if triton_installed():
                 acc = tl.dot(xa, kb, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-        at = (img * syn + (2 * i + a).to(tl.int64) * syh + (2 * j + b).to(tl.int64) * syw)[:, None] + co[None, :].to(tl.int64) * syc
+        pixel = img * syn + (2 * i + a).to(tl.int64) * syh + (2 * j + b).to(tl.int64) * syw
+        at = pixel[:, None] + co[None, :].to(tl.int64) * syc
         tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
