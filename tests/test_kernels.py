@@ -3,6 +3,9 @@ TRITON_INTERPRET=1 before the kernel modules are imported), and their fallbacks.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
+
 import pytest
 import torch
 
@@ -11,9 +14,11 @@ pytest.importorskip("triton", reason="Triton wheels exist for Linux only; CI run
 from vaecli import kernels  # noqa: E402
 from vaecli.kernels import groupnorm_silu as gn  # noqa: E402
 from vaecli.kernels import upsample_conv as uc  # noqa: E402
+from vaecli.plans import run_choices  # noqa: E402
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CPU = run_choices("cpu").triton.blocks  # what CPU tensors (Triton's interpreter) get from plans.TABLE
 
 
 def _input(shape, dtype, layout, offset=0.0, seed=0):
@@ -22,11 +27,9 @@ def _input(shape, dtype, layout, offset=0.0, seed=0):
 
 
 @pytest.fixture
-def small_chunks(monkeypatch):
+def small_chunks():
     """Tiny blocks and chunks: every group is split over several programs (the split reduction runs)."""
-    monkeypatch.setattr(gn, "BLOCK", 32)
-    monkeypatch.setattr(gn, "CHUNK", 64)
-    monkeypatch.setattr(gn, "TILE", 128)
+    return replace(CPU, norm_block=32, norm_chunk=64, norm_tile=128)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -38,7 +41,7 @@ def test_group_norm_silu_matches_reference(layout, dtype, small_chunks):
     w = torch.randn(24).to(dtype)
     b = torch.randn(24).to(dtype)
     assert gn.supported(x, 8, w, b)
-    y = gn.group_norm(x, 8, w, b, 1e-6, True)
+    y = gn.group_norm(x, 8, w, b, 1e-6, True, blocks=small_chunks)
     ref = gn.reference(x, 8, w, b, 1e-6, True)
     assert y.dtype == dtype and y.is_contiguous(memory_format=LAYOUTS[layout])
     torch.testing.assert_close(y, ref, **({"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {}))
@@ -50,7 +53,7 @@ def test_moments_are_exact_in_fp32_on_a_large_offset(layout, small_chunks):
     variance (mean 1000, std 0.01: the naive formula's error would be ~1e2 times the variance)."""
     x = (1000.0 + 0.01 * torch.randn(1, 16, 9, 12, generator=torch.Generator().manual_seed(1)))
     x = x.contiguous(memory_format=LAYOUTS[layout])
-    count, mean, m2 = gn.moments(x, 4)
+    count, mean, m2 = gn.moments(x, 4, blocks=small_chunks)
     g = x.double().reshape(1, 4, -1)
     exact_mean = g.mean(2)
     exact_m2 = (g - exact_mean.unsqueeze(2)).square().sum(2)
@@ -67,7 +70,7 @@ def test_apply_with_given_statistics(layout, dtype):
     rstd = torch.rand(2, 4) + 0.5
     w, b = torch.randn(16).to(dtype), torch.randn(16).to(dtype)
     for weight, bias, silu in ((w, b, True), (None, None, False)):
-        y = gn.apply(x, mean, rstd, weight, bias, silu)
+        y = gn.apply(x, mean, rstd, weight, bias, silu, blocks=CPU)
         ref = gn.apply_reference(x, mean, rstd, weight, bias, silu)
         assert y.is_contiguous(memory_format=LAYOUTS[layout])
         torch.testing.assert_close(y, ref, **({"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {}))
@@ -85,10 +88,11 @@ def test_group_norm_falls_back_to_the_reference(monkeypatch):
     # Strided (neither NCHW- nor NHWC-dense) input: the kernels take no such layout.
     wide = _input((1, 16, 6, 12), torch.float32, "nchw")[..., ::2]
     assert not gn.supported(wide, 4, w, b)
-    torch.testing.assert_close(gn.group_norm(wide, 4, w, b, 1e-6, True), gn.reference(wide, 4, w, b, 1e-6, True))
+    torch.testing.assert_close(gn.group_norm(wide, 4, w, b, 1e-6, True, blocks=CPU),
+                               gn.reference(wide, 4, w, b, 1e-6, True))
     # Autograd recording through the weights: kernels have no backward; gradients flow through the reference.
     wg = w.clone().requires_grad_()
-    y = gn.group_norm(x, 4, wg, b, 1e-6, True)
+    y = gn.group_norm(x, 4, wg, b, 1e-6, True, blocks=CPU)
     y.sum().backward()
     assert wg.grad is not None and torch.equal(y.detach(), ref)
     # Being traced by torch.compile/export: the reference ops, for inductor to fuse.
@@ -99,7 +103,7 @@ def test_group_norm_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(kernels, "interpreting", lambda: False)
     monkeypatch.setattr(gn, "_moments", no_kernel)
     assert not gn.supported(x, 4, w, b)
-    assert torch.equal(gn.group_norm(x, 4, w, b, 1e-6, True), ref)
+    assert torch.equal(gn.group_norm(x, 4, w, b, 1e-6, True, blocks=CPU), ref)
 
 
 def test_devices_without_a_triton_backend():
@@ -119,10 +123,10 @@ def test_upsample_forms_match_nearest_then_conv(layout, dtype):
     assert uc.supported(x, w, b)
     # The forms sum folded weights (rounded once to the dtype): half precision differs by a few ulps.
     tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
-    for form in (uc.subpixel, uc.transposed, uc.fused):
+    for form in (uc.subpixel, uc.transposed, partial(uc.fused, blocks=CPU)):
         y = form(x, w, b)
         assert y.shape == (1, 24, 6, 10) and y.dtype == dtype
-        assert y.is_contiguous(memory_format=LAYOUTS[layout]), form.__name__
+        assert y.is_contiguous(memory_format=LAYOUTS[layout]), form
         torch.testing.assert_close(y.float(), ref, **tol)
 
 
@@ -131,7 +135,7 @@ def test_upsample_kernel_fallbacks_and_gradients(monkeypatch):
     w, b = torch.randn(8, 8, 3, 3) * 0.2, torch.randn(8)
     monkeypatch.setattr(uc, "_phase_conv", None)  # would fail if launched
     assert not uc.supported(x, w, b)  # under 16 channels: tl.dot's minimum tile
-    assert torch.equal(uc.fused(x, w, b), uc.reference(x, w, b))
+    assert torch.equal(uc.fused(x, w, b, blocks=CPU), uc.reference(x, w, b))
     # The torch forms are differentiable through the folded weights (training with a fast plan).
     wg = w.clone().requires_grad_()
     grads = []
@@ -167,10 +171,11 @@ def test_launch_grids_fit_cuda_limits(monkeypatch, layout, shape):
     monkeypatch.setattr(uc, "supported", lambda *a: True)
     x = torch.empty(shape, device="meta", dtype=torch.bfloat16).contiguous(memory_format=LAYOUTS[layout])
     c = shape[1]
-    _, mean, _, rstd = gn._moments(x, 32, 1e-6)
-    gn._apply(x, mean, rstd, torch.empty(c, device="meta"), torch.empty(c, device="meta"), True)
-    uc.fused(x, torch.empty(c, c, 3, 3, device="meta", dtype=torch.bfloat16), None)
-    assert len(grids) == 4
+    for blocks in (run_choices(x.device).triton.blocks, run_choices("cuda").triton.blocks):  # any device's sizes
+        _, mean, _, rstd = gn._moments(x, 32, 1e-6, blocks)
+        gn._apply(x, mean, rstd, torch.empty(c, device="meta"), torch.empty(c, device="meta"), True, blocks)
+        uc.fused(x, torch.empty(c, c, 3, 3, device="meta", dtype=torch.bfloat16), None, blocks=blocks)
+    assert len(grids) == 8
     for grid in grids:
         assert 1 <= grid[0] < 2**31 and all(1 <= g <= 65535 for g in grid[1:]), grid
 

@@ -7,7 +7,10 @@ import torch
 
 from vaecli.config import LatentSpec
 from vaecli.models.kl import AutoencoderKL
-from vaecli.pipeline import Runner, RunOptions, compute_dtype, precision_ladder
+from vaecli import memory
+from vaecli.devices import compute_dtype, precision_ladder
+from vaecli.memory import estimate_peak_bytes, estimate_tiled_bytes
+from vaecli.pipeline import Runner, RunOptions
 from vaecli.tiling import Grid, tiled_decode, tiled_encode_moments
 
 
@@ -172,8 +175,8 @@ class FakeMemory:
         import vaecli.pipeline as pipeline
 
         self.free, self.k, self.calls = free, k, []
-        monkeypatch.setattr(pipeline, "free_memory", lambda device: free)
-        monkeypatch.setattr(pipeline, "memory_capacity", lambda device: capacity or free)
+        monkeypatch.setattr(memory, "free_memory", lambda device: free)
+        monkeypatch.setattr(memory, "memory_capacity", lambda device: capacity or free)
         untiled = {"encode": AutoencoderKL.encode_moments, "decode": AutoencoderKL.decode}
         for op, real in untiled.items():
             monkeypatch.setattr(AutoencoderKL, "encode_moments" if op == "encode" else op, self._untiled(op, real))
@@ -187,8 +190,6 @@ class FakeMemory:
             raise torch.OutOfMemoryError("simulated")
 
     def _untiled(self, op, real):
-        from vaecli.pipeline import estimate_peak_bytes
-
         def call(model, x, *args, **kwargs):
             h, w = (x.shape[-2], x.shape[-1]) if op == "encode" else (x.shape[-2] * 8, x.shape[-1] * 8)
             self._check(f"{op} x{x.shape[0]}", estimate_peak_bytes(model.config, x.shape[0], h, w, x.element_size(), op))
@@ -197,8 +198,6 @@ class FakeMemory:
         return call
 
     def _tiled(self, op, real):
-        from vaecli.pipeline import estimate_tiled_bytes
-
         def call(model, x, tile, overlap, batch=4, whole=True, *args, **kwargs):
             h, w = (x.shape[-2], x.shape[-1]) if op == "encode" else (x.shape[-2] * 8, x.shape[-1] * 8)
             need = estimate_tiled_bytes(model.config, op, x.shape[0], h, w, x.element_size(), tile, overlap, batch, whole)
@@ -214,8 +213,6 @@ class FakeMemory:
 
 def test_tiling_predicted_before_anything_is_tried(vae, monkeypatch):
     """auto: a call predicted not to fit runs tiled at once; off: untiled unless it could never fit."""
-    from vaecli.pipeline import estimate_peak_bytes
-
     one = estimate_peak_bytes(vae.config, 1, 48, 48, 4, "decode")
     mem = FakeMemory(monkeypatch, free=int(one / 0.9), k=1.0)
     z = torch.randn(2, 4, 6, 6)
@@ -241,8 +238,6 @@ def test_out_of_memory_costs_at_most_one_retry(vae, monkeypatch, op, k, room):
     """Calls need k times the prediction (k < 1.875: any error the 80% margin and one correction cover).
     Free memory holds `room` untiled images by the prediction; whatever the batch ends up as (slices, or
     tiles when not even one image fits), the ladder fails at most once, then every call fits."""
-    from vaecli.pipeline import estimate_peak_bytes
-
     one = estimate_peak_bytes(vae.config, 1, 48, 48, 4, op)
     mem = FakeMemory(monkeypatch, free=int(one * room), k=k, capacity=int(one * 100))
     runner = Runner(vae, RunOptions(tiling="off", tile_size=24, tile_overlap=8, tile_batch=4))
@@ -285,26 +280,24 @@ def test_second_failure_steps_down_one_rung(vae, monkeypatch):
 
 
 def test_auto_tiling_follows_free_memory(vae, monkeypatch):
-    import vaecli.pipeline as pipeline
-
     runner = Runner(vae, RunOptions(tiling="auto", tile_size=24, tile_overlap=8))
-    monkeypatch.setattr(pipeline, "free_memory", lambda device: 1 << 40)
+    monkeypatch.setattr(memory, "free_memory", lambda device: 1 << 40)
     assert runner.decode(torch.randn(1, 4, 6, 6)).tiles == 0
-    monkeypatch.setattr(pipeline, "free_memory", lambda device: 1024)
+    monkeypatch.setattr(memory, "free_memory", lambda device: 1024)
     assert runner.decode(torch.randn(1, 4, 6, 6)).tiles > 1
 
 
 def test_auto_batch_size_from_free_memory(vae, monkeypatch):
-    import vaecli.pipeline as pipeline
+    from vaecli.plans import run_choices
 
     cpu = torch.device("cpu")
-    per_image = pipeline.estimate_peak_bytes(vae.config, 1, 512, 512, 4)
-    monkeypatch.setattr(pipeline, "free_memory", lambda device: int(per_image * 3 / 0.6))
-    assert pipeline.auto_batch_size(vae.config, 512, 512, torch.float32, cpu) == 3
-    monkeypatch.setattr(pipeline, "free_memory", lambda device: 10)
-    assert pipeline.auto_batch_size(vae.config, 512, 512, torch.float32, cpu) == 1  # never below one
-    monkeypatch.setattr(pipeline, "free_memory", lambda device: 1 << 50)
-    assert pipeline.auto_batch_size(vae.config, 512, 512, torch.float32, cpu) == pipeline.AUTO_BATCH_MAX["cpu"]
+    per_image = estimate_peak_bytes(vae.config, 1, 512, 512, 4)
+    monkeypatch.setattr(memory, "free_memory", lambda device: int(per_image * 3 / 0.6))
+    assert memory.auto_batch_size(vae.config, 512, 512, torch.float32, cpu) == 3
+    monkeypatch.setattr(memory, "free_memory", lambda device: 10)
+    assert memory.auto_batch_size(vae.config, 512, 512, torch.float32, cpu) == 1  # never below one
+    monkeypatch.setattr(memory, "free_memory", lambda device: 1 << 50)
+    assert memory.auto_batch_size(vae.config, 512, 512, torch.float32, cpu) == run_choices("cpu").batch_limit.most
 
 
 def test_tiled_cpu_calls_trim_the_heap(vae, monkeypatch):

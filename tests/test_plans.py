@@ -3,6 +3,9 @@ tensors), the CPU plan's accuracy, and GroupNorm on half-precision inputs withou
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,7 +14,20 @@ from vaecli.config import VAEConfig
 from vaecli.errors import ConfigError
 from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions
-from vaecli.plans import KERNEL_OPS, NORMS, REFERENCE, TABLE, UPSAMPLES, apply_layout, plan_for
+from vaecli.plans import (
+    KERNEL_OPS,
+    NORMS,
+    NOT_MEASURED,
+    REFERENCE,
+    TABLE,
+    UPSAMPLES,
+    Cited,
+    apply_layout,
+    laid_out,
+    plan_for,
+    run_choices,
+)
+from cli_support import ROOT
 
 NARROW = dict(block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8)
 WIDE = dict(block_out_channels=[32, 256], layers_per_block=1, norm_num_groups=32)  # wide layers take CPU fast forms
@@ -24,15 +40,44 @@ def _pair(reference, dtype=torch.float32, **config):
     return ref.to(dtype), ours.to(dtype)
 
 
+def _citations(row) -> list[Cited]:
+    """Every Cited of a row, layer and run-level choices alike (each choice holds one)."""
+    found = []
+    for part in (row.layers, row.run):
+        for f in dataclasses.fields(part):
+            choice = getattr(part, f.name)
+            found.append(choice.why)
+    return found
+
+
 def test_every_device_row_names_every_choice_and_its_measurement():
     fields = {"nhwc_from", "nhwc_needs_norm_kernel", "norm", "upsample", "wide_from", "tiles_nhwc", "attention", "kernels"}
+    run = {"io_threads", "batch_limit", "untiled_peak", "memory", "heap_trim", "conv_search", "triton"}
     for device, row in TABLE.items():
-        assert set(row) == fields, device
-        assert all(len(choice.measured) > 15 for choice in row.values()), device
-        assert row["norm"].value in NORMS and row["upsample"].value in UPSAMPLES
-        assert set(row["kernels"].value) <= set(KERNEL_OPS)
+        assert {f.name for f in dataclasses.fields(row.layers)} == fields, device
+        assert {f.name for f in dataclasses.fields(row.run)} == run, device
+        for why in _citations(row):
+            # a file of this repository that measured the choice, or exactly "not measured"; and what it shows
+            assert why.source == NOT_MEASURED or (ROOT / why.source).is_file(), (device, why.source)
+            assert why.detail.strip(), (device, why)
+        assert row.layers.norm.value in NORMS and row.layers.upsample.value in UPSAMPLES
+        assert set(row.layers.kernels.value) <= set(KERNEL_OPS)
     # Kernels by default only where a GPU run measured them faster (H100, docs/performance.md).
-    assert {d: row["kernels"].value for d, row in TABLE.items()} == {"cpu": (), "cuda": KERNEL_OPS, "mps": ()}
+    assert {d: row.layers.kernels.value for d, row in TABLE.items()} == {"cpu": (), "cuda": KERNEL_OPS, "mps": ()}
+
+
+def test_run_level_choices_are_the_rows_values():
+    """The values the run side used before they joined the table, per device (behaviour unchanged)."""
+    cpu, cuda, mps, other = (run_choices(d) for d in ("cpu", "cuda:0", "mps", "xpu"))
+    assert [r.batch_limit.most for r in (cpu, cuda, mps, other)] == [8, 32, 8, 8]
+    assert cpu.io_threads.counts(2) == (2, 2) and cpu.io_threads.counts(16) == (4, 2)
+    assert cuda.io_threads.counts(16) == (16, 8) and cuda.io_threads.counts(1) == (2, 2)
+    assert cuda.io_threads.counts(64, readers=3) == (3, 8) and mps.io_threads == cuda.io_threads
+    assert all((r.untiled_peak.encode, r.untiled_peak.decode) == (5.0, 7.0) for r in (cpu, cuda, mps, other))
+    assert all((r.memory.call, r.memory.auto_batch, r.memory.oom_margin) == (0.8, 0.6, 1.5) for r in (cpu, cuda))
+    assert [r.heap_trim.tiled_calls for r in (cpu, cuda, mps, other)] == [True, False, False, False]
+    assert cuda.conv_search.min_repeats == 2 and cuda.conv_search.tiled
+    assert cuda.triton.blocks.conv_tile == (64, 64, 32) and cpu.triton.blocks.conv_tile == (16, 16, 16)
 
 
 def test_cuda_plan_without_triton_keeps_nchw_and_no_kernels(monkeypatch):
@@ -49,7 +94,12 @@ def test_cuda_plan_without_triton_keeps_nchw_and_no_kernels(monkeypatch):
     assert plan_for("cuda", cfg).layout == torch.channels_last
 
 
-def test_plan_for_devices_and_kernel_modes():
+def test_plan_for_devices_and_kernel_modes(monkeypatch):
+    """The table's logic, on any machine: Triton's availability is given (it decides only whether
+    `auto` keeps the kernels: test_cuda_plan_without_triton_keeps_nchw_and_no_kernels)."""
+    from vaecli import kernels
+
+    monkeypatch.setattr(kernels, "triton_installed", lambda: True)
     narrow = VAEConfig(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
                        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8)
     wide = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -183,3 +233,46 @@ def test_runner_plans_layout_and_kernels(reference):
             setattr(module, name, getattr(module, name).k)
     torch.testing.assert_close(enc_on, enc_off, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(dec_on, dec_off, atol=1e-4, rtol=1e-4)
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    """What a caller can see of its model: tensors (identity, values, strides, dtype), module classes, mode."""
+    state = model.state_dict(keep_vars=True)
+    tensors = {name: (id(t), t.detach().clone(), t.stride(), t.dtype) for name, t in state.items()}
+    return {"tensors": tensors, "classes": [type(m) for m in model.modules()], "training": model.training}
+
+
+def _same(a: dict, b: dict) -> bool:
+    if a["classes"] != b["classes"] or a["training"] != b["training"] or a["tensors"].keys() != b["tensors"].keys():
+        return False
+    return all(
+        i == j and torch.equal(x, y) and s == t and d == e
+        for (i, x, s, d), (j, y, t, e) in ((a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
+    )
+
+
+def test_runner_never_changes_the_callers_model():
+    """The CPU plan of a wide model is channels-last: the Runner runs a laid-out copy (sharing every tensor
+    the layout does not touch), the caller's model keeps its parameters, strides and classes; a model
+    already in the plan's layout runs as it is."""
+    cfg = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=32)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(cfg).eval()
+    before = _snapshot(vae)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    outputs = {}
+    for kernels, dtype in (("auto", torch.float32), ("off", torch.float32), ("auto", torch.bfloat16)):
+        runner = Runner(vae, RunOptions(kernels=kernels, dtype=dtype))
+        z = runner.encode(x).tensor
+        outputs[kernels, dtype] = (z, runner.decode(z).tensor)
+        assert _same(before, _snapshot(vae)), (kernels, dtype)
+    assert plan_for("cpu", cfg).layout == torch.channels_last  # the case where a copy is needed
+    ours = laid_out(vae, plan_for("cpu", cfg))
+    assert ours is not vae and ours.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert ours.encoder.conv_in.bias is vae.encoder.conv_in.bias  # untouched tensors are shared, not copied
+    mine = apply_layout(copy.deepcopy(vae), plan_for("cpu", cfg))  # a model of the caller's own, laid out
+    assert laid_out(mine, plan_for("cpu", cfg)) is mine and Runner(mine).model(torch.float32) is mine
+    z, y = outputs["auto", torch.float32]
+    assert torch.equal(Runner(mine).encode(x).tensor, z) and torch.equal(Runner(mine).decode(z).tensor, y)
+    assert laid_out(vae, REFERENCE) is vae  # already diffusers' layout

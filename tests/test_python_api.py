@@ -36,3 +36,30 @@ def test_device_dtype_and_no_graph_unless_asked(tmp_path):
     assert vae.decoder.conv_out.weight.grad is not None
     half = vaecli.load_vae(dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16 and half.encode(x).mean.dtype == torch.bfloat16
+
+
+def test_the_api_and_the_cli_default_to_the_same_plan(tmp_path, monkeypatch):
+    """One default for both (pipeline.py's docstring): `Runner(vae)` and `vaecli encode` without run flags
+    take the same options and so the device's plan (here a wide model's channels-last CPU plan, not
+    diffusers' exact sequence, which `kernels="off"` / `--kernels off` asks for)."""
+    import vaecli.batch
+    from cli_support import make_model, noise_image, run_json
+    from vaecli.pipeline import Runner, RunOptions
+    from vaecli.plans import REFERENCE
+
+    seen: list = []
+
+    class Recording(Runner):
+        def __init__(self, vae, options=RunOptions()):
+            super().__init__(vae, options)
+            seen.append(self)
+
+    monkeypatch.setattr(vaecli.batch, "Runner", Recording)
+    model = make_model(tmp_path / "m", block_out_channels=(8, 16, 16, 256))
+    noise_image(tmp_path / "in" / "a.png", 16, 16)
+    code, _, _ = run_json("encode", tmp_path / "in", "-o", tmp_path / "z", "-m", model, "--device", "cpu")
+    assert code == 0 and len(seen) == 1
+    api = Runner(vaecli.load_vae(model))
+    assert seen[0].options == api.options == RunOptions() and api.options.tiling == "auto"
+    assert seen[0].plan == api.plan and api.plan.layout == torch.channels_last
+    assert Runner(vaecli.load_vae(model), RunOptions(kernels="off")).plan is REFERENCE

@@ -2,6 +2,12 @@
 
 The public names below are imported on first use (PEP 562), so `vaecli --help` and argument errors answer
 without loading torch.
+
+Which plan runs: `Runner(vae, RunOptions())` runs what the CLI runs with its defaults, the device's plan
+(plans.TABLE: the fastest plan measured whose results match diffusers' within the tested tolerances), and
+never changes `vae`; `RunOptions(kernels="off")` (`--kernels off`) is the exact mode, diffusers' own
+sequence of operations. The model's own methods (`vae.encode`, `vae.decode`) take a `plan` argument and
+default to that exact sequence, the pure model with no device policy.
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ _EXPORTS = {
     "Plan": "plans",
     "REFERENCE": "plans",
     "apply_layout": "plans",
+    "laid_out": "plans",
     "plan_for": "plans",
+    "BatchResult": "pipeline",
+    "RunOptions": "pipeline",
+    "Runner": "pipeline",
     "load_vae": "weights",
     "save_vae": "weights",
 }
@@ -60,5 +70,6 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from .errors import ConfigError, InputError, NonFiniteError, VaecliError, WeightsError
     from .models.kl import AutoencoderKL, AutoencoderKLFlux2, DiagonalGaussian
     from .models.tiny import AutoencoderTiny, TinyConfig
-    from .plans import REFERENCE, Plan, apply_layout, plan_for
+    from .pipeline import BatchResult, RunOptions, Runner
+    from .plans import REFERENCE, Plan, apply_layout, laid_out, plan_for
     from .weights import load_vae, save_vae

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from .models.kl import AutoencoderKL
-from .plans import Plan
+from .plans import Plan, run_choices
 
 
 def cache_dir() -> Path:
@@ -56,20 +56,24 @@ class Autotune:
     for calls whose input shape repeats. The search runs every candidate algorithm once per new shape and
     layer, a cost repaid only over later calls of that shape; a folder of mixed sizes, where most shapes
     come once, paid it on nearly every image (issue 13). The decision for all of vaecli is made here, per
-    call: on from the `min_repeats`-th earlier call of the same shape (same-size folders, dataset buckets,
-    benchmarks), and for tiled calls, whose tiles repeat one shape many times within the call.
+    call, as the device's `conv_search` row of plans.TABLE says: on from the `min_repeats`-th earlier call
+    of the same shape (same-size folders, dataset buckets, benchmarks), and for tiled calls, whose tiles
+    repeat one shape many times within the call.
     """
 
-    def __init__(self, device: torch.device, min_repeats: int = 2) -> None:
+    def __init__(self, device: torch.device, min_repeats: int | None = None) -> None:
+        """min_repeats: None takes the device's row; 0 searches always (a benchmark's warm-up absorbs it)."""
+        row = run_choices(device).conv_search
         self.device = device
-        self.min_repeats = min_repeats  # 0: always (a benchmark's warm-up absorbs the search)
+        self.min_repeats = row.min_repeats if min_repeats is None else min_repeats
+        self.tiled = row.tiled  # tiled calls search whatever their count
         self.seen: dict[tuple[object, ...], int] = {}
 
     def before_call(self, key: tuple[object, ...], tiled: bool) -> bool:
         """Set the flag for the next call on inputs described by `key` (op, shape, dtype); returns it."""
         earlier = self.seen.get(key, 0)
         self.seen[key] = earlier + 1
-        on = tiled or earlier >= self.min_repeats
+        on = (tiled and self.tiled) or earlier >= self.min_repeats
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = on
         return on

@@ -25,7 +25,10 @@ import torch
 from . import errors
 from .errors import ConfigError, InputError, VaecliError
 from .models.kl import AutoencoderKL
-from .pipeline import DTYPE_NAMES, DTYPES, OOM_ERRORS, RunOptions, Runner, compute_dtype, resolve_device
+from .devices import DTYPE_NAMES, DTYPES, resolve_device
+from .memory import OOM_ERRORS
+from .pipeline import RunOptions, Runner
+from .plans import apply_layout, plan_for
 from .weights import DEFAULT_MODEL, default_model_dir, load_vae, locate
 
 OPS = ("encode", "decode")
@@ -189,13 +192,23 @@ def _check_args(
         raise VaecliError("invalid benchmark settings: " + "; ".join(problems))
 
 
+def _options(job: Job) -> RunOptions:
+    return RunOptions(
+        dtype=DTYPES[job.dtype], tiling=job.tiling, tile_size=job.tile_size, tile_overlap=job.tile_overlap,
+        compile=job.compile, kernels=job.kernels,
+    )
+
+
 def _load(job: Job) -> AutoencoderKL:
-    """The model on the job's device, already in the precision Runner will compute in (one copy only)."""
+    """The model on the job's device, already in the precision and the weight layout Runner will compute
+    with (one copy only: the benchmark owns this model, so it may lay it out in place)."""
     torch.set_num_threads(job.threads)
     vae = load_vae(job.model, device=job.device, family=job.family, subfolder=job.subfolder, revision=job.revision,
                    variant=job.variant)
-    wanted = compute_dtype(DTYPES[job.dtype], vae.config.force_upcast, None)
-    return vae.to(wanted) if wanted != torch.float32 else vae
+    options = _options(job)
+    wanted = options.compute_dtype(vae.config)
+    vae = vae.to(wanted) if wanted != torch.float32 else vae
+    return apply_layout(vae, plan_for(next(vae.parameters()).device, vae.config, options.kernels))
 
 
 def _prepare(vae: AutoencoderKL, job: Job) -> tuple[Runner, Callable[[], Any]]:
@@ -204,11 +217,7 @@ def _prepare(vae: AutoencoderKL, job: Job) -> tuple[Runner, Callable[[], Any]]:
     f = cfg.downsample_factor
     if job.resolution % f:
         raise InputError(f"resolution {job.resolution} is not a multiple of the model's downsample factor {f}")
-    options = RunOptions(
-        dtype=DTYPES[job.dtype], tiling=job.tiling, tile_size=job.tile_size, tile_overlap=job.tile_overlap,
-        compile=job.compile, kernels=job.kernels,
-    )
-    runner = Runner(vae, options)
+    runner = Runner(vae, _options(job))
     runner.autotune.min_repeats = 0  # the same shape every call: the warm-up absorbs cuDNN's search
     gen = torch.Generator().manual_seed(0)
     n, side = job.batch_size, job.resolution

@@ -252,4 +252,6 @@ def to_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
     return images.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+_TORCH_DTYPES = {
+    np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+}

@@ -11,11 +11,24 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Launch sizes of the kernels; which sizes a device gets is plans.TABLE's choice (`triton` row)."""
+
+    norm_chunk: int  # GroupNorm moments: elements per program (enough work each, enough programs per image)
+    norm_block: int  # GroupNorm NCHW: elements per load
+    norm_tile: int  # GroupNorm NHWC: elements per (rows x channels) load
+    norm_finalize: int  # GroupNorm: the most partial results one finalize program merges per load
+    norm_warps: int  # GroupNorm NHWC programs: warps each
+    conv_tile: tuple[int, int, int]  # upsample conv: (pixels, output channels, input channels) per tile
 
 
 @lru_cache(maxsize=1)
@@ -41,7 +54,8 @@ def device_ok(t: torch.Tensor) -> bool:
         return interpreting()
     if t.device.type != "cuda":
         return False  # MPS, XPU...: no Triton backend here
-    return capability_ok(_capability(t.device.index if t.device.index is not None else torch.cuda.current_device()), t.dtype)
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return capability_ok(_capability(index), t.dtype)
 
 
 def available_for(device: torch.device) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import layout, triton_installed, usable
+from . import Blocks, layout, triton_installed, usable
 
 # -- reference -------------------------------------------------------------------------------------------
 
@@ -73,74 +73,72 @@ def supported(x: torch.Tensor, groups: int, *params: torch.Tensor | None) -> boo
 
 
 def group_norm(
-    x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, silu: bool
+    x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, silu: bool,
+    *, blocks: Blocks,
 ) -> torch.Tensor:
     """GroupNorm (+SiLU) of x with fp32 statistics; the kernels when `supported`, else `reference`."""
     if not supported(x, groups, weight, bias):
         return reference(x, groups, weight, bias, eps, silu)
-    _, mean, _, rstd = _moments(x, groups, eps)
-    return _apply(x, mean, rstd, weight, bias, silu)
+    _, mean, _, rstd = _moments(x, groups, eps, blocks)
+    return _apply(x, mean, rstd, weight, bias, silu, blocks)
 
 
-def moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moments(x: torch.Tensor, groups: int, *, blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per (image, group) count, mean and M2 of x, fp32 (N, G) each; the kernels when `supported`."""
     if not supported(x, groups):
         return moments_reference(x, groups)
-    count, mean, m2, _ = _moments(x, groups, 0.0)
+    count, mean, m2, _ = _moments(x, groups, 0.0, blocks)
     return count, mean, m2
 
 
 def apply(
     x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
-    bias: torch.Tensor | None, silu: bool,
+    bias: torch.Tensor | None, silu: bool, *, blocks: Blocks,
 ) -> torch.Tensor:
     """Normalize x with given statistics (N, G) fp32; the kernel when `supported`, else `apply_reference`."""
     if not supported(x, mean.shape[1], weight, bias):
         return apply_reference(x, mean, rstd, weight, bias, silu)
-    return _apply(x, mean.float().contiguous(), rstd.float().contiguous(), weight, bias, silu)
+    return _apply(x, mean.float().contiguous(), rstd.float().contiguous(), weight, bias, silu, blocks)
 
 
 # -- launching -------------------------------------------------------------------------------------------
-
-CHUNK = 16384  # elements per moments program: enough work per program, enough programs per image
-BLOCK = 1024  # NCHW: elements per load
-TILE = 4096  # NHWC: elements per (rows x channels) load
-
 
 def _pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def _moments(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, ...]:
+def _moments(x: torch.Tensor, groups: int, eps: float, blocks: Blocks) -> tuple[torch.Tensor, ...]:
     """count, mean, M2 and rstd per (image, group), each (N, G) fp32, from the moments and finalize kernels."""
+    chunk, block, tile = blocks.norm_chunk, blocks.norm_block, blocks.norm_tile
     n, c, h, w = x.shape
     hw, cg = h * w, c // groups
     out = torch.empty(4, n * groups, dtype=torch.float32, device=x.device)  # count, mean, m2, rstd
     if layout(x) == "nchw":
         length = cg * hw  # one group is contiguous
-        span = max(BLOCK, -(-min(CHUNK, length) // BLOCK) * BLOCK)
+        span = max(block, -(-min(chunk, length) // block) * block)
         s = -(-length // span)
         part = torch.empty(3, n * groups, s, dtype=torch.float32, device=x.device)
-        _moments_nchw[(n * groups * s,)](x, part, length, span, s, BLOCK=BLOCK)
+        _moments_nchw[(n * groups * s,)](x, part, length, span, s, BLOCK=block)
         strides = (groups * s, s, 1, 1)  # (image, group, chunk, channel-in-group) in `part`
     else:
         cols = _pow2(c)
-        rows = max(1, TILE // cols)
-        rows_per = -(-max(rows, CHUNK // c) // rows) * rows
+        rows = max(1, tile // cols)
+        rows_per = -(-max(rows, chunk // c) // rows) * rows
         s = -(-hw // rows_per)
         part = torch.empty(3, n, s, c, dtype=torch.float32, device=x.device)
-        _moments_nhwc[(n * s,)](x, part, hw, c, rows_per, s, ROWS=rows, COLS=cols, num_warps=8)  # 3 fp32 tiles live
+        # 3 fp32 tiles live per program
+        _moments_nhwc[(n * s,)](x, part, hw, c, rows_per, s, ROWS=rows, COLS=cols, num_warps=blocks.norm_warps)
         strides = (s * c, cg, c, cg)
     pieces = s * strides[3] if layout(x) == "nhwc" else s
     _finalize[(n * groups,)](
-        part, out, groups, pieces, part[0].numel(), *strides, eps, BLOCK=min(1024, _pow2(pieces))
+        part, out, groups, pieces, part[0].numel(), *strides, eps, BLOCK=min(blocks.norm_finalize, _pow2(pieces))
     )
     return tuple(out.view(4, n, groups))  # 4 x (N, G)
 
 
 def _apply(
     x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
-    bias: torch.Tensor | None, silu: bool,
+    bias: torch.Tensor | None, silu: bool, blocks: Blocks,
 ) -> torch.Tensor:
     n, c, h, w = x.shape
     hw, groups = h * w, mean.shape[1]
@@ -149,14 +147,16 @@ def _apply(
     bs = bias if bias is not None else mean
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu)
     if layout(x) == "nchw":
-        blocks = -(-hw // BLOCK)
-        _apply_nchw[(n * c * blocks,)](x, y, mean, rstd, wt, bs, hw, c, c // groups, groups, blocks, BLOCK=BLOCK, **flags)
+        block = blocks.norm_block
+        nb = -(-hw // block)
+        _apply_nchw[(n * c * nb,)](x, y, mean, rstd, wt, bs, hw, c, c // groups, groups, nb, BLOCK=block, **flags)
     else:
         cols = _pow2(c)
-        rows = max(1, TILE // cols)
-        blocks = -(-hw // rows)
-        _apply_nhwc[(n * blocks,)](
-            x, y, mean, rstd, wt, bs, hw, c, c // groups, groups, blocks, ROWS=rows, COLS=cols, num_warps=8, **flags
+        rows = max(1, blocks.norm_tile // cols)
+        nb = -(-hw // rows)
+        _apply_nhwc[(n * nb,)](
+            x, y, mean, rstd, wt, bs, hw, c, c // groups, groups, nb, ROWS=rows, COLS=cols,
+            num_warps=blocks.norm_warps, **flags,
         )
     return y
 

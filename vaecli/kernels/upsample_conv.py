@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_installed, usable
+from . import Blocks, triton_installed, usable
 
 # -- the plain-torch forms -------------------------------------------------------------------------------
 
@@ -113,7 +113,7 @@ def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     )
 
 
-def fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, blocks: Blocks) -> torch.Tensor:
     """The four phase convolutions in one Triton kernel when `supported`, else `reference`."""
     if not supported(x, weight, bias):
         return reference(x, weight, bias)
@@ -121,7 +121,7 @@ def fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     co = weight.shape[0]
     k = folded(weight, "phases").permute(0, 1, 4, 5, 3, 2).reshape(4, 4 * ci, co).contiguous()  # (phase, tap*Ci+ci, Co)
     out = torch.empty((n, co, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=_layout_of(x))
-    bm, bn, bk = (64, 64, 32) if x.device.type == "cuda" else (16, 16, 16)  # small tiles keep the interpreter quick
+    bm, bn, bk = blocks.conv_tile  # plans.TABLE: the device's tiles (small under the interpreter)
     grid = (-(-(n * h * w) // bm), -(-co // bn), 4)
     # fp32 tiles: TF32 where cuDNN's convolutions use it too (torch's default), else exact products
     precision = ("tf32" if torch.backends.cudnn.allow_tf32 else "ieee") if x.dtype == torch.float32 else None
@@ -163,7 +163,8 @@ if triton_installed():
             for c0 in range(0, Ci, BK):
                 c = c0 + tl.arange(0, BK)
                 c_ok = c < Ci
-                xa = tl.load(row[:, None] + c[None, :].to(tl.int64) * sxc, mask=inside[:, None] & c_ok[None, :], other=0.0)
+                xa = tl.load(row[:, None] + c[None, :].to(tl.int64) * sxc, mask=inside[:, None] & c_ok[None, :],
+                             other=0.0)
                 kb = tl.load(k_ptr + (phase * 4 * Ci + tap * Ci + c)[:, None] * Co + co[None, :],
                              mask=c_ok[:, None] & co_ok[None, :], other=0.0)
                 if UPCAST:
@@ -171,5 +172,6 @@ if triton_installed():
                 acc = tl.dot(xa, kb, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-        at = (img * syn + (2 * i + a).to(tl.int64) * syh + (2 * j + b).to(tl.int64) * syw)[:, None] + co[None, :].to(tl.int64) * syc
+        pixel = img * syn + (2 * i + a).to(tl.int64) * syh + (2 * j + b).to(tl.int64) * syw
+        at = pixel[:, None] + co[None, :].to(tl.int64) * syc
         tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])
