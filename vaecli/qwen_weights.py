@@ -20,8 +20,11 @@ import torch
 
 from .config import ModelInfo
 from .errors import ConfigError, WeightsError
-from .models.qwenimage import CLASS_NAME, QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, AutoencoderKLQwenImage, QwenImageConfig
-from .weights import VAE_PREFIXES, check_keys, check_values, locate, read_state_dict, weights_sha256
+from .family_keys import QWEN_DIFFUSERS_MARKERS, QWEN_ORIGINAL_MARKERS, VAE_PREFIXES
+from .models.qwenimage import AutoencoderKLQwenImage
+from .models.qwenimage_config import CLASS_NAME, QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, QwenImageConfig
+from .weight_checks import assign_frozen, check_keys, check_values
+from .weight_files import locate, read_state_dict, weights_sha256
 
 
 # The one rename table: original Wan 2.1 key prefixes <-> diffusers key prefixes, first match wins.
@@ -140,8 +143,6 @@ def diffusers_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 # --------------------------------------------------------------------------------------- detection
 
 
-_DIFFUSERS_MARKERS = ("decoder.mid_block.resnets.0.norm1.gamma", "encoder.mid_block.resnets.0.norm1.gamma")
-_ORIGINAL_MARKERS = ("decoder.middle.0.residual.0.gamma", "encoder.middle.0.residual.0.gamma")
 # Wan 2.2's VAE nests resnets in residual up/down blocks (ComfyUI's comfy/sd.py tells it from 2.1 by this).
 _WAN22_NESTED = re.compile(r"^(encoder\.downsamples|decoder\.upsamples)\.\d+\.(downsamples|upsamples)\.")
 
@@ -151,29 +152,12 @@ def is_qwen_config(data: Any) -> bool:
     return isinstance(data, Mapping) and data.get("_class_name") == CLASS_NAME
 
 
-def _strip_prefix(keys: Iterable[str]) -> tuple[list[str], str]:
-    keys = list(keys)
-    for prefix in VAE_PREFIXES:
-        inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-        if inner:
-            return inner, prefix
-    return keys, ""
-
-
-def is_qwen_state(keys: Iterable[str]) -> bool:
-    """Whether tensor names are a Wan-family VAE's (RMS-norm `gamma`s), in the diffusers or the original layout,
-    optionally under a `vae.`/`first_stage_model.` prefix. True for the Wan 2.2 VAE too, so that load_qwen,
-    not a generic 'unknown weights', tells the user it cannot be loaded."""
-    inner = set(_strip_prefix(keys)[0])
-    return any(m in inner for m in _DIFFUSERS_MARKERS + _ORIGINAL_MARKERS)
-
-
 def detect_layout(keys: Iterable[str]) -> str:
     """'diffusers' or 'wan' (the original Wan 2.1 layout), from key names alone."""
     keys = set(keys)
-    if any(m in keys for m in _ORIGINAL_MARKERS):
+    if any(m in keys for m in QWEN_ORIGINAL_MARKERS):
         return "wan"
-    if any(m in keys for m in _DIFFUSERS_MARKERS):
+    if any(m in keys for m in QWEN_DIFFUSERS_MARKERS):
         return "diffusers"
     raise WeightsError("no Qwen-Image VAE weights recognised (expected keys like "
                        "'decoder.mid_block.resnets.0.norm1.gamma' or 'decoder.middle.0.residual.0.gamma')")
@@ -339,9 +323,6 @@ def load_qwen(
     with torch.device("meta"):
         model = AutoencoderKLQwenImage(cfg)
     check_keys(model, state, source)
-    target = dtype if dtype is not None else _stored_dtype(state)
-    model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
+    model = assign_frozen(model, state, dtype if dtype is not None else _stored_dtype(state), device)
     model.info = ModelInfo(str(path), source, layout, sha, config_source, tuple(notes))
-    model = model.to(device=torch.device(device))
-    model.requires_grad_(False)  # encode/decode build no autograd graph unless the caller unfreezes
-    return model.eval()
+    return model
