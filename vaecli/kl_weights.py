@@ -7,6 +7,7 @@ files, Linear layers in diffusers); only names differ otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -206,7 +207,8 @@ def architecture_from_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, Any
     while f"encoder.down_blocks.{levels}.resnets.0.conv1.weight" in state:
         levels += 1
     if levels == 0:
-        raise WeightsError("cannot read the architecture from the weights: no 'encoder.down_blocks.0.resnets.0.conv1.weight'")
+        raise WeightsError("cannot read the architecture from the weights: no "
+                           "'encoder.down_blocks.0.resnets.0.conv1.weight'")
     layers = 0
     while f"encoder.down_blocks.0.resnets.{layers}.conv1.weight" in state:
         layers += 1
@@ -215,7 +217,8 @@ def architecture_from_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, Any
         decoder_channels=decoder,  # the decoder's levels in encoder order
         in_channels=int(shape("encoder.conv_in.weight")[1]),
         out_channels=int(shape("decoder.conv_out.weight")[0]),
-        block_out_channels=tuple(int(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]) for i in range(levels)),
+        block_out_channels=tuple(
+            int(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]) for i in range(levels)),
         layers_per_block=layers,
         latent_channels=int(shape("decoder.conv_in.weight")[1]),
         use_quant_conv="quant_conv.weight" in state,
@@ -359,7 +362,7 @@ def _with_flux2_statistics(cfg: Flux2Config, state: Mapping[str, torch.Tensor]) 
     """The pipelines' normalization, computed as they compute it (float32): std = sqrt(running_var + eps)."""
     mean = state["bn.running_mean"].float()
     std = torch.sqrt(state["bn.running_var"].float() + cfg.batch_norm_eps)
-    return cfg.replace(bn_mean=tuple(mean.tolist()), bn_std=tuple(std.tolist()))
+    return dataclasses.replace(cfg, bn_mean=tuple(mean.tolist()), bn_std=tuple(std.tolist()))
 
 
 def load_kl(weights_path: Path, beside: Path | None, name: str,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -185,6 +186,58 @@ def _refuse_other_wan(state: Mapping[str, torch.Tensor], layout: str, source: st
 # ----------------------------------------------------------------------------------- config inference
 
 
+def _shape(state: Mapping[str, torch.Tensor], key: str) -> torch.Size:
+    if key not in state:
+        raise WeightsError(f"cannot read the architecture from the weights: tensor {key!r} is missing")
+    return state[key].shape
+
+
+@dataclass
+class _EncoderLevels:
+    """What the encoder's flat block list says per resolution level."""
+
+    channels: list[int] = field(default_factory=list)  # width of each level
+    resnets: list[int] = field(default_factory=lambda: [0])  # resnets of each level
+    attention: set[int] = field(default_factory=set)  # levels with attention blocks
+    temporal: list[bool] = field(default_factory=list)  # per downsampler: has a time_conv
+
+
+def _encoder_levels(state: Mapping[str, torch.Tensor]) -> _EncoderLevels:
+    """Walk `encoder.down_blocks.K`: a resnet (norm1.gamma), an attention block (to_qkv) or a downsampler
+    (resample.1), which starts the next level."""
+    levels = _EncoderLevels()
+    k = 0
+    while any(key.startswith(f"encoder.down_blocks.{k}.") for key in state):
+        block = f"encoder.down_blocks.{k}."
+        if block + "norm1.gamma" in state:
+            if levels.resnets[-1] == 0:
+                levels.channels.append(int(_shape(state, block + "conv1.weight")[0]))
+            levels.resnets[-1] += 1
+        elif block + "to_qkv.weight" in state:
+            levels.attention.add(len(levels.resnets) - 1)
+        elif block + "resample.1.weight" in state:
+            levels.temporal.append(block + "time_conv.weight" in state)
+            levels.resnets.append(0)
+        else:
+            raise WeightsError(f"cannot read the architecture from the weights: unknown encoder block {block}*")
+        k += 1
+    if not levels.channels or len(set(levels.resnets)) != 1 or len(levels.channels) != len(levels.resnets):
+        raise WeightsError(f"cannot read the architecture from the weights: encoder resnets per level "
+                           f"{levels.resnets}")
+    return levels
+
+
+def _latent_statistics(z_dim: int, notes: list[str]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """latents_mean/std, which leave no trace in the weights: Qwen-Image's for 16 channels, else identity."""
+    if z_dim == len(QWEN_LATENTS_MEAN):
+        notes.append("latents_mean/latents_std: Qwen-Image's released values (not stored in the weights; the "
+                     "Wan 2.1 VAE, which shapes cannot tell apart, uses the same values)")
+        return QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
+    notes.append(f"latents_mean/latents_std: unknown for {z_dim} latent channels (not stored in the weights); "
+                 "using mean 0 and std 1 (no normalization)")
+    return (0.0,) * z_dim, (1.0,) * z_dim
+
+
 def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[QwenImageConfig, list[str]]:
     """The config from the shapes and names of diffusers-keyed tensors, and notes on what was assumed.
 
@@ -192,37 +245,11 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[QwenImageConfig, li
     which downsamplers have `time_conv` tensors; attn_scales from the encoder levels with attention blocks.
     dropout and latents_mean/std leave no trace in the weights: Qwen-Image's released values are used.
     """
-
-    def shape(key: str) -> torch.Size:
-        if key not in state:
-            raise WeightsError(f"cannot read the architecture from the weights: tensor {key!r} is missing")
-        return state[key].shape
-
-    base_dim, input_channels = (int(v) for v in shape("encoder.conv_in.weight")[:2])
-    z_dim = int(shape("decoder.conv_in.weight")[1])
-    channels: list[int] = []  # per level
-    resnets = [0]  # per level
-    attention_levels: set[int] = set()
-    temporal: list[bool] = []
-    k = 0
-    while any(key.startswith(f"encoder.down_blocks.{k}.") for key in state):
-        block = f"encoder.down_blocks.{k}."
-        if block + "norm1.gamma" in state:
-            if resnets[-1] == 0:
-                channels.append(int(shape(block + "conv1.weight")[0]))
-            resnets[-1] += 1
-        elif block + "to_qkv.weight" in state:
-            attention_levels.add(len(resnets) - 1)
-        elif block + "resample.1.weight" in state:
-            temporal.append(block + "time_conv.weight" in state)
-            resnets.append(0)
-        else:
-            raise WeightsError(f"cannot read the architecture from the weights: unknown encoder block {block}*")
-        k += 1
-    if not channels or len(set(resnets)) != 1 or len(channels) != len(resnets):
-        raise WeightsError(f"cannot read the architecture from the weights: encoder resnets per level {resnets}")
-    if any(c % base_dim for c in channels):
-        raise WeightsError(f"cannot read the architecture from the weights: level widths {channels} are not "
+    base_dim, input_channels = (int(v) for v in _shape(state, "encoder.conv_in.weight")[:2])
+    z_dim = int(_shape(state, "decoder.conv_in.weight")[1])
+    levels = _encoder_levels(state)
+    if any(c % base_dim for c in levels.channels):
+        raise WeightsError(f"cannot read the architecture from the weights: level widths {levels.channels} are not "
                            f"multiples of base_dim {base_dim}")
     notes = [
         "no config.json: base_dim, z_dim, dim_mult, num_res_blocks read from tensor shapes; temperal_downsample "
@@ -230,19 +257,12 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[QwenImageConfig, li
         "blocks",
         "dropout 0.0 assumed (Qwen-Image's released value; training only, not stored in the weights)",
     ]
-    if z_dim == len(QWEN_LATENTS_MEAN):
-        mean, std = QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
-        notes.append("latents_mean/latents_std: Qwen-Image's released values (not stored in the weights; the "
-                     "Wan 2.1 VAE, which shapes cannot tell apart, uses the same values)")
-    else:
-        mean, std = (0.0,) * z_dim, (1.0,) * z_dim
-        notes.append(f"latents_mean/latents_std: unknown for {z_dim} latent channels (not stored in the weights); "
-                     "using mean 0 and std 1 (no normalization)")
+    mean, std = _latent_statistics(z_dim, notes)
     try:
         cfg = QwenImageConfig(
-            base_dim=base_dim, z_dim=z_dim, dim_mult=tuple(c // base_dim for c in channels), num_res_blocks=resnets[0],
-            attn_scales=tuple(1.0 / 2**level for level in sorted(attention_levels)),
-            temperal_downsample=tuple(temporal), dropout=0.0, input_channels=input_channels,
+            base_dim=base_dim, z_dim=z_dim, dim_mult=tuple(c // base_dim for c in levels.channels),
+            num_res_blocks=levels.resnets[0], attn_scales=tuple(1.0 / 2**level for level in sorted(levels.attention)),
+            temperal_downsample=tuple(levels.temporal), dropout=0.0, input_channels=input_channels,
             latents_mean=mean, latents_std=std,
         )
     except ConfigError as exc:

@@ -234,7 +234,8 @@ def _read_pair(encoder: Path, decoder: Path) -> dict[str, dict[str, torch.Tensor
     for (half, state), path in zip(halves.items(), (encoder, decoder)):
         actual = tiny_original_half(state.keys()) if all(TINY_ORIGINAL_KEY.match(k) for k in state) else None
         if actual != half:
-            what = f"{actual} weights" if actual else "no original TAESD layer keys ('0.weight', '1.conv.0.weight', ...)"
+            what = (f"{actual} weights" if actual
+                    else "no original TAESD layer keys ('0.weight', '1.conv.0.weight', ...)")
             raise WeightsError(f"{path}: expected the {half} of a TAESD pair, found {what}")
     return halves
 
@@ -279,7 +280,8 @@ def _locate(path: Path) -> tuple[dict[str, torch.Tensor], str, str, TinyConfig |
         raise WeightsError(f"{path}: not tiny VAE weights (expected keys like 'encoder.layers.0.weight', or an "
                            "original TAESD encoder/decoder file)")
     if any(k.startswith(tuple(TINY_COMBINED_PREFIXES.values())) for k in raw):
-        halves = {h: {k[len(p):]: v for k, v in raw.items() if k.startswith(p)} for h, p in TINY_COMBINED_PREFIXES.items()}
+        halves = {h: {k[len(p):]: v for k, v in raw.items() if k.startswith(p)}
+                  for h, p in TINY_COMBINED_PREFIXES.items()}
         extras = {k: float(raw[k]) for k in TINY_COMBINED_EXTRAS if k in raw and raw[k].numel() == 1}
         if extras:
             notes.append(f"ComfyUI combined checkpoint: its {extras} (raw-latent adapters) are not used; the "

@@ -23,11 +23,11 @@ from .models.tiny import AutoencoderTiny
 from .models.tiny_config import CLASS_NAME as TINY_CLASS
 from .qwen_weights import load_qwen
 from .tiny_weights import find_tiny_pair, load_tiny
-# Re-exported for callers that still import them from here (bench.py, scripts/gpu_report.py); their home
-# is weight_files.py.
-from .weight_files import DEFAULT_MODEL, FOLDER_WEIGHTS, config_class, default_model_dir, locate, regular_file
-from .weight_files import safetensors_keys
+from .weight_files import (DEFAULT_MODEL, FOLDER_WEIGHTS, config_class, default_model_dir, locate, regular_file,
+                           safetensors_keys)
 
+# DEFAULT_MODEL, default_model_dir and locate are imported from here by bench.py and scripts/gpu_report.py;
+# their home is weight_files.py.
 __all__ = ["DEFAULT_MODEL", "LoadedVAE", "default_model_dir", "load_vae", "locate", "save_vae"]
 
 LoadedVAE = AutoencoderKL | AutoencoderTiny | AutoencoderKLQwenImage  # what load_vae returns, by family

@@ -129,7 +129,7 @@ class QwenImageConfig:
         unknown = sorted(k for k in data if not str(k).startswith("_") and k not in known)
         if unknown:
             raise ConfigError(f"invalid Qwen-Image VAE config: unknown fields {', '.join(map(str, unknown))}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,8 @@ model rescales to TAESD's [0, 1] inside); latents are the model's own latents, w
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,7 +88,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, plan: Plan = REFERENCE) -> torch.Tensor:
         if self.pool is not None:
             widen, norm, _, narrow = self.pool
-            x = x + narrow(plan.norm_act(norm, widen(x), "relu"))
+            x = x + narrow(plan.norm_act(cast(nn.GroupNorm, norm), widen(x), "relu"))  # pool.1: see __init__
         h = self.conv(x)
         if torch.is_grad_enabled():
             return F.relu(h + x)
@@ -146,7 +148,8 @@ class DecoderTiny(nn.Module):
         while i < len(layers):
             layer = layers[i]
             if isinstance(layer, Upsample) and layer.is_nearest_x2:
-                x = plan.upsample_conv(layers[i + 1], x)  # the upsampling and the conv after it, in the plan's form
+                conv = cast(nn.Conv2d, layers[i + 1])  # every Upsample is followed by a conv (__init__)
+                x = plan.upsample_conv(conv, x)  # the upsampling and the conv after it, in the plan's form
                 i += 2
                 continue
             x = _run_block(layer, x, checkpointing, plan) if isinstance(layer, Block) else layer(x)
@@ -211,12 +214,17 @@ class AutoencoderTiny(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the weights are."""
-        return self.decoder.layers[0].weight.device
+        return self._first_conv.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
         """The weights' precision (inputs are cast to it)."""
-        return self.decoder.layers[0].weight.dtype
+        return self._first_conv.weight.dtype
+
+    @property
+    def _first_conv(self) -> nn.Conv2d:
+        """The decoder's first layer, a conv (DecoderTiny.__init__): where device and dtype are read."""
+        return cast(nn.Conv2d, self.decoder.layers[0])
 
     def _prepare(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         """The input in the weights' dtype and the plan's memory layout."""
