@@ -18,10 +18,9 @@ import torch
 from . import families
 from .config import DEFAULT_FAMILY, Flux2Config, ModelInfo, VAEConfig, apply_family
 from .errors import ConfigError, WeightsError
-from .family_keys import VAE_PREFIXES, is_flux2_state
 from .models.kl import AutoencoderKL, build_model
 from .weight_checks import assign_frozen, check_keys, check_values
-from .weight_files import read_state_dict, regular_file, weights_sha256
+from .weight_files import read_state_dict, regular_file, under_vae_prefix, weights_sha256
 
 # The one rename table: original LDM (CompVis) key patterns <-> diffusers key patterns.
 # {i} is a level index, {j} a resnet index; decoder levels count in opposite directions ({u} is LDM's
@@ -155,10 +154,9 @@ def _upgrade_legacy_attention(state: dict[str, torch.Tensor]) -> dict[str, torch
 
 def extract_vae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The VAE tensors of a file: a full pipeline checkpoint keeps them under a prefix, which is stripped."""
-    for prefix in VAE_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if sub:
-            return sub
+    sub = under_vae_prefix(state)
+    if sub is not None:
+        return sub
     # Files from some tools keep non-VAE extras (e.g. model_ema.*, loss.*): only the VAE's own parts count.
     own = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn.")  # bn.: FLUX.2's statistics
     return {k: v for k, v in state.items() if k.startswith(own)}

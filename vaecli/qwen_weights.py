@@ -21,11 +21,11 @@ import torch
 
 from .config import ModelInfo
 from .errors import ConfigError, WeightsError
-from .family_keys import QWEN_DIFFUSERS_MARKERS, QWEN_ORIGINAL_MARKERS, VAE_PREFIXES
+from .family_keys import QWEN_DIFFUSERS_MARKERS, QWEN_ORIGINAL_MARKERS
 from .models.qwenimage import AutoencoderKLQwenImage
 from .models.qwenimage_config import CLASS_NAME, QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, QwenImageConfig
 from .weight_checks import assign_frozen, check_keys, check_values
-from .weight_files import locate, read_state_dict, weights_sha256
+from .weight_files import locate, read_state_dict, under_vae_prefix, weights_sha256
 
 
 # The one rename table: original Wan 2.1 key prefixes <-> diffusers key prefixes, first match wins.
@@ -301,11 +301,8 @@ def _read_config(path: Path) -> tuple[QwenImageConfig, list[str]]:
 
 def _vae_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The VAE's tensors: under a `vae.`/`first_stage_model.` prefix when a pipeline file holds one."""
-    for prefix in VAE_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if sub:
-            return sub
-    return dict(state)
+    sub = under_vae_prefix(state)
+    return sub if sub is not None else dict(state)
 
 
 def _stored_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:

@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from .errors import ConfigError, WeightsError
+from .family_keys import VAE_PREFIXES
 from .files import file_kind
 
 DEFAULT_MODEL = "vaecli-default"
@@ -55,6 +56,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: holds a {type(data).__name__}, not a state dict")
         return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     raise WeightsError(f"{path}: unsupported weights format {suffix!r} (use .safetensors, .ckpt, .pt, .pth or .bin)")
+
+
+def under_vae_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The tensors a whole-pipeline file keeps under its VAE prefix (`first_stage_model.`, `vae.`), the prefix
+    stripped; None when no key carries one."""
+    for prefix in VAE_PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            return sub
+    return None
 
 
 def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:

@@ -82,7 +82,8 @@ class QwenImageConfig:
     def latent_channels(self) -> int:
         return self.z_dim
 
-    channels_last = False  # its 5D checkpoint-shaped conv weights have no channels-last layout (plans.py)
+    # Read by plans.plan_for until it reads families.Family.channels_last (the same False); then remove.
+    channels_last = False  # its 5D checkpoint-shaped conv weights have no channels-last layout
 
     @property
     def block_out_channels(self) -> tuple[int, ...]:
