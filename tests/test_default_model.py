@@ -13,7 +13,7 @@ from PIL import Image
 
 import vaecli
 from vaecli import AutoencoderKL, VAEConfig
-from vaecli.weights import default_model_dir
+from vaecli.weight_files import default_model_dir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # held out from training (MODEL_CARD.md)
 # PSNR floors of the bundled examples. Version 2 gives 28.80 / 24.96 / 25.51 dB (MODEL_CARD.md), version 1

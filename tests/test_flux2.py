@@ -21,7 +21,8 @@ from vaecli.config import Flux2Config, VAEConfig
 from vaecli.errors import ConfigError, WeightsError
 from vaecli.plans import REFERENCE, apply_layout, plan_for
 from vaecli.tiling import tiled_decode
-from vaecli.weights import diffusers_to_bfl
+from vaecli.kl_weights import diffusers_to_bfl
+from vaecli.models.kl import build_model
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32: test_model_parity's 1e-5, plus 1e-5 relative (outputs reach ~3 here)
@@ -139,7 +140,7 @@ def test_every_plan_matches_diffusers(device, kernels):
     cfg = dict(CONFIGS["asymmetric-decoder"], block_out_channels=[32, 64, 256, 256],
                decoder_block_out_channels=[32, 64, 256, 256], norm_num_groups=32)  # wide: the CPU's fast forms
     ref = make_flux2(**cfg)
-    ours = vaecli.weights.build_model(Flux2Config.from_dict(ref.config)).eval()
+    ours = build_model(Flux2Config.from_dict(ref.config)).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     plan = plan_for(device, ours.config, "on" if device == "cuda" and kernels == "auto" else kernels)
     apply_layout(ours, plan)
@@ -161,7 +162,7 @@ def test_tiled_decode_of_1024_matches_untiled():
     embedded model's encoder and decoder as a FLUX.2 VAE, with batch-norm statistics of its own."""
     base = vaecli.load_vae()
     cfg = Flux2Config.from_dict({**base.config.to_dict(), "_class_name": "AutoencoderKLFlux2"})
-    ours = vaecli.weights.build_model(cfg).eval()
+    ours = build_model(cfg).eval()
     bn = {"bn.running_mean": torch.randn(cfg.bn_channels), "bn.running_var": torch.rand(cfg.bn_channels) + 0.5,
           "bn.num_batches_tracked": torch.tensor(1)}
     ours.load_state_dict({**base.state_dict(), **bn}, strict=True)

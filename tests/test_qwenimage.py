@@ -13,12 +13,13 @@ from diffusers.models.autoencoders import autoencoder_kl_qwenimage as reference_
 from safetensors.torch import save_file
 
 from vaecli.errors import ConfigError, InputError, WeightsError
-from vaecli.models.qwenimage import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, AutoencoderKLQwenImage, QwenImageConfig
+from vaecli.models.qwenimage import AutoencoderKLQwenImage
+from vaecli.models.qwenimage_config import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, QwenImageConfig
+from vaecli.family_keys import is_qwen_state
 from vaecli.qwen_weights import (
     diffusers_to_original,
     diffusers_to_original_key,
     is_qwen_config,
-    is_qwen_state,
     load_qwen,
     original_to_diffusers,
     original_to_diffusers_key,
@@ -297,7 +298,7 @@ def test_load_qwen_layouts(tmp_path, form):
         assert any("latents_mean" in note for note in info.notes) and any("dropout" in note for note in info.notes)
     if form == "wan-file":
         assert ours.config == QwenImageConfig(base_dim=4)  # Qwen-Image's released values filled in
-    from vaecli.weights import weights_sha256
+    from vaecli.weight_files import weights_sha256
 
     assert info.weights_sha256 == weights_sha256(ref.state_dict())
     assert not ours.training and not any(p.requires_grad for p in ours.parameters())

@@ -25,7 +25,7 @@ from vaecli.tiny_weights import (
     original_to_diffusers,
     original_to_diffusers_key,
 )
-from vaecli.weights import weights_sha256
+from vaecli.weight_files import weights_sha256
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 (tests/test_model_parity.py)
 BF16_TOL = dict(atol=0.1, rtol=0.05)  # bf16 ours vs fp32 diffusers (tests/test_model_parity.py)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import vaecli
 from vaecli.errors import ConfigError, WeightsError
-from vaecli.weights import diffusers_to_ldm_key, ldm_to_diffusers_key
+from vaecli.kl_weights import diffusers_to_ldm, diffusers_to_ldm_key, ldm_to_diffusers, ldm_to_diffusers_key
 
 CFG = dict(block_out_channels=[16, 32, 32], layers_per_block=2, norm_num_groups=8, latent_channels=4)
 TOL = dict(atol=1e-5, rtol=0)
@@ -178,6 +178,20 @@ def test_rename_table_both_directions(ref):
     assert sorted(diffusers_to_ldm_key(k, levels) for k in diff_keys) == sorted(ldm)
     for k in diff_keys:
         assert ldm_to_diffusers_key(diffusers_to_ldm_key(k, levels), levels) == k
+
+
+def test_whole_state_renames_both_directions(ref):
+    """The state-dict level of the rename table (attention tensors reshaped between conv and linear), both
+    ways, against the test's own LDM mapping."""
+    ldm = ldm_state(ref)
+    ours = diffusers_to_ldm(ref.state_dict())
+    assert sorted(ours) == sorted(ldm)
+    for k, v in ldm.items():
+        torch.testing.assert_close(ours[k], v, atol=0, rtol=0)
+    back = ldm_to_diffusers(ours)
+    assert sorted(back) == sorted(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(back[k], v, atol=0, rtol=0)
 
 
 def test_weights_sha256_independent_of_layout(ref, tmp_path):

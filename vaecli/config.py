@@ -363,7 +363,8 @@ class LatentSpec:
 
     @property
     def is_identity(self) -> bool:
-        return self.scaling_factor == 1.0 and not self.shift_factor and self.latents_mean is None and self.latents_std is None
+        return (self.scaling_factor == 1.0 and not self.shift_factor and self.latents_mean is None
+                and self.latents_std is None)
 
     def _stats(self, z: "Any") -> tuple[Any, Any]:
         """Per-channel (offset, divisor) broadcastable against a (N,C,h,w) or (C,h,w) tensor."""
@@ -457,8 +458,9 @@ def apply_family(config: VAEConfig, family: str) -> VAEConfig:
     if isinstance(config, Flux2Config) or str(family).lower() == "flux2":
         if isinstance(config, Flux2Config) and str(family).lower() == "flux2":
             return config
-        raise ConfigError(f"--family {family} does not fit this {config.class_name}: FLUX.2's normalization comes from "
-                          "its weights (batch-norm statistics), the presets sd/sdxl/sd3/flux from AutoencoderKL configs")
+        raise ConfigError(f"--family {family} does not fit this {config.class_name}: FLUX.2's normalization comes "
+                          "from its weights (batch-norm statistics), the presets sd/sdxl/sd3/flux from AutoencoderKL "
+                          "configs")
     try:
         preset = FAMILY_PRESETS[family.lower()]
     except KeyError:

@@ -437,7 +437,8 @@ def check_output_root(items: list[Item], out: Path | None) -> None:
             probe_writable(out)
             return
         except OSError as exc:
-            message = f"cannot write in the output folder {out}: {exc.strerror or exc} (read-only, full, or no permission?)"
+            message = (f"cannot write in the output folder {out}: {exc.strerror or exc} "
+                       "(read-only, full, or no permission?)")
     for item in items:
         item.error = item.error or message
 

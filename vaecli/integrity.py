@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import struct
 import zlib
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from .errors import InputError
@@ -110,6 +111,7 @@ def _png(fh: BinaryIO, size: int, img: Any) -> None:
             state = "after"
     if state == "before":
         raise _truncated("the PNG has no image data (no IDAT chunk)")
+    assert expected is not None  # an IDAT was read, and one is accepted only after IHDR set the size
     if not inflater.eof or produced < expected:
         raise _truncated(f"the PNG's image data ends early ({produced} of {expected} bytes)")
 
@@ -136,6 +138,19 @@ _HUFFMAN_SOF = {0xC0, 0xC1, 0xC2, 0xC5, 0xC6}  # lossy Huffman-coded: at least o
 _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker: not a stuffed 0xFF00, a restart, or fill
 
 
+@dataclass
+class _JpegRead:
+    """What a walk over a JPEG's segments found."""
+
+    frame: tuple[int, int, int, list[tuple[int, int]]] | None = None  # (SOF marker, width, height, sampling)
+    ids: list[int] = field(default_factory=list)  # component ids, in frame order
+    shortest: dict[tuple[int, int], int] = field(default_factory=dict)  # (0 DC / 1 AC, table) -> shortest code
+    scan_bytes: int = 0
+    scans: int = 0
+    short_scan: str | None = None  # why a sequential scan holds too few bits
+    delivered: dict[int, set[int]] = field(default_factory=dict)  # progressive: component -> coefficients done
+
+
 def _jpeg(fh: BinaryIO, size: int, img: Any) -> None:
     """Segments whole, at least one frame and scan, the scans' data closed by a marker, EOI reached; and,
     against a file cut short and closed with an end-of-image marker:
@@ -147,54 +162,60 @@ def _jpeg(fh: BinaryIO, size: int, img: Any) -> None:
     - any other Huffman frame: at least one bit of scan data per block."""
     if fh.read(2) != b"\xff\xd8":
         raise _corrupt("JPEG without a start-of-image marker")
-    frame: tuple[int, int, int, list[tuple[int, int]]] | None = None
-    ids: list[int] = []  # component ids, in frame order
-    shortest: dict[tuple[int, int], int] = {}  # (class 0 DC / 1 AC, table id) -> shortest code length
-    scan_bytes = 0
-    scans = 0
-    short_scan: str | None = None  # why a sequential scan holds too few bits
-    delivered: dict[int, set[int]] = {}  # progressive: component id -> coefficients received to their last bit
-    while True:
-        byte = fh.read(1)
-        while byte and byte != b"\xff":  # stray bytes between segments (libjpeg skips them too)
-            byte = fh.read(1)
-        while byte == b"\xff":
-            byte = fh.read(1)
-        if not byte:
-            raise _truncated("the JPEG ends before its end-of-image marker (EOI)")
-        marker = byte[0]
-        if marker == 0xD9:
-            break
+    read = _JpegRead()
+    while (marker := _next_marker(fh)) != 0xD9:
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:
             continue  # standalone markers
         (length,) = struct.unpack(">H", _read_exact(fh, 2, "a JPEG segment is cut short"))
         if length < 2:
             raise _corrupt(f"JPEG segment 0xFF{marker:02X} with length {length}")
-        body = _read_exact(fh, length - 2, "a JPEG segment is cut short")
-        if marker in _SOF:
-            _, height, width, count = struct.unpack(">BHHB", body[:6])
-            comps = [(body[7 + 3 * i] >> 4, body[7 + 3 * i] & 15) for i in range(count)]
-            ids = [body[6 + 3 * i] for i in range(count)]
-            frame = (marker, width, height, comps)
-        if marker == 0xC4:
-            _huffman_tables(body, shortest)
-        if marker == 0xDA:
-            scans += 1
-            length = _skip_scan(fh)
-            scan_bytes += length
-            if frame is not None and frame[0] in (0xC0, 0xC1) and short_scan is None:
-                short_scan = _short_sequential_scan(body, frame, ids, shortest, length)
-            if frame is not None and frame[0] in (0xC2, 0xC6):
-                _note_progressive(body, delivered)
-    if frame is None or scans == 0:
+        _jpeg_segment(fh, marker, _read_exact(fh, length - 2, "a JPEG segment is cut short"), read)
+    _check_jpeg_totals(read)
+
+
+def _next_marker(fh: BinaryIO) -> int:
+    """The next marker's code, skipping stray bytes between segments (libjpeg skips them too) and fill bytes."""
+    byte = fh.read(1)
+    while byte and byte != b"\xff":
+        byte = fh.read(1)
+    while byte == b"\xff":
+        byte = fh.read(1)
+    if not byte:
+        raise _truncated("the JPEG ends before its end-of-image marker (EOI)")
+    return byte[0]
+
+
+def _jpeg_segment(fh: BinaryIO, marker: int, body: bytes, read: _JpegRead) -> None:
+    """Note what one segment says: a frame header, Huffman tables, or a scan (whose data is skipped here)."""
+    if marker in _SOF:
+        _, height, width, count = struct.unpack(">BHHB", body[:6])
+        comps = [(body[7 + 3 * i] >> 4, body[7 + 3 * i] & 15) for i in range(count)]
+        read.ids = [body[6 + 3 * i] for i in range(count)]
+        read.frame = (marker, width, height, comps)
+    if marker == 0xC4:
+        _huffman_tables(body, read.shortest)
+    if marker == 0xDA:
+        read.scans += 1
+        length = _skip_scan(fh)
+        read.scan_bytes += length
+        frame = read.frame
+        if frame is not None and frame[0] in (0xC0, 0xC1) and read.short_scan is None:
+            read.short_scan = _short_sequential_scan(body, frame, read.ids, read.shortest, length)
+        if frame is not None and frame[0] in (0xC2, 0xC6):
+            _note_progressive(body, read.delivered)
+
+
+def _check_jpeg_totals(read: _JpegRead) -> None:
+    """After EOI: a frame and a scan were there, and the scans held enough data for the frame."""
+    if read.frame is None or read.scans == 0:
         raise _corrupt("JPEG without a frame or scan")
-    marker, width, height, comps = frame
-    if short_scan is not None:
-        raise _truncated(f"{short_scan} (cut short and closed with an end marker?)")
+    marker, width, height, comps = read.frame
+    if read.short_scan is not None:
+        raise _truncated(f"{read.short_scan} (cut short and closed with an end marker?)")
     if marker in (0xC2, 0xC6) and height:
-        missing = [c for c in ids if len(delivered.get(c, ())) < 64]
+        missing = [c for c in read.ids if len(read.delivered.get(c, ())) < 64]
         if missing:
-            have = min(len(delivered.get(c, ())) for c in missing)
+            have = min(len(read.delivered.get(c, ())) for c in missing)
             raise _truncated(
                 f"the progressive JPEG's scans deliver {have} of the 64 coefficients of a component to their "
                 "last bit (cut short after its first scans and closed with an end marker?)"
@@ -202,9 +223,9 @@ def _jpeg(fh: BinaryIO, size: int, img: Any) -> None:
     if marker in _HUFFMAN_SOF and height:
         hmax, vmax = max(h for h, _ in comps), max(v for _, v in comps)
         blocks = sum(_ceil(_ceil(width * h, hmax), 8) * _ceil(_ceil(height * v, vmax), 8) for h, v in comps)
-        if scan_bytes * 8 < blocks:
+        if read.scan_bytes * 8 < blocks:
             raise _truncated(
-                f"the JPEG holds {scan_bytes} bytes of scan data, too few for its {width}x{height} frame "
+                f"the JPEG holds {read.scan_bytes} bytes of scan data, too few for its {width}x{height} frame "
                 "(cut short and closed with an end marker?)"
             )
 

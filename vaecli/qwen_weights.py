@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -20,8 +21,11 @@ import torch
 
 from .config import ModelInfo
 from .errors import ConfigError, WeightsError
-from .models.qwenimage import CLASS_NAME, QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, AutoencoderKLQwenImage, QwenImageConfig
-from .weights import VAE_PREFIXES, check_keys, check_values, locate, read_state_dict, weights_sha256
+from .family_keys import QWEN_DIFFUSERS_MARKERS, QWEN_ORIGINAL_MARKERS
+from .models.qwenimage import AutoencoderKLQwenImage
+from .models.qwenimage_config import CLASS_NAME, QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, QwenImageConfig
+from .weight_checks import assign_frozen, check_keys, check_values
+from .weight_files import locate, read_state_dict, under_vae_prefix, weights_sha256
 
 
 # The one rename table: original Wan 2.1 key prefixes <-> diffusers key prefixes, first match wins.
@@ -140,8 +144,6 @@ def diffusers_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 # --------------------------------------------------------------------------------------- detection
 
 
-_DIFFUSERS_MARKERS = ("decoder.mid_block.resnets.0.norm1.gamma", "encoder.mid_block.resnets.0.norm1.gamma")
-_ORIGINAL_MARKERS = ("decoder.middle.0.residual.0.gamma", "encoder.middle.0.residual.0.gamma")
 # Wan 2.2's VAE nests resnets in residual up/down blocks (ComfyUI's comfy/sd.py tells it from 2.1 by this).
 _WAN22_NESTED = re.compile(r"^(encoder\.downsamples|decoder\.upsamples)\.\d+\.(downsamples|upsamples)\.")
 
@@ -151,29 +153,12 @@ def is_qwen_config(data: Any) -> bool:
     return isinstance(data, Mapping) and data.get("_class_name") == CLASS_NAME
 
 
-def _strip_prefix(keys: Iterable[str]) -> tuple[list[str], str]:
-    keys = list(keys)
-    for prefix in VAE_PREFIXES:
-        inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-        if inner:
-            return inner, prefix
-    return keys, ""
-
-
-def is_qwen_state(keys: Iterable[str]) -> bool:
-    """Whether tensor names are a Wan-family VAE's (RMS-norm `gamma`s), in the diffusers or the original layout,
-    optionally under a `vae.`/`first_stage_model.` prefix. True for the Wan 2.2 VAE too, so that load_qwen,
-    not a generic 'unknown weights', tells the user it cannot be loaded."""
-    inner = set(_strip_prefix(keys)[0])
-    return any(m in inner for m in _DIFFUSERS_MARKERS + _ORIGINAL_MARKERS)
-
-
 def detect_layout(keys: Iterable[str]) -> str:
     """'diffusers' or 'wan' (the original Wan 2.1 layout), from key names alone."""
     keys = set(keys)
-    if any(m in keys for m in _ORIGINAL_MARKERS):
+    if any(m in keys for m in QWEN_ORIGINAL_MARKERS):
         return "wan"
-    if any(m in keys for m in _DIFFUSERS_MARKERS):
+    if any(m in keys for m in QWEN_DIFFUSERS_MARKERS):
         return "diffusers"
     raise WeightsError("no Qwen-Image VAE weights recognised (expected keys like "
                        "'decoder.mid_block.resnets.0.norm1.gamma' or 'decoder.middle.0.residual.0.gamma')")
@@ -201,6 +186,58 @@ def _refuse_other_wan(state: Mapping[str, torch.Tensor], layout: str, source: st
 # ----------------------------------------------------------------------------------- config inference
 
 
+def _shape(state: Mapping[str, torch.Tensor], key: str) -> torch.Size:
+    if key not in state:
+        raise WeightsError(f"cannot read the architecture from the weights: tensor {key!r} is missing")
+    return state[key].shape
+
+
+@dataclass
+class _EncoderLevels:
+    """What the encoder's flat block list says per resolution level."""
+
+    channels: list[int] = field(default_factory=list)  # width of each level
+    resnets: list[int] = field(default_factory=lambda: [0])  # resnets of each level
+    attention: set[int] = field(default_factory=set)  # levels with attention blocks
+    temporal: list[bool] = field(default_factory=list)  # per downsampler: has a time_conv
+
+
+def _encoder_levels(state: Mapping[str, torch.Tensor]) -> _EncoderLevels:
+    """Walk `encoder.down_blocks.K`: a resnet (norm1.gamma), an attention block (to_qkv) or a downsampler
+    (resample.1), which starts the next level."""
+    levels = _EncoderLevels()
+    k = 0
+    while any(key.startswith(f"encoder.down_blocks.{k}.") for key in state):
+        block = f"encoder.down_blocks.{k}."
+        if block + "norm1.gamma" in state:
+            if levels.resnets[-1] == 0:
+                levels.channels.append(int(_shape(state, block + "conv1.weight")[0]))
+            levels.resnets[-1] += 1
+        elif block + "to_qkv.weight" in state:
+            levels.attention.add(len(levels.resnets) - 1)
+        elif block + "resample.1.weight" in state:
+            levels.temporal.append(block + "time_conv.weight" in state)
+            levels.resnets.append(0)
+        else:
+            raise WeightsError(f"cannot read the architecture from the weights: unknown encoder block {block}*")
+        k += 1
+    if not levels.channels or len(set(levels.resnets)) != 1 or len(levels.channels) != len(levels.resnets):
+        raise WeightsError(f"cannot read the architecture from the weights: encoder resnets per level "
+                           f"{levels.resnets}")
+    return levels
+
+
+def _latent_statistics(z_dim: int, notes: list[str]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """latents_mean/std, which leave no trace in the weights: Qwen-Image's for 16 channels, else identity."""
+    if z_dim == len(QWEN_LATENTS_MEAN):
+        notes.append("latents_mean/latents_std: Qwen-Image's released values (not stored in the weights; the "
+                     "Wan 2.1 VAE, which shapes cannot tell apart, uses the same values)")
+        return QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
+    notes.append(f"latents_mean/latents_std: unknown for {z_dim} latent channels (not stored in the weights); "
+                 "using mean 0 and std 1 (no normalization)")
+    return (0.0,) * z_dim, (1.0,) * z_dim
+
+
 def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[QwenImageConfig, list[str]]:
     """The config from the shapes and names of diffusers-keyed tensors, and notes on what was assumed.
 
@@ -208,37 +245,11 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[QwenImageConfig, li
     which downsamplers have `time_conv` tensors; attn_scales from the encoder levels with attention blocks.
     dropout and latents_mean/std leave no trace in the weights: Qwen-Image's released values are used.
     """
-
-    def shape(key: str) -> torch.Size:
-        if key not in state:
-            raise WeightsError(f"cannot read the architecture from the weights: tensor {key!r} is missing")
-        return state[key].shape
-
-    base_dim, input_channels = (int(v) for v in shape("encoder.conv_in.weight")[:2])
-    z_dim = int(shape("decoder.conv_in.weight")[1])
-    channels: list[int] = []  # per level
-    resnets = [0]  # per level
-    attention_levels: set[int] = set()
-    temporal: list[bool] = []
-    k = 0
-    while any(key.startswith(f"encoder.down_blocks.{k}.") for key in state):
-        block = f"encoder.down_blocks.{k}."
-        if block + "norm1.gamma" in state:
-            if resnets[-1] == 0:
-                channels.append(int(shape(block + "conv1.weight")[0]))
-            resnets[-1] += 1
-        elif block + "to_qkv.weight" in state:
-            attention_levels.add(len(resnets) - 1)
-        elif block + "resample.1.weight" in state:
-            temporal.append(block + "time_conv.weight" in state)
-            resnets.append(0)
-        else:
-            raise WeightsError(f"cannot read the architecture from the weights: unknown encoder block {block}*")
-        k += 1
-    if not channels or len(set(resnets)) != 1 or len(channels) != len(resnets):
-        raise WeightsError(f"cannot read the architecture from the weights: encoder resnets per level {resnets}")
-    if any(c % base_dim for c in channels):
-        raise WeightsError(f"cannot read the architecture from the weights: level widths {channels} are not "
+    base_dim, input_channels = (int(v) for v in _shape(state, "encoder.conv_in.weight")[:2])
+    z_dim = int(_shape(state, "decoder.conv_in.weight")[1])
+    levels = _encoder_levels(state)
+    if any(c % base_dim for c in levels.channels):
+        raise WeightsError(f"cannot read the architecture from the weights: level widths {levels.channels} are not "
                            f"multiples of base_dim {base_dim}")
     notes = [
         "no config.json: base_dim, z_dim, dim_mult, num_res_blocks read from tensor shapes; temperal_downsample "
@@ -246,19 +257,12 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[QwenImageConfig, li
         "blocks",
         "dropout 0.0 assumed (Qwen-Image's released value; training only, not stored in the weights)",
     ]
-    if z_dim == len(QWEN_LATENTS_MEAN):
-        mean, std = QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
-        notes.append("latents_mean/latents_std: Qwen-Image's released values (not stored in the weights; the "
-                     "Wan 2.1 VAE, which shapes cannot tell apart, uses the same values)")
-    else:
-        mean, std = (0.0,) * z_dim, (1.0,) * z_dim
-        notes.append(f"latents_mean/latents_std: unknown for {z_dim} latent channels (not stored in the weights); "
-                     "using mean 0 and std 1 (no normalization)")
+    mean, std = _latent_statistics(z_dim, notes)
     try:
         cfg = QwenImageConfig(
-            base_dim=base_dim, z_dim=z_dim, dim_mult=tuple(c // base_dim for c in channels), num_res_blocks=resnets[0],
-            attn_scales=tuple(1.0 / 2**level for level in sorted(attention_levels)),
-            temperal_downsample=tuple(temporal), dropout=0.0, input_channels=input_channels,
+            base_dim=base_dim, z_dim=z_dim, dim_mult=tuple(c // base_dim for c in levels.channels),
+            num_res_blocks=levels.resnets[0], attn_scales=tuple(1.0 / 2**level for level in sorted(levels.attention)),
+            temperal_downsample=tuple(levels.temporal), dropout=0.0, input_channels=input_channels,
             latents_mean=mean, latents_std=std,
         )
     except ConfigError as exc:
@@ -297,11 +301,8 @@ def _read_config(path: Path) -> tuple[QwenImageConfig, list[str]]:
 
 def _vae_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The VAE's tensors: under a `vae.`/`first_stage_model.` prefix when a pipeline file holds one."""
-    for prefix in VAE_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if sub:
-            return sub
-    return dict(state)
+    sub = under_vae_prefix(state)
+    return sub if sub is not None else dict(state)
 
 
 def _stored_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -339,9 +340,6 @@ def load_qwen(
     with torch.device("meta"):
         model = AutoencoderKLQwenImage(cfg)
     check_keys(model, state, source)
-    target = dtype if dtype is not None else _stored_dtype(state)
-    model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
+    model = assign_frozen(model, state, dtype if dtype is not None else _stored_dtype(state), device)
     model.info = ModelInfo(str(path), source, layout, sha, config_source, tuple(notes))
-    model = model.to(device=torch.device(device))
-    model.requires_grad_(False)  # encode/decode build no autograd graph unless the caller unfreezes
-    return model.eval()
+    return model

@@ -25,18 +25,28 @@ pooled statistics and for normalizing by them. Measured figures: README.md.
 
 Grids are laid out in latent cells, so encoder tiles start on multiples of the downsample factor and see
 the same stride-2 sampling grid as the untiled run.
+
+The above is for families whose row in the family table (families.Family) has `whole_image_norms`
+(AutoencoderKL, FLUX.2). Others have no statistics to share: with `global_mid_blocks` (Qwen-Image, per-position
+RMS norms) the mid blocks still run untiled and only the convolutional paths are tiled; without (the tiny
+autoencoders) each tile is the whole model on its crop.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, cast
 
 import torch
 
-from .models.kl import AutoencoderKL, GroupNorm, ResnetBlock, Upsample
+from . import families
+from .models.kl import AutoencoderKL, DownBlock, GroupNorm, ResnetBlock, UpBlock, Upsample
+from .models.qwenimage import AutoencoderKLQwenImage
+from .models.tiny import AutoencoderTiny
 from .plans import REFERENCE, Plan
+
+TileableVAE = AutoencoderKL | AutoencoderTiny | AutoencoderKLQwenImage  # every family's model
 
 # A batch of tiles (one model call) holds at most about this fraction of the image's pixels, so the
 # compute-precision temporaries of a batch stay small next to the stored half-precision tiles.
@@ -188,8 +198,13 @@ class _Lockstep:
         s, sy, sx = self.scale, self.gy.size, self.gx.size
         x = torch.stack([self.src[t.image, :, t.y * s : (t.y + sy) * s, t.x * s : (t.x + sx) * s] for t in tiles])
         x = x.contiguous(memory_format=self.plan.tile_layout)
-        owned = [(*(v * s for v in self.gy.owned(t.iy)), *(v * s for v in self.gx.owned(t.ix))) for t in tiles]
+        owned = [self.owned_box(t) for t in tiles]
         return _Chunk(tiles, owned, x)
+
+    def owned_box(self, t: Tile) -> tuple[int, int, int, int]:
+        """The cells tile t owns, (y0, y1, x0, x1) in tile-input units (pixels for the encoder's input)."""
+        (y0, y1), (x0, x1), s = self.gy.owned(t.iy), self.gx.owned(t.ix), self.scale
+        return y0 * s, y1 * s, x0 * s, x1 * s
 
     @property
     def report(self) -> TileReport:
@@ -200,6 +215,7 @@ class _Lockstep:
     def inputs(self, pre: torch.nn.Module | None = None) -> Iterator[tuple[_Chunk, torch.Tensor]]:
         """Each chunk's activation in compute precision (through `pre` first, if given), one chunk at a time."""
         for c in self.chunks:
+            assert c.x is not None  # a chunk's activation is dropped only after its last layer
             x = c.x.to(self.dtype)
             yield c, (x if pre is None else self.layer(pre, x))
 
@@ -291,29 +307,31 @@ class _Blender:
         return self.out / self.norm
 
 
-def _per_tile(run: _Lockstep, local, blend: "_Blender") -> None:
+def _per_tile(run: _Lockstep, local: Callable[[torch.Tensor], torch.Tensor], blend: "_Blender") -> None:
     """Each batch of tiles through `local` with its own statistics, cropped one batch at a time: memory
     stays that of one batch whatever the image size, at the price of per-tile tone differences."""
     for tiles in run.batches:
         chunk = run.crop(tiles)
+        assert chunk.x is not None  # a fresh crop
         blend.add(tiles, local(chunk.x))
 
 
-def _local_model(model: torch.nn.Module) -> bool:
-    """A model without whole-image layers (AutoencoderTiny: convolutions and ReLUs only, the one GroupNorm
-    of TAEF2 inside a block): tiles need no shared statistics, each tile is the model on its crop."""
-    return not isinstance(model, AutoencoderKL)
+def _grid(model: TileableVAE, src: torch.Tensor, in_scale: int, tile_px: int, overlap_px: int, batch: int,
+          plan: Plan) -> _Lockstep:
+    """The tiles of `src` (the model's input at `in_scale` pixels per latent cell), in latent cells."""
+    f = model.config.downsample_factor
+    return _Lockstep(src, in_scale, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
 
 
-def _tiled_split(model: torch.nn.Module, x: torch.Tensor, op: str, tile_px: int, overlap_px: int, batch: int,
-                 plan: Plan) -> tuple[torch.Tensor, TileReport]:
+def _tiled_split(model: AutoencoderKLQwenImage, x: torch.Tensor, op: str, tile_px: int, overlap_px: int,
+                 batch: int, plan: Plan) -> tuple[torch.Tensor, TileReport]:
     """Models whose normalization is per position (Qwen-Image's RMS norm): the global part (mid-block
     attention) runs untiled at 1/f resolution, only the convolutional paths run in overlapping tiles; no
     statistics to share, so a tile equals the untiled computation wherever the overlap covers the
     receptive field."""
     f = model.config.downsample_factor
     if op == "encode":
-        run = _Lockstep(x, f, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
+        run = _grid(model, x, f, tile_px, overlap_px, batch, plan)
         enc = model.encoder
         if len(run.tiles) == x.shape[0]:
             return model.encode_moments(x, plan=plan), run.report
@@ -322,7 +340,7 @@ def _tiled_split(model: torch.nn.Module, x: torch.Tensor, op: str, tile_px: int,
         return model.quant_conv(enc.head(blend.result().to(x.dtype), plan=plan)), run.report
     dec = model.decoder
     trunk = dec.trunk(model.post_quant_conv(x), plan=plan)
-    run = _Lockstep(trunk, 1, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
+    run = _grid(model, trunk, 1, tile_px, overlap_px, batch, plan)
     if len(run.tiles) == x.shape[0]:
         return model.decode(x, plan=plan), run.report
     blend = _Blender(run, f, model.config.out_channels)
@@ -330,15 +348,14 @@ def _tiled_split(model: torch.nn.Module, x: torch.Tensor, op: str, tile_px: int,
     return blend.result().to(x.dtype).clamp_(-1.0, 1.0), run.report
 
 
-def _tiled_local(model: torch.nn.Module, x: torch.Tensor, op: str, tile_px: int, overlap_px: int, batch: int,
+def _tiled_whole(model: TileableVAE, x: torch.Tensor, op: str, tile_px: int, overlap_px: int, batch: int,
                  plan: Plan) -> tuple[torch.Tensor, TileReport]:
-    """Overlapping tiles through the whole model, blended with the ramps (no statistics to share)."""
-    if hasattr(model.decoder, "trunk"):
-        return _tiled_split(model, x, op, tile_px, overlap_px, batch, plan)
+    """Models without norms or global layers (AutoencoderTiny: convolutions and ReLUs only, the one GroupNorm
+    of TAEF2 inside a block): each tile is the whole model on its crop, blended with the ramps."""
     f = model.config.downsample_factor
-    scale_in = f if op == "encode" else 1
-    run = _Lockstep(x, scale_in, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
-    fn = (lambda t: model.encode_moments(t, plan=plan)) if op == "encode" else (lambda t: model.decode(t, plan=plan))
+    run = _grid(model, x, f if op == "encode" else 1, tile_px, overlap_px, batch, plan)
+    fn: Callable[[torch.Tensor], torch.Tensor] = (
+        (lambda t: model.encode_moments(t, plan=plan)) if op == "encode" else (lambda t: model.decode(t, plan=plan)))
     if len(run.tiles) == x.shape[0]:
         return fn(x), run.report
     channels = 2 * model.config.latent_channels if op == "encode" else model.config.out_channels
@@ -347,65 +364,90 @@ def _tiled_local(model: torch.nn.Module, x: torch.Tensor, op: str, tile_px: int,
     return blend.result().to(x.dtype), run.report
 
 
+def _shared_statistics(model: TileableVAE) -> AutoencoderKL | None:
+    """`model` when its family's row says its GroupNorms need whole-image statistics (AutoencoderKL's
+    structure, FLUX.2's included: the lockstep below); None for families whose tiles run on their own."""
+    row = families.of_config(model.config)
+    return cast(AutoencoderKL, model) if row.whole_image_norms else None
+
+
+def _tiled_per_position(model: TileableVAE, x: torch.Tensor, op: str, tile_px: int, overlap_px: int, batch: int,
+                        plan: Plan) -> tuple[torch.Tensor, TileReport]:
+    """Families without whole-image statistics, as their row says: mid blocks untiled when they are global
+    (Qwen-Image), else the whole model per tile (tiny)."""
+    if families.of_config(model.config).global_mid_blocks:
+        split = cast(AutoencoderKLQwenImage, model)  # per-position norms around global mid blocks
+        return _tiled_split(split, x, op, tile_px, overlap_px, batch, plan)
+    return _tiled_whole(model, x, op, tile_px, overlap_px, batch, plan)
+
+
 def tiled_encode_moments(
-    model: AutoencoderKL, x: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4,
+    model: TileableVAE, x: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4,
     whole_image_stats: bool = True, plan: Plan = REFERENCE,
 ) -> tuple[torch.Tensor, TileReport]:
     """Image (N, C, H, W) in [-1, 1], H and W multiples of the downsample factor -> moments, tile by tile.
 
     whole_image_stats=False normalizes each tile by itself (the usual method: bounded memory, visible tone
     shifts); the pipeline falls back to it only when the lockstep runs out of memory. plan: how the
-    layers run (plans.py), for every tile and for the statistics.
+    layers run (plans.py), for every tile and for the statistics. How tiles run is the model family's
+    (families.Family.whole_image_norms, global_mid_blocks).
     """
-    if _local_model(model):
-        return _tiled_local(model, x, "encode", tile_px, overlap_px, batch, plan)
-    f = model.config.downsample_factor
-    run = _Lockstep(x, f, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
+    kl = _shared_statistics(model)
+    if kl is None:
+        return _tiled_per_position(model, x, "encode", tile_px, overlap_px, batch, plan)
+    run = _grid(kl, x, kl.config.downsample_factor, tile_px, overlap_px, batch, plan)
     if len(run.tiles) == x.shape[0]:  # one tile per image covers it: that is the untiled computation
-        return model.encode_moments(x, plan=plan), run.report
-    enc = model.encoder
-    blend = _Blender(run, 1, model.config.block_out_channels[-1])
+        return kl.encode_moments(x, plan=plan), run.report
+    enc = kl.encoder
+    blend = _Blender(run, 1, kl.config.block_out_channels[-1])
     if whole_image_stats:
-        modules = [enc.conv_in, *(m for b in enc.down_blocks for m in (*b.resnets, *(b.downsamplers or [])))]
+        modules: list[torch.nn.Module] = [enc.conv_in]
+        for down in cast(Iterable[DownBlock], enc.down_blocks):
+            modules += [*down.resnets, *(down.downsamplers or [])]
         run.start()
         run.run(modules, (enc.conv_in,))  # conv_in is cheap to recompute; its output would be the largest stored
         for c in run.chunks:
+            assert c.x is not None  # every chunk ran through the modules
             blend.add(c.tiles, c.x)
             c.x = None
     else:
         _per_tile(run, lambda t: enc.features(t, plan=plan), blend)
     moments = enc.head(blend.result().to(x.dtype).contiguous(memory_format=plan.layout), plan=plan)
-    if model.quant_conv is not None:
-        moments = model.quant_conv(moments)
+    if kl.quant_conv is not None:
+        moments = kl.quant_conv(moments)
     return moments, run.report
 
 
 def tiled_decode(
-    model: AutoencoderKL, z: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4,
+    model: TileableVAE, z: torch.Tensor, tile_px: int, overlap_px: int, batch: int = 4,
     whole_image_stats: bool = True, plan: Plan = REFERENCE,
 ) -> tuple[torch.Tensor, TileReport]:
     """Raw latents (N, c, h, w) -> image (N, C, h*f, w*f), the upsampling part tile by tile
     (whole_image_stats and plan: as in tiled_encode_moments)."""
-    if _local_model(model):
-        return _tiled_local(model, z, "decode", tile_px, overlap_px, batch, plan)
-    f = model.config.downsample_factor
+    kl = _shared_statistics(model)
+    if kl is None:
+        return _tiled_per_position(model, z, "decode", tile_px, overlap_px, batch, plan)
+    f = kl.config.downsample_factor
     z = z.contiguous(memory_format=plan.layout)
-    if model.post_quant_conv is not None:
-        z = model.post_quant_conv(z)
-    dec = model.decoder
+    if kl.post_quant_conv is not None:
+        z = kl.post_quant_conv(z)
+    dec = kl.decoder
     trunk = dec.trunk(z, plan=plan)
-    run = _Lockstep(trunk, 1, max(1, tile_px // f), max(0, overlap_px // f), batch, plan)
+    run = _grid(kl, trunk, 1, tile_px, overlap_px, batch, plan)
     if len(run.tiles) == z.shape[0]:  # one tile per image covers it: that is the untiled computation
         return dec.upsample(trunk, plan=plan), run.report
-    blend = _Blender(run, f, model.config.out_channels)
+    blend = _Blender(run, f, kl.config.out_channels)
     if not whole_image_stats:
         _per_tile(run, lambda t: dec.upsample(t, plan=plan), blend)
         return blend.result().to(z.dtype), run.report
     run.start()
-    modules = [m for b in dec.up_blocks for m in (*b.resnets, *(b.upsamplers or []))]
+    modules: list[torch.nn.Module] = []
+    ups: list[torch.nn.Module] = []
+    for up in cast(Iterable[UpBlock], dec.up_blocks):
+        modules += [*up.resnets, *(up.upsamplers or [])]
+        ups += [*(up.upsamplers or [])]
     # The last upsampler's output (full resolution, before the channel count drops) would be the largest
     # stored tensor: recompute it inside the next resnet instead (two extra convolutions).
-    ups = [m for b in dec.up_blocks for m in (b.upsamplers or [])]
     run.run(modules, tuple(ups[-1:]))
     last = dec.conv_norm_out
     run.pool(last, run.inputs())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,8 +20,12 @@ import torch
 
 from .config import ModelInfo
 from .errors import ConfigError, WeightsError
-from .models.tiny import CLASS_NAME, AutoencoderTiny, TinyConfig
-from .weights import FOLDER_WEIGHTS, check_keys, check_values, read_state_dict, regular_file, weights_sha256
+from .family_keys import (TINY_COMBINED_EXTRAS, TINY_COMBINED_PREFIXES, TINY_DIFFUSERS_KEY, TINY_ORIGINAL_KEY,
+                          is_tiny_state, tiny_original_half)
+from .models.tiny import AutoencoderTiny
+from .models.tiny_config import CLASS_NAME, TinyConfig
+from .weight_checks import assign_frozen, check_keys, check_values
+from .weight_files import FOLDER_WEIGHTS, read_state_dict, regular_file, weights_sha256
 
 HALVES = ("encoder", "decoder")
 # The one rename table: per half, the original nn.Sequential index minus diffusers' `layers` index. The
@@ -32,11 +35,6 @@ HALVES = ("encoder", "decoder")
 RENAME_TABLE: dict[str, int] = {"encoder": 0, "decoder": 1}
 # Suffixes the original files carry, safetensors first (read without unpickling).
 PAIR_SUFFIXES = (".safetensors", ".pth")
-COMBINED_PREFIXES = {"encoder": "taesd_encoder.", "decoder": "taesd_decoder."}  # ComfyUI combined checkpoints
-COMBINED_EXTRAS = ("vae_scale", "vae_shift")  # ComfyUI's raw-latent adapters in combined checkpoints
-
-_ORIGINAL_KEY = re.compile(r"^(\d+)\.(.+)$")
-_DIFFUSERS_KEY = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.+)$")
 _HALF_NAME = re.compile(r"^(?P<prefix>.+)_(?P<half>encoder|decoder)$")
 
 # What tensor shapes cannot tell, and what every released tiny VAE (TAESD, TAESDXL, TAESD3, TAEF1, TAEF2) uses.
@@ -52,7 +50,7 @@ UNREADABLE_NOTE = (
 
 def original_to_diffusers_key(half: str, key: str) -> str:
     """One key of an original taesd.py `half` ("encoder" or "decoder") file -> its diffusers key."""
-    m = _ORIGINAL_KEY.match(key)
+    m = TINY_ORIGINAL_KEY.match(key)
     if half not in RENAME_TABLE or m is None:
         raise WeightsError(f"not a key of an original TAESD {half} file: {key!r}")
     index = int(m.group(1)) - RENAME_TABLE[half]
@@ -63,7 +61,7 @@ def original_to_diffusers_key(half: str, key: str) -> str:
 
 def diffusers_to_original_key(key: str) -> tuple[str, str]:
     """One diffusers AutoencoderTiny key -> (half, its key in the original taesd.py file of that half)."""
-    m = _DIFFUSERS_KEY.match(key)
+    m = TINY_DIFFUSERS_KEY.match(key)
     if m is None:
         raise WeightsError(f"not a diffusers AutoencoderTiny key: {key!r}")
     half = m.group(1)
@@ -90,30 +88,6 @@ def diffusers_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, dict[s
 def is_tiny_config(data: Mapping[str, Any]) -> bool:
     """Whether a config.json dict describes an AutoencoderTiny."""
     return isinstance(data, Mapping) and data.get("_class_name") == CLASS_NAME
-
-
-def is_tiny_state(keys: Iterable[str]) -> bool:
-    """Whether tensor names are a tiny autoencoder's, in either layout (or one original half, or a ComfyUI
-    combined checkpoint)."""
-    keys = list(keys)
-    if not keys:
-        return False
-    if any(_DIFFUSERS_KEY.match(k) for k in keys) and all(_DIFFUSERS_KEY.match(k) for k in keys):
-        return True
-    if any(k.startswith(tuple(COMBINED_PREFIXES.values())) for k in keys):
-        return all(k.startswith(tuple(COMBINED_PREFIXES.values())) or k in COMBINED_EXTRAS for k in keys)
-    return all(_ORIGINAL_KEY.match(k) for k in keys) and _original_half(keys) is not None
-
-
-def _original_half(keys: Iterable[str]) -> str | None:
-    """Which taesd.py Sequential an original file holds: the encoder's layer 0 is a conv, the decoder's a
-    weightless Clamp (its first weights are layer 1's)."""
-    keys = set(keys)
-    if "0.weight" in keys:
-        return "encoder"
-    if "1.weight" in keys:
-        return "decoder"
-    return None
 
 
 def _sibling(path: Path, prefix: str, half: str) -> Path | None:
@@ -180,7 +154,7 @@ def _layers(state: Mapping[str, torch.Tensor], half: str) -> dict[int, dict[str,
     """Layer index -> {name inside the layer: shape} of one half's diffusers keys."""
     out: dict[int, dict[str, torch.Size]] = {}
     for key, value in state.items():
-        m = _DIFFUSERS_KEY.match(key)
+        m = TINY_DIFFUSERS_KEY.match(key)
         if m is not None and m.group(1) == half:
             out.setdefault(int(m.group(2)), {})[m.group(3)] = value.shape
     return out
@@ -257,9 +231,10 @@ def infer_tiny_config(state: Mapping[str, torch.Tensor]) -> tuple[TinyConfig, li
 def _read_pair(encoder: Path, decoder: Path) -> dict[str, dict[str, torch.Tensor]]:
     halves = {"encoder": read_state_dict(encoder), "decoder": read_state_dict(decoder)}
     for (half, state), path in zip(halves.items(), (encoder, decoder)):
-        actual = _original_half(state.keys()) if all(_ORIGINAL_KEY.match(k) for k in state) else None
+        actual = tiny_original_half(state.keys()) if all(TINY_ORIGINAL_KEY.match(k) for k in state) else None
         if actual != half:
-            what = f"{actual} weights" if actual else "no original TAESD layer keys ('0.weight', '1.conv.0.weight', ...)"
+            what = (f"{actual} weights" if actual
+                    else "no original TAESD layer keys ('0.weight', '1.conv.0.weight', ...)")
             raise WeightsError(f"{path}: expected the {half} of a TAESD pair, found {what}")
     return halves
 
@@ -303,15 +278,16 @@ def _locate(path: Path) -> tuple[dict[str, torch.Tensor], str, str, TinyConfig |
     if not is_tiny_state(raw.keys()):
         raise WeightsError(f"{path}: not tiny VAE weights (expected keys like 'encoder.layers.0.weight', or an "
                            "original TAESD encoder/decoder file)")
-    if any(k.startswith(tuple(COMBINED_PREFIXES.values())) for k in raw):
-        halves = {h: {k[len(p):]: v for k, v in raw.items() if k.startswith(p)} for h, p in COMBINED_PREFIXES.items()}
-        extras = {k: float(raw[k]) for k in COMBINED_EXTRAS if k in raw and raw[k].numel() == 1}
+    if any(k.startswith(tuple(TINY_COMBINED_PREFIXES.values())) for k in raw):
+        halves = {h: {k[len(p):]: v for k, v in raw.items() if k.startswith(p)}
+                  for h, p in TINY_COMBINED_PREFIXES.items()}
+        extras = {k: float(raw[k]) for k in TINY_COMBINED_EXTRAS if k in raw and raw[k].numel() == 1}
         if extras:
             notes.append(f"ComfyUI combined checkpoint: its {extras} (raw-latent adapters) are not used; the "
                          "latents stay the tiny VAE's own, i.e. diffusion latents")
         return original_to_diffusers(halves), str(path), "taesd", None, notes
-    if all(_ORIGINAL_KEY.match(k) for k in raw):
-        half = _original_half(raw.keys())
+    if all(TINY_ORIGINAL_KEY.match(k) for k in raw):
+        half = tiny_original_half(raw.keys())
         other = "decoder" if half == "encoder" else "encoder"
         raise WeightsError(f"{path} holds only the {half} of a TAESD pair, and its name does not say where its "
                            f"{other} is: name the files <name>_encoder and <name>_decoder (.safetensors or .pth)")
@@ -351,9 +327,6 @@ def load_tiny(
         model = AutoencoderTiny(cfg)
     check_keys(model, state, where)
     sha = weights_sha256(state)
-    target = dtype if dtype is not None else _common_dtype(state)
-    model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
+    model = assign_frozen(model, state, dtype if dtype is not None else _common_dtype(state), device)
     model.info = ModelInfo(str(path), where, layout, sha, config_source, tuple(notes))
-    model = model.to(device=torch.device(device))
-    model.requires_grad_(False)
-    return model.eval()
+    return model

@@ -354,5 +354,6 @@ class AutoencoderKLFlux2(AutoencoderKL):
 
 def build_model(config: VAEConfig, info: ModelInfo | None = None) -> AutoencoderKL:
     """The model class of a KL config: AutoencoderKLFlux2 for Flux2Config, else AutoencoderKL."""
-    cls = AutoencoderKLFlux2 if isinstance(config, Flux2Config) else AutoencoderKL
-    return cls(config, info)
+    if isinstance(config, Flux2Config):
+        return AutoencoderKLFlux2(config, info)
+    return AutoencoderKL(config, info)
