@@ -42,7 +42,7 @@ def test_the_api_and_the_cli_default_to_the_same_plan(tmp_path, monkeypatch):
     """One default for both (pipeline.py's docstring): `Runner(vae)` and `vaecli encode` without run flags
     take the same options and so the device's plan (here a wide model's channels-last CPU plan, not
     diffusers' exact sequence, which `kernels="off"` / `--kernels off` asks for)."""
-    import vaecli.batch
+    import vaecli.batch.run
     from cli_support import make_model, noise_image, run_json
     from vaecli.pipeline import Runner, RunOptions
     from vaecli.plans import REFERENCE
@@ -54,7 +54,7 @@ def test_the_api_and_the_cli_default_to_the_same_plan(tmp_path, monkeypatch):
             super().__init__(vae, options)
             seen.append(self)
 
-    monkeypatch.setattr(vaecli.batch, "Runner", Recording)
+    monkeypatch.setattr(vaecli.batch.run, "Runner", Recording)  # where run_job builds it
     model = make_model(tmp_path / "m", block_out_channels=(8, 16, 16, 256))
     noise_image(tmp_path / "in" / "a.png", 16, 16)
     code, _, _ = run_json("encode", tmp_path / "in", "-o", tmp_path / "z", "-m", model, "--device", "cpu")

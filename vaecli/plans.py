@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 
+from . import families
 from .errors import ConfigError
 from .kernels import Blocks
 
@@ -442,7 +443,7 @@ def plan_for(device: str | torch.device, config: VAEConfig, kernels: str = "auto
             ops = frozenset()  # no Triton here (or too old a GPU): the row's choices without kernels
     widest = max(*config.block_out_channels, *config.decoder_channels)
     nhwc = (
-        getattr(config, "channels_last", True)
+        families.of_config(config).channels_last
         and value["nhwc_from"] is not None
         and widest >= value["nhwc_from"]
         and ("norm" in ops or not value["nhwc_needs_norm_kernel"])

@@ -82,9 +82,6 @@ class QwenImageConfig:
     def latent_channels(self) -> int:
         return self.z_dim
 
-    # Read by plans.plan_for until it reads families.Family.channels_last (the same False); then remove.
-    channels_last = False  # its 5D checkpoint-shaped conv weights have no channels-last layout
-
     @property
     def block_out_channels(self) -> tuple[int, ...]:
         """Widths per level (base_dim * dim_mult), for plans and memory estimates."""
