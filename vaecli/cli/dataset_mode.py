@@ -145,16 +145,23 @@ def dataset_options(
     )
 
 
+def engine_options(flags: DatasetFlags, run: RunFlags) -> Any:
+    """How the run is spread: this process, or a Ray cluster's actors (each on --device)."""
+    from ..dataset import EngineOptions
+
+    return EngineOptions(flags.engine.value, flags.address, flags.ray_workers, run.device.value)
+
+
 def encode_dataset(
     inputs: list[str], out: Path, model: ModelFlags, run: RunFlags, options_run: Any, sample: SampleFlags,
     latents: LatentOutput, pixels: PixelFlags, write: WriteFlags, flags: DatasetFlags, report: ReportFlags,
 ) -> None:
     """encode --dataset: prepare_dataset over this process, its torchrun rank or --shard, or a Ray cluster."""
-    from ..dataset import EngineOptions, bind_local_device, parse_shard, prepare_dataset
+    from ..dataset import bind_local_device, parse_shard, prepare_dataset
 
     options = dataset_options(flags, inputs, run, sample, latents, pixels, write)
     part = parse_shard(flags.shard) if flags.shard else None
-    spread = EngineOptions(flags.engine.value, flags.address, flags.ray_workers, run.device.value)
+    spread = engine_options(flags, run)
     bind_local_device()  # under torchrun with CUDA: this rank's GPU
     # With Ray the driver only holds the weights for the actors; each actor picks its own device.
     vae = load_model(model, Device.cpu if flags.engine == Engine.ray else run.device, report.as_json, report.debug)
