@@ -81,7 +81,13 @@ def built_from_cli_defaults() -> list[tuple[str, Any, Any]]:
     from vaecli.batch import DecodeOptions, EncodeOptions, RoundtripOptions
     from vaecli.cli import options as o
     from vaecli.cli.dataset_mode import DatasetFlags, dataset_options, engine_options
-    from vaecli.cli.settings import LatentOutput, decode_options, encode_options, roundtrip_options, run_options
+    from vaecli.cli.settings import (
+        LatentOutput,
+        decode_options,
+        encode_options,
+        roundtrip_options,
+        run_options,
+    )
     from vaecli.dataset import DatasetOptions, EngineOptions
     from vaecli.pipeline import RunOptions
 
