@@ -319,12 +319,13 @@ def test_dataset_only_flags_refused_without_dataset(model, images, tmp_path):
 def test_error_lines_printed_as_items_fail_and_only_once(model, tmp_path, monkeypatch):
     """The progress callback prints a failed item's line at once; the end of the run prints only the
     failures it has not printed (so stderr holds one line per failed item)."""
-    from vaecli import cli
     from vaecli.batch import Counts, ItemResult
+    from vaecli.cli import err_console
+    from vaecli.cli.rendering import Live, finish
 
     lines: list[str] = []
-    monkeypatch.setattr(cli.err_console, "print", lambda text, **kw: lines.append(str(text)))
-    live = cli._Live(None, debug=False)
+    monkeypatch.setattr(err_console, "print", lambda text, **kw: lines.append(str(text)))
+    live = Live(None, debug=False)
     bad = ItemResult("in/x\n.png", None, status="failed", error="corrupt\nimage")
     live(Counts(3, ok=1, failed=1, item=bad))
     assert lines == ["[red]error:[/] in/x\\n.png: corrupt image"]  # escaped, one line
@@ -336,7 +337,7 @@ def test_error_lines_printed_as_items_fail_and_only_once(model, tmp_path, monkey
             return {"ok": 0, "failed": 2, "skipped": 0, "items": []}
 
     with pytest.raises(Exception):  # typer.Exit(1): some item failed
-        cli._finish(Report(), True, False, None, live)
+        finish(Report(), True, False, None, live)
     assert lines[1:] == ["[red]error:[/] in/y.png: other"]
 
 

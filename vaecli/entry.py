@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def early_interrupt(as_json: bool) -> None:
-    """A signal before the CLI could load: the `interrupted:` line, the JSON document, 128 + N."""
+    """A signal before the CLI could load: the `interrupted:` line, the JSON document, 128 + N. The document
+    is written out here, not by cli.rendering.document: importing the CLI again is what was interrupted."""
     import json
 
     signals.reporting()

@@ -33,6 +33,16 @@ def is_url(text: str) -> bool:
     return _URL.match(text) is not None
 
 
+SHARD_SUFFIXES = {".tar": "tar", ".parquet": "parquet"}  # what a dataset input shard is named
+
+
+def shard_kind(text: str) -> str | None:
+    """'tar' or 'parquet' for a shard path or URL (by the suffix of its name), else None. Here, not in
+    dataset/, so that a plain `vaecli encode` can tell shards from images without loading the dataset package."""
+    name = text.rstrip("/").rsplit("/", 1)[-1].lower()
+    return next((kind for suffix, kind in SHARD_SUFFIXES.items() if name.endswith(suffix)), None)
+
+
 def json_path(text: str | os.PathLike[str] | None) -> str | None:
     """A local path as JSON reports write it: absolute and normalized (no `..`, symlinks kept as named),
     the same whatever the working folder or the way the path was typed; URLs as given."""
@@ -286,7 +296,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise VaecliError(
-            f"cannot create the output folder {path.parent}: {exc.strerror or exc} (a file in the way, or no permission?)"
+            f"cannot create the output folder {path.parent}: {exc.strerror or exc} "
+            "(a file in the way, or no permission?)"
         ) from None
     tmp = temp_path(path)
     try:
