@@ -298,7 +298,7 @@ def accuracy_section(args: argparse.Namespace) -> Callable[[Report, dict[str, An
         from diffusers import AutoencoderKL as DiffusersVAE
         from PIL import Image
 
-        from vaecli.weights import default_model_dir
+        from vaecli.weight_files import default_model_dir
 
         device = torch.device(args.device)
         theirs = DiffusersVAE.from_pretrained(default_model_dir(), torch_dtype=torch.float32).to(device).eval()

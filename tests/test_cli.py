@@ -344,12 +344,12 @@ def test_error_lines_printed_as_items_fail_and_only_once(model, tmp_path, monkey
 def test_images_too_large_for_memory_are_tiled_before_trying(model, tmp_path, monkeypatch):
     """--tiling off and auto with an image predicted not to fit (free memory made small): both finish,
     tiled at once, and the summary and --json say why (issue 13: 8192x8192 decode with --tiling off)."""
-    import vaecli.pipeline as pipeline
+    import vaecli.memory as memory
 
     z = np.random.default_rng(0).standard_normal((4, 40, 40)).astype(np.float32)
     np.save(tmp_path / "z.npy", z)
-    monkeypatch.setattr(pipeline, "free_memory", lambda device: 4 << 20)
-    monkeypatch.setattr(pipeline, "memory_capacity", lambda device: 4 << 20)
+    monkeypatch.setattr(memory, "free_memory", lambda device: 4 << 20)
+    monkeypatch.setattr(memory, "memory_capacity", lambda device: 4 << 20)
     for tiling in ("off", "auto"):
         args = ("decode", tmp_path / "z.npy", "-o", tmp_path / tiling, "--model", model, "--tiling", tiling,
                 "--scaling-factor", "1", "--tile-size", "128", "--tile-overlap", "32")

@@ -234,7 +234,9 @@ def test_shape_mismatch_named(ref, tmp_path):
 def test_config_not_describing_the_weights_fails_before_building(ref, tmp_path, monkeypatch):
     path = save(ref.state_dict(), tmp_path / "w.safetensors")
     built = []
-    monkeypatch.setattr(vaecli.weights, "AutoencoderKL", lambda *a, **k: built.append(1))
+    import vaecli.kl_weights
+
+    monkeypatch.setattr(vaecli.kl_weights, "build_model", lambda *a, **k: built.append(1))  # what load_kl calls
     config = {**dict(ref.config), "latent_channels": 8, "layers_per_block": 3}
     with pytest.raises(WeightsError, match=r"layers_per_block 3 in the config, 2 in the weights; latent_channels 8 in the config, 4"):
         vaecli.load_vae(path, config=config)

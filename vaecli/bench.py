@@ -29,10 +29,11 @@ from .devices import DTYPE_NAMES, DTYPES, resolve_device
 from .memory import OOM_ERRORS
 from .pipeline import RunOptions, Runner
 from .plans import apply_layout, plan_for
-from .weights import DEFAULT_MODEL, default_model_dir, load_vae, locate
+from .choices import TILING_MODES
+from .weight_files import DEFAULT_MODEL, default_model_dir, locate
+from .weights import load_vae
 
 OPS = ("encode", "decode")
-TILING_MODES = ("on", "off", "auto")
 ROW_KEYS = (
     "op",  # "encode" or "decode"
     "resolution",  # square image side in pixels (decode: the image it produces)

@@ -9,7 +9,6 @@ two questions of the Runner: how to run a call (`plan`), and what to try after o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -27,7 +26,6 @@ def _oom_types() -> tuple[type[BaseException], ...]:
 
 OOM_ERRORS = _oom_types()
 
-Probe = Callable[[torch.device], int]  # device -> bytes
 
 
 @dataclass(frozen=True)
@@ -120,14 +118,10 @@ def _meminfo(key: str) -> int:
 class MemoryModel:
     """Predicted peak memory of model calls on one device, corrected after an out-of-memory error."""
 
-    def __init__(
-        self, config: VAEConfig, device: torch.device, free: Probe | None = None, capacity: Probe | None = None
-    ) -> None:
-        """free, capacity: how to read the device's free and total bytes (free_memory, memory_capacity)."""
+    def __init__(self, config: VAEConfig, device: torch.device) -> None:
         self.config, self.device = config, device
         self.budget = run_choices(device).memory
         self.scale = {"encode": 1.0, "decode": 1.0}  # learned: true peak / estimate, at least
-        self._free, self._capacity = free, capacity
 
     def image_size(self, op: str, x: torch.Tensor) -> tuple[int, int]:
         """(height, width) in pixels of the images a call on x reads or makes."""
@@ -150,10 +144,10 @@ class MemoryModel:
             self.scale[op] *= max(1.0, self.budget.oom_margin * free / predicted)
 
     def free(self) -> int:
-        return (self._free or free_memory)(self.device)
+        return free_memory(self.device)  # looked up at call time: tests patch it
 
     def capacity(self) -> int:
-        return (self._capacity or memory_capacity)(self.device)
+        return memory_capacity(self.device)
 
     def budget_bytes(self) -> float:
         """What one call may be predicted to take: the device's `call` share of free memory."""

@@ -25,6 +25,7 @@ from .config import LatentSpec, VAEConfig
 from .devices import DTYPE_NAMES, compute_dtype, precision_ladder
 from .memory import OOM_ERRORS, MemoryLadder, MemoryModel
 from .models.kl import AutoencoderKL
+from .choices import DEFAULTS
 from .plans import TABLE, RunChoices, laid_out, plan_for, run_choices
 from .staging import Download, Transfers, to_model_range, to_uint8_nhwc
 from .tiling import tiled_decode, tiled_encode_moments
@@ -37,29 +38,19 @@ from .memory import auto_batch_size  # noqa: E402,F401  # transitional (batch.ba
 AUTO_BATCH_MAX = {kind: row.run.batch_limit.most for kind, row in TABLE.items()}  # transitional (batch)
 
 
-def free_memory(device: torch.device) -> int:
-    """memory.free_memory, looked up at call time.  # transitional: tests/test_cli.py patches this name"""
-    return memory.free_memory(device)
-
-
-def memory_capacity(device: torch.device) -> int:
-    """memory.memory_capacity, looked up at call time.  # transitional: tests/test_cli.py patches this name"""
-    return memory.memory_capacity(device)
-
-
 @dataclass(frozen=True)
 class RunOptions:
     """How to run the model; every field has a CLI flag of the same name, and the same default."""
 
     dtype: torch.dtype = torch.float32  # requested compute precision
     upcast: bool | None = None  # None: honour config.force_upcast (fp16 -> fp32), as diffusers' SDXL pipelines
-    tiling: str = "auto"  # "on", "off" or "auto" (on when an untiled run would not fit)
-    tile_size: int = 512  # tile side in image pixels, for encode and decode alike
-    tile_overlap: int = 64  # overlap between neighbouring tiles in image pixels
+    tiling: str = DEFAULTS.tiling  # "on", "off" or "auto" (on when an untiled run would not fit)
+    tile_size: int = DEFAULTS.tile_size  # tile side in image pixels, for encode and decode alike
+    tile_overlap: int = DEFAULTS.tile_overlap  # overlap between neighbouring tiles in image pixels
     slicing: int | None = None  # run batches in slices of this many samples
     tile_batch: int = 4  # tiles per model call when tiling
     compile: bool = False  # untiled calls run as compiled packages (accel.py), cached on disk across runs
-    kernels: str = "auto"  # the device's plan (plans.TABLE); "on": every Triton kernel; "off": diffusers' sequence
+    kernels: str = DEFAULTS.kernels  # the device's plan (plans.TABLE); "on": every Triton kernel; "off": diffusers' sequence
 
     def compute_dtype(self, config: VAEConfig) -> torch.dtype:
         """The precision a run of `config`'s model computes in (fp16 may be upcast): the one derivation."""
@@ -192,8 +183,7 @@ class Runner:
         # (op, shape) -> compiled op, or None where compiling failed (that shape then runs eager)
         self._compiled: dict[tuple[str, tuple[int, ...]], accel.Compiled | None] = {}
         self.transfers = Transfers(self.device)
-        # transitional: the probes read pipeline.free_memory/memory_capacity, which tests/test_cli.py patches
-        model = MemoryModel(vae.config, self.device, lambda d: free_memory(d), lambda d: memory_capacity(d))
+        model = MemoryModel(vae.config, self.device)
         self.memory = MemoryLadder(model, options.tiling, options.tile_size, options.tile_overlap, options.tile_batch)
         self.busy_s = 0.0  # time the device spent in model calls (device events on CUDA), for reports
         self.autotune = Autotune(self.device)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import families
+from .choices import KERNEL_MODES  # auto: TABLE's choice for the device
 from .errors import ConfigError
 from .kernels import Blocks
 
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 NORMS = ("native", "fp32")  # GroupNorm of fp16/bf16 inputs: on the input dtype, or on an fp32 copy
 UPSAMPLES = ("nearest", "subpixel", "transposed")  # kernels/upsample_conv.py: the torch forms
 KERNEL_OPS = ("norm", "upsample")  # ops that have a Triton kernel
-KERNEL_MODES = ("auto", "on", "off")  # auto: TABLE's choice for the device
 
 M = TypeVar("M", bound=torch.nn.Module)
 

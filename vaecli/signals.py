@@ -53,6 +53,12 @@ def install() -> dict[int, object]:
     return previous
 
 
+def ours(previous: dict[int, object]) -> bool:
+    """Whether handlers install() replaced are this module's own (an earlier install in this process, e.g.
+    entry.py's): those are kept to the end of the process rather than put back."""
+    return any(h is _handler for h in previous.values())
+
+
 def restore(previous: dict[int, object]) -> None:
     """Put back the handlers install() replaced (a caller of cli.main in its own process keeps its own), and
     forget this run's signal."""

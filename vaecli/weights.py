@@ -26,9 +26,7 @@ from .tiny_weights import find_tiny_pair, load_tiny
 from .weight_files import (DEFAULT_MODEL, FOLDER_WEIGHTS, config_class, default_model_dir, locate, regular_file,
                            safetensors_keys)
 
-# DEFAULT_MODEL, default_model_dir and locate are imported from here by bench.py and scripts/gpu_report.py;
-# their home is weight_files.py.
-__all__ = ["DEFAULT_MODEL", "LoadedVAE", "default_model_dir", "load_vae", "locate", "save_vae"]
+__all__ = ["LoadedVAE", "load_vae", "save_vae"]
 
 LoadedVAE = AutoencoderKL | AutoencoderTiny | AutoencoderKLQwenImage  # what load_vae returns, by family
 

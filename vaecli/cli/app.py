@@ -116,9 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         code = _stdout_failed(exc, as_json)
     finally:
         sys.stdout, sys.stderr = saved
-        # A caller's own handlers are put back; entry.py's are ours, kept to the end. (signals.py has no public
-        # name for its handler yet: issue 22 asks it for one.)
-        if previous and not any(h is signals._handler for h in previous.values()):
+        # A caller's own handlers are put back; entry.py's are ours, kept to the end.
+        if previous and not signals.ours(previous):
             signals.restore(previous)
     sys.exit(code if isinstance(code, int) else 0)
 
