@@ -59,7 +59,8 @@ from vaecli.batch import (  # noqa: E402
     open_model,
     roundtrip_paths,
 )
-from vaecli.io import read_image, read_latent  # noqa: E402
+from vaecli.io import read_image  # noqa: E402
+from vaecli.latents import read_latent  # noqa: E402
 from vaecli.pipeline import DTYPES, RunOptions, Runner  # noqa: E402
 
 SD_SIZED = VAEConfig(  # the SD 1.x/2.x VAE's architecture (diffusers' AutoencoderKL of stable-diffusion-v1-5)

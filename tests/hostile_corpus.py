@@ -427,7 +427,7 @@ def check_escaped(root: Path, doc: dict[str, Any], err: str) -> None:
 
 def check_interrupted(root: Path, doc: dict[str, Any], err: str) -> None:
     assert doc.get("interrupted") is True and doc["pending"] > 0
-    from vaecli.io import latent_is_complete
+    from vaecli.latents import latent_is_complete
 
     finals = [p for p in (root / "out").iterdir() if not p.name.startswith(".")]
     assert len(finals) >= doc["ok"] > 0

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cli_support import make_model, noise_image, run_cli, run_json, run_module
-from vaecli.io import LATENT_FORMAT
+from vaecli.latents import LATENT_FORMAT
 
 
 

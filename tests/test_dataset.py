@@ -13,7 +13,6 @@ from vaecli.config import VAEConfig
 from vaecli.dataset import (
     DatasetOptions,
     crop_box,
-    kohya_crop_ltrb,
     make_buckets,
     merge_manifests,
     parse_shard,
@@ -25,6 +24,7 @@ from vaecli.dataset import (
 from vaecli.batch import Item, resample
 from vaecli.errors import ConfigError, InputError
 from vaecli.io import read_image
+from vaecli.latents import kohya_crop_ltrb
 from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner
 from vaecli.weights import load_vae, save_vae

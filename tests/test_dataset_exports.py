@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from test_dataset import SIZES, _prepare, images, models  # noqa: F401 - fixtures
 from vaecli.data import BucketBatchSampler, LatentDataset
-from vaecli.dataset import kohya_crop_ltrb, read_manifest
+from vaecli.dataset import read_manifest
+from vaecli.latents import kohya_crop_ltrb
 
 
 def _kohya_cache_is_expected(npz_path: Path, bucket_wh: tuple[int, int], flip_aug: bool) -> bool:

@@ -181,7 +181,7 @@ def test_folder_batches_by_size_and_matches_one_by_one(tmp_path):
     from cli_support import make_model, noise_image
 
     from vaecli.batch import EncodeOptions, encode_paths
-    from vaecli.io import read_latent
+    from vaecli.latents import read_latent
     from vaecli.weights import load_vae
 
     vae = load_vae(make_model(tmp_path / "m"))

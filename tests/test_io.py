@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vaecli.batch import apply_size_policy, undo_size_policy
-from vaecli.io import atomic_write
+from vaecli.files import atomic_write
 from vaecli.latents import latent_is_complete, read_latent, write_latent
 from vaecli.metrics import PSNR_CAP, max_abs_error, psnr, ssim
 

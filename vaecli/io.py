@@ -25,13 +25,14 @@ import numpy as np
 
 from . import safejson
 from .errors import InputError
-from .files import atomic_write, clean_temp_files, is_temp_name, open_regular, sha256_of, temp_path
+from .files import atomic_write, open_regular
 from .integrity import check_complete
-from .latents.table import latent_kind
+from .latents import LATENT_SUFFIXES, latent_kind
 from .outputs import OutputState, path_state
 from .sniff import first_line
 
-__all__ = ["atomic_write", "clean_temp_files", "is_temp_name", "temp_path", "open_regular", "sha256_of"]
+# transitional: vaecli/cli.py imports LATENT_SUFFIXES from here; remove once it imports vaecli.latents
+__all__ = ["LATENT_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # names an -o of one image file
@@ -378,21 +379,3 @@ def _xmp_record(xmp: Any) -> str | None:
     m = _XMP_VALUE.search(xmp)
     return html.unescape(m.group(1).decode("ascii", "replace")) if m else None
 
-
-# transitional: re-exported for batch/dataset until they import vaecli.latents
-from .latents import (  # noqa: E402, F401
-    LATENT_FORMAT,
-    LATENT_FORMAT_VERSION,
-    LATENT_SUFFIXES,
-    LatentFile,
-    latent_is_complete,
-    latent_output_state,
-    latent_shape,
-    load_latent,
-    meta_json,
-    meta_name,
-    read_latent,
-    write_latent,
-)
-
-LATENT_OUTPUT_SUFFIXES = LATENT_SUFFIXES  # transitional: re-exported for batch/dataset until they import vaecli.latents

@@ -17,7 +17,7 @@ per concern:
   sizes.py        size policies and their undo
   sources.py      reading inputs (bytes and hash in one read) and the engine's header probes
   reuse.py        whether an existing output is current
-  latent_meta.py  what a latent container records: normalization, maker, preview checks
+  latent_meta.py  decode's checks of our metadata (version, maker) and of tiny-autoencoder previews
   model.py        opening the model, and what reports and outputs record of it
 """
 
@@ -26,7 +26,7 @@ from ..pipeline import RunOptions
 from .decode import DecodeJob, decode_paths
 from .encode import EncodeJob, encode_paths
 from .engine import Engine, Job, Loaded, Skip, failure_message, io_threads
-from .latent_meta import check_container, check_meta_header, container_spec, latent_spec_from_meta, stored_spec
+from .latent_meta import check_meta_header
 from .model import model_identity, model_notes, model_summary, open_model
 from .options import DecodeOptions, EncodeOptions, RoundtripOptions
 from .report import Counts, ItemResult, Progress, Report
@@ -81,12 +81,10 @@ __all__ = [
     "Skip",
     "apply_size_policy",
     "batch_sizer",
-    "check_container",
     "check_layout",
     "check_meta_header",
     "check_output_root",
     "check_size_policy",
-    "container_spec",
     "decode_paths",
     "decoded_size",
     "diff_path",
@@ -100,7 +98,6 @@ __all__ = [
     "io_threads",
     "latent_names",
     "latent_probe",
-    "latent_spec_from_meta",
     "model_identity",
     "model_notes",
     "model_summary",
@@ -115,7 +112,6 @@ __all__ = [
     "reuse_output",
     "roundtrip_paths",
     "run_job",
-    "stored_spec",
     "undo_size_policy",
     "wanted",
 ]

@@ -16,11 +16,12 @@ from .. import __version__
 from ..config import LatentSpec
 from ..discovery import Item
 from ..errors import ConfigError, InputError
-from ..io import LATENT_SUFFIXES, LatentFile, image_output_state, load_latent, write_image
+from ..io import image_output_state, write_image
+from ..latents import LATENT_SUFFIXES, LatentFile, load_latent, stored_spec
 from ..models.kl import AutoencoderKL
 from ..pipeline import Pending, RunOptions
 from .engine import Loaded, Outputs, Skip
-from .latent_meta import check_meta_header, preview_latents, stored_spec
+from .latent_meta import check_meta_header, preview_latents
 from .options import DecodeOptions
 from .report import Progress, Report
 from .reuse import reuse_output

@@ -13,29 +13,17 @@ import torch
 from .. import __version__
 from ..discovery import Item
 from ..errors import ConfigError, InputError
-from ..exports import CONTAINER_SUFFIX, alpha_for, kohya_plain_arrays, write_comfyui, write_kohya
-from ..io import (
-    IMAGE_SUFFIXES,
-    LATENT_FORMAT,
-    LATENT_FORMAT_VERSION,
-    decode_image,
-    latent_output_state,
-    meta_name,
-    write_latent,
-)
+from ..io import IMAGE_SUFFIXES, decode_image
+from ..latents import LATENT_FORMAT, LATENT_FORMAT_VERSION, by_format, latent_output_state, meta_name
 from ..models.kl import AutoencoderKL
 from ..pipeline import DTYPE_NAMES, DTYPES, Pending, RunOptions
 from .engine import Loaded, Outputs, Skip
-from .latent_meta import check_container, container_spec
 from .options import EncodeOptions
 from .report import Progress, Report
 from .reuse import reuse_output
 from .run import Discovery, RunContext, latent_names, note_batch, run_job, stage_images
 from .sizes import check_size_policy, prepare_pixels
 from .sources import image_probe, read_source
-
-KOHYA_NOTE = ("kohya format without --dataset: each latent has its image's own size; kohya uses a cache only at "
-              "the size of its bucket (use --dataset for a training cache)")
 
 
 @dataclass(frozen=True)
@@ -57,25 +45,25 @@ class EncodeJob:
 
     @staticmethod
     def check(vae: AutoencoderKL, options: EncodeOptions) -> Discovery:
-        fmt = options.format
         check_size_policy(options.size_policy)
         if options.latent_dtype not in DTYPES:
             raise ConfigError(f"unknown latent dtype {options.latent_dtype!r}; choose one of {', '.join(DTYPES)}")
-        if fmt not in CONTAINER_SUFFIX:
-            raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(CONTAINER_SUFFIX)}")
-        check_container(vae.config, fmt)
-        if fmt != "vaecli" and options.latent_dtype != "fp32":
-            raise ConfigError(f"--format {fmt} stores float32 latents (what its reader expects); drop --latent-dtype")
-        alpha_for(fmt, options.alpha)  # refuses an alpha policy the container does not take
-        return Discovery(IMAGE_SUFFIXES, latent_names(CONTAINER_SUFFIX[fmt]), flat=options.flat)
+        container = by_format(options.format)
+        container.check_model(vae.config)
+        problem = container.dtype_problem(options.latent_dtype)
+        if problem is not None:
+            raise ConfigError(problem)
+        container.alpha_policy(options.alpha)  # refuses an alpha policy the container does not take
+        return Discovery(IMAGE_SUFFIXES, latent_names(container.suffix), flat=options.flat)
 
     def __init__(self, ctx: RunContext, options: EncodeOptions) -> None:
         self.ctx, self.options = ctx, options
         config = ctx.vae.config
-        self.fmt = fmt = options.format
-        self.alpha = alpha_for(fmt, options.alpha)
+        self.container = container = by_format(options.format)
+        self.alpha = container.alpha_policy(options.alpha)
         self.factor = config.size_multiple  # image sides: the downsample factor, times FLUX.2's patch
-        self.spec = None if options.raw else container_spec(config.latent_spec, fmt)
+        # what the container stores: ours the model's normalization (unless raw), kohya raw, ComfyUI as its VAE node
+        self.spec = None if options.raw else container.store_spec(config.latent_spec)
         self.store_dtype = DTYPES[options.latent_dtype]
         self.settings = {
             "model_sha256": ctx.info["weights_sha256"],
@@ -86,11 +74,11 @@ class EncodeJob:
             "size_policy": options.size_policy,
             "latent_dtype": options.latent_dtype,
             "alpha": self.alpha,
-            **({"pixels": "kohya"} if fmt == "kohya" else {}),  # stored orientation, Pillow's RGB conversion
+            **container.settings(),  # kohya's pixels: stored orientation, Pillow's RGB conversion
         }
-        self.probe = image_probe(self.factor, options.size_policy, exif=fmt != "kohya")  # kohya: as stored
-        if fmt == "kohya":
-            ctx.notes.append(KOHYA_NOTE)
+        self.probe = image_probe(self.factor, options.size_policy, exif=container.exif)  # kohya: as stored
+        if container.note:
+            ctx.notes.append(container.note)
 
     def load(self, index: int, item: Item) -> Loaded[EncodeItem] | Skip:
         o = self.options
@@ -100,8 +88,7 @@ class EncodeJob:
         skip, note = reuse_output(latent_output_state(item.output), want, o.overwrite, item.output)
         if skip:
             return Skip()
-        convention = "kohya" if self.fmt == "kohya" else "vaecli"
-        pixels = decode_image(fh, self.alpha, o.max_pixels, convention, keep_uint8=True)
+        pixels = decode_image(fh, self.alpha, o.max_pixels, self.container.pixels, keep_uint8=True)
         h, w = pixels.shape[:2]
         prepared, encoded, undo = prepare_pixels(pixels, self.factor, o.size_policy)
         if note:
@@ -129,13 +116,9 @@ class EncodeJob:
     def save(self, loaded: Loaded[EncodeItem], z: torch.Tensor) -> None:
         target = loaded.item.output
         assert target is not None
-        meta = self._meta(loaded.item, loaded.state)
-        if self.fmt == "comfyui":
-            write_comfyui(target, z, meta)
-        elif self.fmt == "kohya":
-            write_kohya(target, kohya_plain_arrays(z, meta))
-        else:
-            write_latent(target, z, meta)
+        write = self.container.write
+        assert write is not None  # by_format: a container that writes
+        write(target, z, self._meta(loaded.item, loaded.state))
 
     def _meta(self, item: Item, e: EncodeItem) -> dict[str, str]:
         """The metadata one latent file records: the run's settings, and this image's sizes and source."""

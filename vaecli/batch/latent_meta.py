@@ -1,5 +1,5 @@
-"""What a latent container records, checked: which normalization its values carry (each container's own
-convention, or our metadata), who made it, and whether a tiny autoencoder can preview it."""
+"""What decode checks of a latent file beyond its container (whose normalization convention lives in
+vaecli.latents): the format version and maker of our metadata, and whether a tiny autoencoder can preview it."""
 
 from __future__ import annotations
 
@@ -9,76 +9,9 @@ from typing import Any, Mapping
 import torch
 
 from ..config import FAMILY_PRESETS, LatentSpec
-from ..errors import ConfigError, InputError
-from ..exports import COMFYUI_LEGACY_SCALE
-from ..io import LATENT_FORMAT_VERSION, LatentFile, meta_json
+from ..errors import InputError
+from ..latents import LATENT_FORMAT_VERSION
 from ..models.kl import AutoencoderKL
-
-
-def check_container(config: Any, fmt: str) -> None:
-    """Refuse a container that no tool reads for this family: sd-scripts (kohya's .npz) trains no FLUX.2,
-    Qwen-Image or tiny-VAE model, so such a cache would be silently unusable."""
-    if fmt == "kohya" and getattr(config, "family", "kl") != "kl":
-        raise ConfigError(f"--format kohya: sd-scripts does not train {config.class_name} models (its .npz caches "
-                          "are SD/SDXL/SD3/FLUX.1 latents); use --format vaecli (self-describing) or comfyui")
-
-
-def container_spec(spec: LatentSpec, fmt: str) -> LatentSpec | None:
-    """The normalization a container stores latents in: ours records any; kohya caches hold raw VAE
-    latents; ComfyUI's .latent holds what its VAE node outputs: raw for the unpatchified families, the
-    normalized patchified form for FLUX.2 (comfy/latent_formats.py Flux2: 128 channels, 16x downscale,
-    no process_in scaling)."""
-    if fmt == "vaecli":
-        return spec
-    if fmt == "comfyui" and spec.patch_size > 1:
-        return spec
-    return None
-
-
-def latent_spec_from_meta(meta: Mapping[str, str], channels: int | None = None) -> LatentSpec | None:
-    """The normalization a latent file was stored with (None for raw latents). LatentSpec checks its values
-    (finite, non-zero scale, positive stds); here: an explicit scaling_factor, per-channel lists of `channels`."""
-    value = meta.get("latent_spec", "none")
-    if value == "none":
-        return None
-    data = meta_json(meta, "latent_spec")
-    if not isinstance(data, dict) or data.get("scaling_factor") is None:
-        raise InputError(f"latent metadata 'latent_spec' is not an object with a scaling_factor: {value!r}")
-    for key in ("latents_mean", "latents_std"):
-        values = data.get(key)
-        if values is not None and channels is not None and (not isinstance(values, list) or len(values) != channels):
-            raise InputError(f"latent metadata 'latent_spec': {key} must list {channels} numbers, one per channel")
-    try:
-        return LatentSpec.from_dict(data)
-    except ConfigError as exc:
-        raise InputError(f"latent metadata 'latent_spec': {exc}") from None
-
-
-def stored_spec(lf: LatentFile, channels: int, model_spec: LatentSpec) -> LatentSpec | None:
-    """The normalization a latent file's values carry, from its container's own convention: ComfyUI's
-    marker (present: raw; absent: SD-scaled, as LoadLatent reads it; FLUX.2: normalized and patchified),
-    kohya's raw caches, our metadata. A bare tensor carries none: InputError asking for --scaling-factor.
-    `channels`: the file's; `model_spec`: the decoding model's normalization."""
-    model_scale = model_spec.scaling_factor
-    if lf.container in ("comfyui", "kohya"):
-        patched = lf.container == "comfyui" and model_spec.patch_size > 1
-        if lf.meta is not None and lf.meta.get("latent_spec", "none") != "none":
-            if patched:
-                return latent_spec_from_meta(lf.meta, channels)
-            raise InputError(f"inconsistent file: its metadata says normalized latents, but a {lf.container} file "
-                             "holds raw ones")
-        if patched and channels == len(model_spec.latents_mean or ()):
-            return model_spec  # ComfyUI's own FLUX.2 latents: normalized by the VAE's statistics
-        if lf.container == "comfyui" and not lf.marker:
-            return LatentSpec(COMFYUI_LEGACY_SCALE)  # LoadLatent multiplies such files by 1/0.18215
-        return None
-    if lf.meta is not None:
-        return latent_spec_from_meta(lf.meta, channels)
-    raise InputError(
-        "bare latent without vaecli metadata: say how it is normalized with --scaling-factor "
-        f"(and --shift-factor), e.g. --scaling-factor {model_scale:g} for this model's "
-        "diffusion latents or --scaling-factor 1 for raw VAE latents"
-    )
 
 
 def preview_latents(stored: torch.Tensor, spec: LatentSpec | None, tiny: AutoencoderKL) -> torch.Tensor:

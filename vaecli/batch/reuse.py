@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import InputError
-from ..io import OutputState
+from ..outputs import OutputState
 
 _LABELS = {"source_sha256": "source file", "model_sha256": "model", "model_identity_sha256": "model config or weights"}
 

@@ -14,7 +14,9 @@ import torch
 
 from ..discovery import Item, OutputNames, check_output_root, discover, output_is_file
 from ..errors import InputError
-from ..io import IMAGE_OUTPUT_SUFFIXES, LATENT_OUTPUT_SUFFIXES, clean_temp_files
+from ..files import clean_temp_files
+from ..io import IMAGE_OUTPUT_SUFFIXES
+from ..latents import LATENT_SUFFIXES
 from ..models.kl import AutoencoderKL
 from ..pipeline import AUTO_BATCH_MAX, BatchResult, RunOptions, Runner, auto_batch_size, compute_dtype
 from .engine import Engine, Job, Loaded
@@ -114,7 +116,7 @@ def prepare_run(inputs: Sequence[str | Path], suffixes: Sequence[str], out: Path
 
 def latent_names(suffix: str) -> OutputNames:
     """Latent outputs: `-o x<suffix>` with one input names that file; another latent suffix is refused."""
-    return OutputNames(suffix, LATENT_OUTPUT_SUFFIXES)
+    return OutputNames(suffix, LATENT_SUFFIXES)
 
 
 def image_names(fmt: str) -> OutputNames:

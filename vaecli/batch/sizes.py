@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
-from ..io import meta_json
+from ..latents import meta_json
 
 SIZE_POLICIES = ("pad", "crop", "resize")
 

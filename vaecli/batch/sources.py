@@ -15,7 +15,8 @@ from typing import Callable, Hashable
 from ..discovery import Item
 from ..errors import InputError
 from ..files import open_regular
-from ..io import image_size, latent_shape
+from ..io import image_size
+from ..latents import latent_shape
 from .sizes import encoded_size
 
 BYTES_PER_PIXEL_MAX = 16  # RGBA float32: the most bytes per pixel any image file we read stores uncompressed

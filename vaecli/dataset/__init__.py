@@ -6,7 +6,7 @@ OUT/manifest.jsonl (one JSON object per image). One module per concern:
   options.py      DatasetOptions (one CLI flag per field), their checks, constants
   buckets.py      kohya's bucket list, bucket choice, resize-to-cover and crop windows
   encoder.py      the per-image steps all pipelines share: place, encode, record, file metadata
-  folder.py       the folder layout: one vaecli/kohya/comfyui file per image, each embedding its record
+  folder.py       the folder layout: where each image's latent file(s) go, in the container of --format
   manifest.py     manifest.jsonl, shard manifests and their merge
   distributed.py  --shard i/n (Slurm arrays) and torchrun: dealing work, barriers, local devices
   jobs.py         the pipelines as Jobs on the batch engine: FolderJob (image files), SampleJob (shard samples)
@@ -22,19 +22,16 @@ OUT/manifest.jsonl (one JSON object per image). One module per concern:
   ray_engine.py   --engine ray: shards as a Ray Dataset, the VAE as an actor pool (map_batches)
 """
 
-from .buckets import BucketChoice, crop_box, kohya_crop_ltrb, make_buckets, select_bucket
+from .buckets import BucketChoice, crop_box, make_buckets, select_bucket
 from .core import prepare_dataset
 from .distributed import bind_local_device, parse_shard, resolve_shard, shard_items, torchrun_env
 from .encoder import DatasetEncoder, Placement, settings_sha256
-from .folder import output_paths, read_record, write_outputs
+from .folder import output_paths
 from .manifest import MergeResult, merge_manifests, read_manifest, shard_manifest_name, write_manifest
 from .options import (
     DATASET_VERSION,
-    FORMAT_SUFFIX,
-    FORMATS,
     LOGVAR_RANGE,
     MANIFEST,
-    RECORD_KEY,
     RESAMPLE,
     DatasetOptions,
     EngineOptions,
@@ -49,25 +46,20 @@ __all__ = [
     "DatasetOptions",
     "DatasetReport",
     "EngineOptions",
-    "FORMATS",
-    "FORMAT_SUFFIX",
     "LOGVAR_RANGE",
     "MANIFEST",
     "MergeResult",
     "Placement",
-    "RECORD_KEY",
     "RESAMPLE",
     "bind_local_device",
     "check_options",
     "crop_box",
-    "kohya_crop_ltrb",
     "make_buckets",
     "merge_manifests",
     "output_paths",
     "parse_shard",
     "prepare_dataset",
     "read_manifest",
-    "read_record",
     "resolve_shard",
     "select_bucket",
     "settings_sha256",
@@ -75,5 +67,4 @@ __all__ = [
     "shard_manifest_name",
     "torchrun_env",
     "write_manifest",
-    "write_outputs",
 ]

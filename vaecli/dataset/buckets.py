@@ -15,7 +15,6 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..exports import kohya_crop_ltrb  # noqa: F401 - re-exported: kohya's crop value lives with its format
 
 
 def make_buckets(

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..batch import Engine, Progress, batch_sizer, check_container, model_notes
-from ..discovery import Item, check_output_root, discover
+from ..batch import Engine, Progress, batch_sizer, model_notes
+from ..discovery import Item, Siblings, check_output_root, discover
 from ..errors import ConfigError, VaecliError
-from ..io import IMAGE_SUFFIXES, clean_temp_files
+from ..files import clean_temp_files
+from ..io import IMAGE_SUFFIXES
+from ..latents import Container, find_format
 from ..models.kl import AutoencoderKL
 from ..pipeline import RunOptions
 from .distributed import (
@@ -27,7 +29,6 @@ from .distributed import (
     to_local_device,
 )
 from .encoder import DatasetEncoder
-from .folder import flipped_path
 from .jobs import FolderJob
 from .locations import ShardInput, shard_inputs
 from .manifest import (
@@ -38,7 +39,7 @@ from .manifest import (
     shard_manifests,
     write_manifest,
 )
-from .options import ENGINES, FORMAT_SUFFIX, MANIFEST, DatasetOptions, EngineOptions, check_options
+from .options import ENGINES, MANIFEST, DatasetOptions, EngineOptions, check_options
 from .report import DatasetReport
 
 
@@ -73,7 +74,9 @@ def prepare_dataset(
             "must be normalized for its model; name the family (--family sd, sdxl, sd3 or flux; family=... in "
             "Python) or give the model's config.json"
         )
-    check_container(vae.config, options.format)
+    container = find_format(options.format)  # None: unknown, which check_options reports
+    if container is not None:
+        container.check_model(vae.config)
     check_options(options, vae.config.size_multiple)  # FLUX.2: buckets on a 16-pixel grid
     shards = shard_inputs(inputs)
     _check_layout(options, engine, shards is not None)
@@ -148,13 +151,13 @@ def _prepare_share(
 ) -> DatasetReport:
     """Encode this process's share of the images and write its manifest (the whole one when unsharded)."""
     index, count = shard
-    siblings = (lambda main: (flipped_path(main),)) if options.flip and options.format == "comfyui" else None
+    container = options.container()
     notes: list[str] = []  # about the run: symlinked folders not followed
-    all_items = discover(inputs, IMAGE_SUFFIXES, out, FORMAT_SUFFIX[options.format], siblings, notes,
+    all_items = discover(inputs, IMAGE_SUFFIXES, out, container.suffix, _siblings(container, options.flip), notes,
                          flat=options.flat)  # every output claimed once, over all shards
     check_output_root(all_items, out)
     if options.kohya_next_to_images:
-        _claim_beside(all_items)
+        _claim_beside(all_items, container.suffix)
     items = shard_items(all_items, index, count)
     # Temp files of killed runs are removed only when no other process can be writing (one shard, or after
     # a merge): a process id seen from another node says nothing about that node's live writers.
@@ -186,11 +189,19 @@ def _prepare_share(
     return report
 
 
-def _claim_beside(items: list[Item]) -> None:
+def _siblings(container: Container, flip: bool) -> Siblings | None:
+    """The files written beside each main file (a flipped latent in its own file), claimed by discovery."""
+    flipped_path = container.flipped_path if flip else None
+    if flipped_path is None:
+        return None
+    return lambda main: (flipped_path(main),)
+
+
+def _claim_beside(items: list[Item], suffix: str) -> None:
     """--kohya-next-to-images: `x.png` and `x.jpg` side by side both want `x.npz`; the second fails."""
     owner: dict[str, Item] = {}
     for item in items:
-        target = str(item.input.with_suffix(".npz"))
+        target = str(item.input.with_suffix(suffix))
         if item.error is None and target in owner:
             item.error = f"its output {target} is also the output of {owner[target].input}; rename one of them"
         owner.setdefault(target, item)

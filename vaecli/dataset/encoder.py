@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..batch import container_spec, model_summary, posterior_noise, resample
+from ..batch import model_summary, posterior_noise, resample
 from ..errors import InputError
+from ..latents import LATENT_FORMAT, LATENT_FORMAT_VERSION, meta_name
 from ..models.kl import AutoencoderKL
 from ..pipeline import DTYPE_NAMES, DTYPES, BatchResult, RunOptions, Runner
-from .buckets import BucketChoice, crop_box, kohya_crop_ltrb, make_buckets, select_bucket
+from .buckets import BucketChoice, crop_box, make_buckets, select_bucket
 from .options import DATASET_VERSION, LOGVAR_RANGE, RESAMPLE, DatasetOptions
 
 
@@ -46,9 +47,10 @@ class DatasetEncoder:
         self.factor = vae.config.downsample_factor
         self.runner = Runner(vae, run)
         self.info = model_summary(vae)
+        self.container = options.container()
         # what the container holds: ours normalized (unless --raw), kohya raw, ComfyUI as its VAE node
-        # writes (raw, or FLUX.2's normalized patchified form): batch.container_spec
-        self.spec = None if options.raw else container_spec(vae.config.latent_spec, options.format)
+        # writes (raw, or FLUX.2's normalized patchified form): Container.store_spec
+        self.spec = None if options.raw else self.container.store_spec(vae.config.latent_spec)
         self.normalized = self.spec is not None
         self.store_dtype = DTYPES[options.latent_dtype]
         lo, hi = options.bucket_bounds()
@@ -82,7 +84,7 @@ class DatasetEncoder:
             "latent_dtype": o.latent_dtype,
             "alpha": o.alpha_policy(),
             "compute_dtype": DTYPE_NAMES[self.runner.dtype],
-            **({"pixels": "kohya"} if o.format == "kohya" else {}),  # stored orientation, Pillow's RGB conversion
+            **self.container.settings(),  # kohya's pixels: stored orientation, Pillow's RGB conversion
         }
 
     def place(self, pixels: np.ndarray, key: str) -> tuple[np.ndarray, Placement]:
@@ -172,14 +174,11 @@ class DatasetEncoder:
             "settings_sha256": self.settings_sha,
             "encoded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        if o.format == "kohya":
-            record["kohya_crop_ltrb"] = list(kohya_crop_ltrb(choice.bucket, placement.original))
+        record.update(self.container.record_fields(choice.bucket, placement.original))  # kohya: its crop value
         return record
 
     def file_meta(self, record: dict[str, Any]) -> dict[str, str]:
         """Metadata of a vaecli-format file, in the conventions of `vaecli encode` (so `vaecli decode` reads it)."""
-        from ..io import LATENT_FORMAT, LATENT_FORMAT_VERSION, meta_name
-
         settings = self.settings
         bw, bh = record["bucket"]
         ow, oh = record["original_size"]

@@ -21,10 +21,11 @@ import torch
 from ..batch import Engine, Loaded, Skip, read_source
 from ..discovery import Item
 from ..errors import InputError
-from ..io import latent_output_state, read_image
+from ..io import read_image
+from ..latents import latent_output_state, read_record
 from ..pipeline import BatchResult
 from .encoder import DatasetEncoder, Placement
-from .folder import output_paths, read_record, write_outputs
+from .folder import output_paths
 from .sample import Encoded, Sample, ShardSink, latent_bytes
 
 
@@ -100,7 +101,9 @@ class FolderJob:
             rel(main),
             rel(flipped) if flipped is not None else None,
         )
-        write_outputs(record, tensors, main, flipped, enc.options.format, enc.file_meta(record))
+        write_item = enc.container.write_item
+        assert write_item is not None  # every container --format names writes dataset items
+        write_item(main, flipped, tensors, record, enc.file_meta(record))  # each file embeds the record
         self.records[loaded.index] = record
 
 
@@ -112,7 +115,7 @@ def reusable(enc: DatasetEncoder, item: Item, out: Path, source_sha: str) -> dic
         check_replaceable(path, o.overwrite)
     if o.overwrite or not main.exists():
         return None
-    rec = read_record(main, o.format)
+    rec = read_record(main, enc.container.name)
     if rec is None:
         return "re-encoded: the existing file is incomplete or unreadable"
     want = {

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 from .. import safejson
 from ..errors import VaecliError
-from ..io import atomic_write
+from ..files import atomic_write
 from .options import MANIFEST
 
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..exports import CONTAINER_SUFFIX, RECORD_KEY, alpha_for  # noqa: F401 - RECORD_KEY: also a dataset name
 from ..io import DEFAULT_MAX_PIXELS
+from ..latents import FORMATS, Container, alpha_for, by_format, find_format
 from ..pipeline import DTYPES
 
-FORMATS = ("vaecli", "kohya", "comfyui")
 LAYOUTS = ("folder", "tar", "parquet")
 ENGINES = ("local", "ray")
-FORMAT_SUFFIX = CONTAINER_SUFFIX
 MANIFEST = "manifest.jsonl"
 DATASET_VERSION = 1  # bump when the meaning of a manifest field or of a setting changes
 RESAMPLE = "bicubic-antialias"
-KOHYA_MIN_BUCKET, KOHYA_MAX_BUCKET = 256, 1024  # sd-scripts' DreamBoothDatasetParams defaults
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
 
@@ -48,26 +45,32 @@ class DatasetOptions:
     image_column: str | None = None  # shards: the tar suffix or parquet column holding the image; None: found
     flat: bool = False  # folder layout: every file at the top of OUT, named by the image's file name (ComfyUI)
 
+    def container(self) -> Container:
+        """The latent container of --format (ConfigError for an unknown one: check_options reports it first)."""
+        return by_format(self.format)
+
     def alpha_policy(self) -> str:
-        """The alpha policy applied: kohya's own for --format kohya (alpha dropped), else alpha or white."""
+        """The alpha policy applied: the container's own (kohya drops alpha), else alpha or white."""
         return alpha_for(self.format, self.alpha)
 
     def pixel_convention(self) -> str:
-        """How image files become pixels: kohya's way for its format (stored orientation), else ours."""
-        return "kohya" if self.format == "kohya" else "vaecli"
+        """How image files become pixels: the container's convention (kohya's: stored orientation), else ours."""
+        return self.container().pixels
 
     def bucket_bounds(self) -> tuple[int, int]:
-        """(min, max) bucket side after defaults, kept on the step grid: half and twice the resolution, or for
-        --format kohya sd-scripts' own defaults, so that kohya finds the buckets it computes when it trains."""
+        """(min, max) bucket side after defaults, kept on the step grid: half and twice the resolution, or the
+        defaults of the container's trainer (kohya's sd-scripts), so that it finds the buckets it computes."""
         step = max(1, self.bucket_step)
         lo, hi = self.min_bucket_size, self.max_bucket_size
-        if self.format == "kohya":
+        container = find_format(self.format)  # bounds are asked before check_options reports an unknown format
+        if container is not None and container.bucket_defaults is not None:
             # sd-scripts' min_bucket_reso / max_bucket_reso defaults, rounded to the step as
             # adjust_min_max_bucket_reso_by_steps does (down for the minimum, up for the maximum).
+            low, high = container.bucket_defaults
             if lo is None:
-                lo = KOHYA_MIN_BUCKET - KOHYA_MIN_BUCKET % step
+                lo = low - low % step
             if hi is None:
-                hi = KOHYA_MAX_BUCKET + (step - KOHYA_MAX_BUCKET % step) % step
+                hi = high + (step - high % step) % step
             return lo, hi
         if lo is None:
             lo = -(-self.bucket_resolution // 2 // step) * step  # rounded up to the step
@@ -81,7 +84,8 @@ def check_options(options: DatasetOptions, factor: int) -> None:
     o = options
     lo, hi = o.bucket_bounds()
     problems = []
-    if o.format not in FORMATS:
+    container = find_format(o.format)  # None: unknown, reported here with every other problem
+    if container is None:
         problems.append(f"unknown --format {o.format!r}; choose one of {', '.join(FORMATS)}")
     if o.bucket_step < 1 or o.bucket_step % factor:
         problems.append(f"--bucket-step {o.bucket_step} must be a positive multiple of the VAE's factor {factor}")
@@ -89,9 +93,10 @@ def check_options(options: DatasetOptions, factor: int) -> None:
         problems.append(f"--bucket-resolution {o.bucket_resolution} is smaller than --bucket-step {o.bucket_step}")
     if not (o.bucket_step <= lo <= o.bucket_resolution <= hi):
         why = ""
-        if o.format == "kohya" and (o.min_bucket_size is None or o.max_bucket_size is None):
-            why = (f" (--format kohya defaults to sd-scripts' min_bucket_reso {KOHYA_MIN_BUCKET} and max_bucket_reso "
-                   f"{KOHYA_MAX_BUCKET}; give --min-bucket-size/--max-bucket-size as you pass them to kohya)")
+        defaults = container.bucket_defaults if container is not None else None
+        if defaults is not None and (o.min_bucket_size is None or o.max_bucket_size is None):
+            why = (f" (--format {o.format} defaults to sd-scripts' min_bucket_reso {defaults[0]} and max_bucket_reso "
+                   f"{defaults[1]}; give --min-bucket-size/--max-bucket-size as you pass them to kohya)")
         problems.append(f"bucket sizes must satisfy bucket-step <= min ({lo}) <= resolution <= max ({hi}){why}")
     if o.bucket_step >= 1 and (lo % o.bucket_step or hi % o.bucket_step):
         problems.append(
@@ -99,9 +104,9 @@ def check_options(options: DatasetOptions, factor: int) -> None:
         )
     if o.latent_dtype not in DTYPES:
         problems.append(f"unknown latent dtype {o.latent_dtype!r}; choose one of {', '.join(DTYPES)}")
-    elif o.format != "vaecli" and o.latent_dtype != "fp32":
-        problems.append(f"--format {o.format} stores float32 latents (what its reader expects); drop --latent-dtype")
-    if o.format == "comfyui" and o.moments:
+    elif container is not None and (dtype_problem := container.dtype_problem(o.latent_dtype)) is not None:
+        problems.append(dtype_problem)
+    if container is not None and o.moments and not container.moments:
         problems.append("--moments needs --format vaecli or kohya (a ComfyUI .latent holds one tensor)")
     try:
         o.alpha_policy()
@@ -109,11 +114,11 @@ def check_options(options: DatasetOptions, factor: int) -> None:
         problems.append(str(exc))
     if o.flat and o.kohya_next_to_images:
         problems.append("--flat names files under OUT; --kohya-next-to-images writes them beside the images")
-    if o.kohya_next_to_images and o.format != "kohya":
+    if o.kohya_next_to_images and (container is None or not container.next_to_images):
         problems.append("--kohya-next-to-images needs --format kohya")
     if o.layout is not None and o.layout not in LAYOUTS:
         problems.append(f"unknown --layout {o.layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if o.layout in ("tar", "parquet") and o.format != "vaecli":
+    if o.layout in ("tar", "parquet") and (container is None or not container.shards):
         problems.append(
             f"--layout {o.layout} stores vaecli latents; drop --format {o.format} (its readers read folders)"
         )

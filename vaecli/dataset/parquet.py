@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from ..errors import InputError
-from ..files import publish_temp
-from ..io import temp_path
+from ..files import publish_temp, temp_path
 from .locations import need
 from .sample import Encoded, Sample
 

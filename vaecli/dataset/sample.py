@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import safejson
-from .options import RECORD_KEY
+from ..latents import RECORD_KEY
 
 
 @dataclass

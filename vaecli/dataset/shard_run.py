@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..batch import Progress, batch_sizer
 from ..errors import VaecliError
-from ..io import clean_temp_files
+from ..files import clean_temp_files
 from ..models.kl import AutoencoderKL
 from ..pipeline import RunOptions
 from .distributed import deal

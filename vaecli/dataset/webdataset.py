@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from ..errors import InputError
-from ..files import publish_temp
-from ..io import IMAGE_SUFFIXES, temp_path
+from ..files import publish_temp, temp_path
+from ..io import IMAGE_SUFFIXES
 from .sample import Encoded, Sample
 
 _IMAGE_EXTS = tuple(s[1:] for s in IMAGE_SUFFIXES)

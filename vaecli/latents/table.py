@@ -119,8 +119,27 @@ def by_name(name: str) -> Container:
     """The container of a --format value or a LatentFile's container name; ConfigError when unknown."""
     found = _BY_NAME.get(name)
     if found is None:
-        raise ConfigError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
+        raise ConfigError(_unknown_format(name))
     return found
+
+
+def find_format(name: str) -> Container | None:
+    """The container a --format value names (one that writes), or None: for checks that report an unknown
+    name among other problems instead of raising."""
+    found = _BY_NAME.get(name)
+    return found if found is not None and found.write is not None else None
+
+
+def by_format(name: str) -> Container:
+    """The container a --format value names; ConfigError for an unknown name or a read-only container."""
+    found = find_format(name)
+    if found is None:
+        raise ConfigError(_unknown_format(name))
+    return found
+
+
+def _unknown_format(name: str) -> str:
+    return f"unknown format {name!r}; choose one of {', '.join(FORMATS)}"
 
 
 def by_suffix(suffix: str) -> Container | None:
