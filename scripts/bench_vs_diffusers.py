@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import vaecli  # noqa: E402
 from vaecli.bench import device_name  # noqa: E402
-from vaecli.pipeline import DTYPES, RunOptions, Runner  # noqa: E402
+from vaecli.devices import DTYPES  # noqa: E402
+from vaecli.pipeline import RunOptions, Runner  # noqa: E402
 from vaecli.plans import KERNEL_MODES, Plan, apply_layout, plan_for  # noqa: E402
 
 # Architectures to compare (weights are random: cost does not depend on the values).

@@ -61,7 +61,8 @@ from vaecli.batch import (  # noqa: E402
 )
 from vaecli.io import read_image  # noqa: E402
 from vaecli.latents import read_latent  # noqa: E402
-from vaecli.pipeline import DTYPES, RunOptions, Runner  # noqa: E402
+from vaecli.devices import DTYPES  # noqa: E402
+from vaecli.pipeline import RunOptions, Runner  # noqa: E402
 
 SD_SIZED = VAEConfig(  # the SD 1.x/2.x VAE's architecture (diffusers' AutoencoderKL of stable-diffusion-v1-5)
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,

@@ -21,18 +21,18 @@ from vaecli.choices import DEFAULTS
 
 
 def test_choices_are_the_cores():
-    from vaecli import bench, config, exports, plans
+    from vaecli import bench, config, latents, plans
     from vaecli import io as vio
     from vaecli.batch import SIZE_POLICIES
     from vaecli.dataset import options as dataset_options
-    from vaecli.pipeline import DTYPES
+    from vaecli.devices import DTYPES
 
     assert choices.DTYPES == tuple(DTYPES)
     assert choices.FAMILIES == (*config.FAMILY_PRESETS, "flux2")
     assert set(choices.TILING_MODES) == set(bench.TILING_MODES)
     assert choices.KERNEL_MODES == plans.KERNEL_MODES
     assert choices.SIZE_POLICIES == SIZE_POLICIES
-    assert choices.CACHE_FORMATS == dataset_options.FORMATS == tuple(exports.CONTAINER_SUFFIX)
+    assert choices.CACHE_FORMATS == latents.FORMATS == tuple(latents.CONTAINER_SUFFIX)
     assert choices.LAYOUTS == dataset_options.LAYOUTS
     assert choices.ENGINES == dataset_options.ENGINES
     assert choices.IMAGE_FORMATS == tuple(vio.IMAGE_FORMATS)

@@ -1,8 +1,8 @@
 """The values each choice of the CLI takes, and the defaults the CLI and the core share: one copy, torch-free.
 
-The tuples are the core's (tests/test_cli_choices.py compares them with pipeline.DTYPES, plans.KERNEL_MODES,
-batch.SIZE_POLICIES, dataset/options.py, ...), so that the core can import them from here and a new value is
-added in one place. This module imports nothing of vaecli: `vaecli --help` and the core both load it for free.
+The core imports its tuples and defaults from here (devices.DTYPES, plans.KERNEL_MODES, batch.SIZE_POLICIES,
+RunOptions, io.IMAGE_FORMATS, ...), so a new value is added in one place; latent formats are the table's
+(latents/table.py) and tests/test_cli_choices.py checks CACHE_FORMATS against it. This module imports nothing of vaecli: `vaecli --help` and the core both load it for free.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ TILING_MODES = ("auto", "on", "off")  # bench.TILING_MODES; RunOptions.tiling
 KERNEL_MODES = ("auto", "on", "off")  # plans.KERNEL_MODES
 SIZE_POLICIES = ("pad", "crop", "resize")  # batch.SIZE_POLICIES
 ALPHA_POLICIES = ("white", "black", "drop")  # io.decode_image's `alpha`
-CACHE_FORMATS = ("vaecli", "kohya", "comfyui")  # dataset/options.FORMATS, exports.CONTAINER_SUFFIX
+CACHE_FORMATS = ("vaecli", "kohya", "comfyui")  # latents.FORMATS: the writable rows of latents/table.py
 LAYOUTS = ("folder", "tar", "parquet")  # dataset/options.LAYOUTS
 ENGINES = ("local", "ray")  # dataset/options.ENGINES
 IMAGE_FORMATS = ("png", "jpg", "webp")  # io.IMAGE_FORMATS
@@ -29,7 +29,7 @@ class Defaults:
 
     device: str = "auto"
     dtype: str = "fp32"  # compute precision
-    # auto: tiled when an untiled run would not fit. RunOptions says "off" today (issue 22: it is to follow).
+    # auto: tiled when an untiled run would not fit
     tiling: str = "auto"
     tile_size: int = 512  # tile side in image pixels
     tile_overlap: int = 64
@@ -37,7 +37,7 @@ class Defaults:
     batch_size: int = 4  # images of one size per model call
     seed: int = 0  # of --sample: noise per image from (seed, relative path)
     size_policy: str = "pad"  # undone exactly
-    alpha: str = "white"  # what an absent --alpha means (kohya: its own, exports.alpha_for)
+    alpha: str = "white"  # what an absent --alpha means (kohya: its own, latents.alpha_for)
     latent_dtype: str = "fp32"
     cache_format: str = "vaecli"
     image_format: str = "png"

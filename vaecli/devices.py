@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from . import choices
 from .errors import ConfigError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(choices.DTYPES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 

@@ -23,21 +23,21 @@ from typing import Any, BinaryIO, Iterator, Mapping
 
 import numpy as np
 
-from . import safejson
+from . import choices, safejson
+from .choices import DEFAULTS
 from .errors import InputError
 from .files import atomic_write, open_regular
 from .integrity import check_complete
-from .latents import LATENT_SUFFIXES, latent_kind
+from .latents import latent_kind
 from .outputs import OutputState, path_state
 from .sniff import first_line
 
-# transitional: vaecli/cli.py imports LATENT_SUFFIXES from here; remove once it imports vaecli.latents
-__all__ = ["LATENT_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # names an -o of one image file
-IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images need --max-pixels: one would take GBs of activations
+# the --image-format names (vaecli.choices) and their Pillow writers
+IMAGE_FORMATS = dict(zip(choices.IMAGE_FORMATS, ("PNG", "JPEG", "WEBP"), strict=True))
+DEFAULT_MAX_PIXELS = DEFAULTS.max_pixels  # larger images need --max-pixels: one would take GBs of activations
 
 PROVENANCE_KEY = "vaecli"  # PNG text chunk; JPEG comment and WebP XMP hold the same JSON
 IMAGE_RECORD = "vaecli.image"  # the "format" of that record

@@ -26,17 +26,9 @@ from .devices import DTYPE_NAMES, compute_dtype, precision_ladder
 from .memory import OOM_ERRORS, MemoryLadder, MemoryModel
 from .models.kl import AutoencoderKL
 from .choices import DEFAULTS
-from .plans import TABLE, RunChoices, laid_out, plan_for, run_choices
+from .plans import RunChoices, laid_out, plan_for, run_choices
 from .staging import Download, Transfers, to_model_range, to_uint8_nhwc
 from .tiling import tiled_decode, tiled_encode_moments
-
-# -- transitional re-exports: names that moved, still imported from here by modules not yet rewired ---------
-# (DTYPE_NAMES and compute_dtype above are used here too, and imported from here by batch.py and dataset/)
-from .devices import DTYPES, resolve_device  # noqa: E402,F401  # transitional (batch, cli, dataset, scripts)
-from .memory import auto_batch_size  # noqa: E402,F401  # transitional (batch.batch_sizer)
-
-AUTO_BATCH_MAX = {kind: row.run.batch_limit.most for kind, row in TABLE.items()}  # transitional (batch)
-
 
 @dataclass(frozen=True)
 class RunOptions:

@@ -16,7 +16,8 @@ from ..errors import ConfigError, InputError
 from ..io import IMAGE_SUFFIXES, decode_image
 from ..latents import LATENT_FORMAT, LATENT_FORMAT_VERSION, by_format, latent_output_state, meta_name
 from ..models.kl import AutoencoderKL
-from ..pipeline import DTYPE_NAMES, DTYPES, Pending, RunOptions
+from ..devices import DTYPE_NAMES, DTYPES
+from ..pipeline import Pending, RunOptions
 from .engine import Loaded, Outputs, Skip
 from .options import EncodeOptions
 from .report import Progress, Report

@@ -23,6 +23,7 @@ from ..discovery import Item
 from ..errors import ConfigError, InputError, Interrupted, VaecliError
 from ..files import folder_syncs_deferred
 from ..pipeline import Pending
+from ..plans import run_choices
 from .report import Counts, ItemResult, Progress
 
 WRITE_GRACE_S = 5.0  # on Ctrl-C, how long writes already running may take to finish
@@ -76,14 +77,9 @@ class Job(Protocol):
 
 
 def io_threads(device: torch.device | None, readers: int = 0) -> tuple[int, int]:
-    """(reader threads, writer threads). On the CPU the model takes every core: min(4, CPUs) readers and
-    2 writers (measured: scripts/pipeline_throughput.py). On a GPU the host decodes, hashes, encodes and
-    compresses every file while the device computes: a thread per core, up to 16 readers and 8 writers
-    (Pillow releases the GIL while decoding and compressing; not yet measured on a GPU)."""
-    cpus = os.cpu_count() or 1
-    if device is None or device.type == "cpu":
-        return readers or min(4, cpus), 2
-    return readers or max(2, min(16, cpus)), max(2, min(8, cpus // 2))
+    """(reader threads, writer threads) for a run on `device`: plans.TABLE's run-level row for it (the CPU's
+    measured by scripts/pipeline_throughput.py; a GPU's not measured yet); readers > 0 is the user's count."""
+    return run_choices(device or "cpu").io_threads.counts(os.cpu_count() or 1, readers)
 
 
 def failure_message(exc: BaseException) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.kl import AutoencoderKL
-from ..pipeline import resolve_device
+from ..devices import resolve_device
 
 
 def open_model(

@@ -18,7 +18,9 @@ from ..files import clean_temp_files
 from ..io import IMAGE_OUTPUT_SUFFIXES
 from ..latents import LATENT_SUFFIXES
 from ..models.kl import AutoencoderKL
-from ..pipeline import AUTO_BATCH_MAX, BatchResult, RunOptions, Runner, auto_batch_size, compute_dtype
+from ..memory import auto_batch_size
+from ..pipeline import BatchResult, RunOptions, Runner
+from ..plans import run_choices
 from .engine import Engine, Job, Loaded
 from .model import model_notes, model_summary
 from .report import Progress, Report
@@ -134,7 +136,7 @@ def batch_sizer(
     if batch_size > 0:
         return batch_size, None
     device = next(vae.parameters()).device
-    dtype = compute_dtype(run.dtype, vae.config.force_upcast, run.upcast)
+    dtype = run.compute_dtype(vae.config)
     f = vae.config.downsample_factor
     patch = vae.config.latent_spec.patch_size
     patched = vae.config.latent_channels * patch * patch if patch > 1 else None  # channels of patchified latents
@@ -148,7 +150,7 @@ def batch_sizer(
             cache[key] = auto_batch_size(vae.config, h, w, dtype, device)
         return cache[key]
 
-    return AUTO_BATCH_MAX.get(device.type, 8), size
+    return run_choices(device).batch_limit.most, size
 
 
 def note_batch(engine: Engine, batch: list[Loaded[Any]], result: BatchResult, stage: str) -> list[Any]:

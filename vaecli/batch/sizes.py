@@ -9,10 +9,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..choices import SIZE_POLICIES
 from ..errors import ConfigError, InputError
 from ..latents import meta_json
 
-SIZE_POLICIES = ("pad", "crop", "resize")
 
 
 def check_size_policy(policy: str) -> None:

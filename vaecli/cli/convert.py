@@ -82,7 +82,7 @@ def encode(
     """
     from ..batch import check_layout, encode_paths, latent_names
     from ..discovery import check_inputs_exist, require_inputs
-    from ..exports import CONTAINER_SUFFIX
+    from ..latents import by_format
     from ..io import IMAGE_SUFFIXES
 
     with guard(report.as_json, report.debug, "encode"):
@@ -92,7 +92,7 @@ def encode(
         check_inputs_exist(local)
         as_dataset = dataset.dataset or dataset.kohya_config is not None
         fmt = _cache_format(cache_format, dataset.kohya_config is not None)
-        check_layout(inputs, out, None if as_dataset else latent_names(CONTAINER_SUFFIX[fmt]))
+        check_layout(inputs, out, None if as_dataset else latent_names(by_format(fmt).suffix))
         if len(local) == len(inputs):
             require_inputs(inputs, IMAGE_SUFFIXES, out)  # exit 2 before the model loads or anything is written
         latents = LatentOutput(raw, latent_dtype.value, fmt, flat)
@@ -151,7 +151,7 @@ def decode(
     """Decode latent files (ours, bare .safetensors or .npy) to images at their original size."""
     from ..batch import check_layout, decode_paths, image_names
     from ..discovery import check_inputs_exist, require_inputs
-    from ..io import LATENT_SUFFIXES
+    from ..latents import LATENT_SUFFIXES
 
     with guard(report.as_json, report.debug, "decode"):
         refuse_torchrun("decode")

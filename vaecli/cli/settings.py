@@ -19,7 +19,8 @@ from .rendering import usage
 
 def run_options(run: RunFlags) -> Any:
     """The RunOptions of the run flags (an overlap as large as the tile is refused here)."""
-    from ..pipeline import DTYPES, RunOptions
+    from ..devices import DTYPES
+    from ..pipeline import RunOptions
 
     if run.tile_overlap >= run.tile_size:
         raise VaecliError(f"--tile-overlap {run.tile_overlap} must be smaller than --tile-size {run.tile_size}")
@@ -81,7 +82,7 @@ def roundtrip_options(
 
 def bench_settings(run: BenchFlags, resolutions: list[int], warmup: int, iters: int) -> dict[str, Any]:
     """run_bench's settings (all but the model), the device resolved: the same for the --versus model."""
-    from ..pipeline import resolve_device
+    from ..devices import resolve_device
 
     return dict(resolutions=list(resolutions), batch_size=run.batch_size, dtype=run.dtype.value,
                 tiling=run.tiling.value, device=resolve_device(run.device.value), warmup=warmup, iters=iters,
@@ -92,7 +93,7 @@ def bench_settings(run: BenchFlags, resolutions: list[int], warmup: int, iters: 
 def load_model(choice: ModelFlags, device: Device, as_json: bool, debug: bool) -> Any:
     """The model of the --model flags on `device`; any failure is a usage error of one line (exit 2)."""
     from ..batch import open_model
-    from ..pipeline import resolve_device
+    from ..devices import resolve_device
 
     choice.check()
     resolve_device(device.value)  # an unavailable device is its own usage error, not a load failure

@@ -21,7 +21,8 @@ from ..batch import model_summary, posterior_noise, resample
 from ..errors import InputError
 from ..latents import LATENT_FORMAT, LATENT_FORMAT_VERSION, meta_name
 from ..models.kl import AutoencoderKL
-from ..pipeline import DTYPE_NAMES, DTYPES, BatchResult, RunOptions, Runner
+from ..devices import DTYPE_NAMES, DTYPES
+from ..pipeline import BatchResult, RunOptions, Runner
 from .buckets import BucketChoice, crop_box, make_buckets, select_bucket
 from .options import DATASET_VERSION, LOGVAR_RANGE, RESAMPLE, DatasetOptions
 

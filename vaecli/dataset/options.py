@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..choices import ENGINES, LAYOUTS
 from ..errors import ConfigError
 from ..io import DEFAULT_MAX_PIXELS
 from ..latents import FORMATS, Container, alpha_for, by_format, find_format
-from ..pipeline import DTYPES
+from ..devices import DTYPES
 
-LAYOUTS = ("folder", "tar", "parquet")
-ENGINES = ("local", "ray")
 MANIFEST = "manifest.jsonl"
 DATASET_VERSION = 1  # bump when the meaning of a manifest field or of a setting changes
 RESAMPLE = "bicubic-antialias"
