@@ -107,11 +107,8 @@ def test_latent_spec_round_trip():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from vaecli.models.kl import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(VAEConfig.from_dict(GOOD)).eval()
+def tiny(tiny_model):
+    return tiny_model(block_out_channels=(16, 32))  # GOOD's model: its other fields are tiny_config's defaults
 
 
 @pytest.mark.parametrize("x, message", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vaecli.config import VAEConfig
+from conftest import make_tiny_model
 from vaecli.dataset import (
     DatasetOptions,
     crop_box,
@@ -111,15 +111,7 @@ def test_shards_partition_items_deterministically():
 
 
 def _tiny_model(folder: Path, seed: int) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    cfg = VAEConfig(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8,
-        layers_per_block=1,
-    )
-    save_vae(AutoencoderKL(cfg), folder)
+    save_vae(make_tiny_model(seed), folder)
     return load_vae(folder)
 
 

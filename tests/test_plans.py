@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_config, twin_of
 from vaecli import plans
-from vaecli.config import VAEConfig
 from vaecli.errors import ConfigError
-from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions
 from vaecli.plans import KERNEL_OPS, NORMS, REFERENCE, TABLE, UPSAMPLES, apply_layout, plan_for
 
@@ -19,9 +18,7 @@ WIDE = dict(block_out_channels=[32, 256], layers_per_block=1, norm_num_groups=32
 
 def _pair(reference, dtype=torch.float32, **config):
     ref = reference(**config)
-    ours = AutoencoderKL(VAEConfig.from_dict(ref.config)).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref.to(dtype), ours.to(dtype)
+    return ref.to(dtype), twin_of(ref).to(dtype)
 
 
 def test_every_device_row_names_every_choice_and_its_measurement():
@@ -39,8 +36,7 @@ def test_cuda_plan_without_triton_keeps_nchw_and_no_kernels(monkeypatch):
     """torch builds without Triton (Windows) get diffusers' layout: NHWC pays only with the norm kernel."""
     from vaecli import kernels
 
-    cfg = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    cfg = tiny_config(**WIDE)
     monkeypatch.setattr(kernels, "triton_installed", lambda: False)
     plan = plan_for("cuda", cfg)
     assert (plan.layout, plan.kernels) == (torch.contiguous_format, frozenset())
@@ -50,10 +46,7 @@ def test_cuda_plan_without_triton_keeps_nchw_and_no_kernels(monkeypatch):
 
 
 def test_plan_for_devices_and_kernel_modes():
-    narrow = VAEConfig(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                       up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8)
-    wide = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
-                     up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    narrow, wide = tiny_config(**NARROW), tiny_config(**WIDE)
     cuda = plan_for("cuda", wide)
     assert (cuda.layout, cuda.norm, cuda.upsample, cuda.kernels) == (torch.channels_last, "native", "nearest", frozenset(KERNEL_OPS))
     assert plan_for("cuda", narrow).layout == torch.channels_last  # on CUDA with the kernels, every width
