@@ -38,8 +38,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ import vaecli  # noqa: E402
 from bench_vs_diffusers import bench_op, build_models, inference, sync  # noqa: E402
 from vaecli import accel, kernels  # noqa: E402
 from vaecli.bench import device_name  # noqa: E402
-from vaecli.pipeline import DTYPES, RunOptions, Runner  # noqa: E402
+from vaecli.pipeline import DTYPES, Runner, RunOptions  # noqa: E402
 from vaecli.plans import TABLE, apply_layout, plan_for  # noqa: E402
 
 # (op, side, batch) per row, as in issue 12's table; --quick shrinks sides and batches.
@@ -84,7 +85,8 @@ class Report:
         tmp.write_text(json.dumps(self.doc, indent=1, default=str) + "\n")
         os.replace(tmp, self.path)
 
-    def section(self, name: str, fn: Callable[["Report", dict[str, Any]], None], need_s: float, skip: str | None = None) -> None:
+    def section(self, name: str, fn: Callable[[Report, dict[str, Any]], None], need_s: float,
+                skip: str | None = None) -> None:
         """Run one section into doc['sections'][name]; failures and skips are recorded, never raised."""
         out: dict[str, Any] = {"status": "running"}
         self.doc["sections"][name] = out
@@ -123,11 +125,14 @@ def env_section(args: argparse.Namespace) -> Callable[[Report, dict[str, Any]], 
             code=accel._code_hash(),  # model, plans and kernels as run (a device's copy of .git may be older)
             triton=_version("triton"), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
             capability=list(torch.cuda.get_device_capability()) if args.device == "cuda" else None,
-            kernels_run_here={str(dt).removeprefix("torch."): kernels.device_ok(torch.empty(1, device=args.device, dtype=dt))
+            kernels_run_here={str(dt).removeprefix("torch."):
+                              kernels.device_ok(torch.empty(1, device=args.device, dtype=dt))
                               for dt in (torch.bfloat16, torch.float16, torch.float32)},
-            plan_table={dev: {k: {"value": c.value, "measured": c.measured} for k, c in row.items()} for dev, row in TABLE.items()},
+            plan_table={dev: {k: {"value": c.value, "measured": c.measured} for k, c in row.items()}
+                        for dev, row in TABLE.items()},
         )
-        print("   " + " | ".join(f"{k} {out[k]}" for k in ("device", "torch", "diffusers", "triton", "cuda", "git")), flush=True)
+        print("   " + " | ".join(f"{k} {out[k]}" for k in ("device", "torch", "diffusers", "triton", "cuda", "git")),
+              flush=True)
 
     return run
 
@@ -211,7 +216,8 @@ def _row(variants: dict[str, tuple[Any, Any]], theirs: Any, op: str, side: int, 
         impls[name] = {
             "ms_per_img": s["median_s"] * 1000 / batch,
             "speedup_vs_diffusers": base / s["median_s"],
-            "paired_ratio": statistics.median(t / d for t, d in zip(s["times_s"], stats["diffusers"]["times_s"])),
+            "paired_ratio": statistics.median(
+                t / d for t, d in zip(s["times_s"], stats["diffusers"]["times_s"], strict=False)),
             "max_abs_diff_vs_diffusers": s["max_abs_diff_vs_diffusers"],
             "first_call_s": s["first_call_s"],
             "peak_memory_bytes": s["peak_memory_bytes"],
@@ -224,7 +230,8 @@ def _print_row(row: dict[str, Any]) -> None:
         print(f"   {row['dtype']} {row['op']} {row['resolution']} b{row['batch']}: failed: {row['error']}", flush=True)
         return
     parts = [f"{name} failed: {v['error'][:120]}" if "error" in v else
-             f"{name} {v['ms_per_img']:.2f} ms ({v['speedup_vs_diffusers']:.2f}x, diff {v['max_abs_diff_vs_diffusers']:.1e})"
+             f"{name} {v['ms_per_img']:.2f} ms ({v['speedup_vs_diffusers']:.2f}x, "
+             f"diff {v['max_abs_diff_vs_diffusers']:.1e})"
              for name, v in row["impls"].items()]
     print(f"   {row['dtype']} {row['op']} {row['resolution']} b{row['batch']}: " + "; ".join(parts), flush=True)
 
@@ -271,7 +278,8 @@ def _tiled_row(ours: Any, op: str, side: int, tile: int, overlap: int, device: t
         sync(device)
         key = "tiled" if mode == "on" else "untiled"
         result[f"{key}_ms"] = (time.perf_counter() - t) * 1000
-        result[f"{key}_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        result[f"{key}_peak_gib"] = None if peak is None else round(peak / 2**30, 2)
         outs[key] = res.tensor
         if mode == "on":
             result["tiles"] = res.tiles
@@ -302,7 +310,8 @@ def accuracy_section(args: argparse.Namespace) -> Callable[[Report, dict[str, An
         side = 64 if args.quick else 768
         for path in sorted((ROOT / "examples").glob("*.jpg"))[: 1 if args.quick else None]:
             img = Image.open(path).convert("RGB").resize((side, side), Image.BICUBIC)
-            x = torch.from_numpy(__import__("numpy").array(img)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+            x = torch.from_numpy(__import__("numpy").array(img)).permute(2, 0, 1)[None]  # (H, W, 3) -> (1, 3, H, W)
+            x = x.float().div(127.5).sub(1).to(device)
             with torch.inference_mode():
                 z_ref = theirs.encode(x).latent_dist.mean
                 ref8 = _to8(theirs.decode(z_ref).sample)
@@ -345,9 +354,11 @@ import torch, vaecli
 from vaecli.pipeline import Runner, RunOptions
 model, device, side = sys.argv[1], sys.argv[2], int(sys.argv[3])
 vae = vaecli.load_vae(model, device=device, dtype=torch.bfloat16)
-z = torch.randn(1, vae.config.latent_channels, side // 8, side // 8, generator=torch.Generator().manual_seed(0)).to(device)
+z = torch.randn(1, vae.config.latent_channels, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
+z = z.to(device)
 sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-compiled, eager = Runner(vae, RunOptions(dtype=torch.bfloat16, compile=True)), Runner(vae, RunOptions(dtype=torch.bfloat16))
+compiled = Runner(vae, RunOptions(dtype=torch.bfloat16, compile=True))
+eager = Runner(vae, RunOptions(dtype=torch.bfloat16))
 first = compiled.decode(z)
 sync()
 ready = time.time() - start  # process start -> first compiled decode done
@@ -488,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (make, need) in SECTIONS.items():
         skip = None
         if name not in chosen:
-            skip = "--quick (a CPU compile takes minutes)" if args.quick and not args.sections else "not asked for (--sections)"
+            quick = args.quick and not args.sections
+            skip = "--quick (a CPU compile takes minutes)" if quick else "not asked for (--sections)"
         report.section(name, make(args), need_s=need, skip=skip)
     report.doc["summary"] = summary(report)
     report.save()

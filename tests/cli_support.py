@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from conftest import make_tiny_model
 from typer.testing import CliRunner
 
+from conftest import make_tiny_model
 from vaecli import save_vae
 from vaecli.cli import app
 

@@ -9,11 +9,9 @@ import sys
 import time
 
 import pytest
-import torch
 
 from cli_support import ROOT, make_model, noise_image, run_cli, run_json, subprocess_env
 from vaecli.io import clean_temp_files, is_temp_name, latent_is_complete, temp_path
-
 
 
 @pytest.fixture(scope="module")

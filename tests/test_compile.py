@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_tiny_model, tiny_config
 from vaecli import accel
 from vaecli.pipeline import Runner, RunOptions
-
-from conftest import make_tiny_model, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +85,8 @@ def test_runner_compiles_per_shape_and_falls_back_on_failure(monkeypatch):
         built.append((op, tuple(example.shape), example.dtype))
         if example.shape[0] == 2:
             raise RuntimeError("no C++ compiler found\nmore detail")
-        fn = (lambda x: model.decode(x, plan=plan)) if op == "decode" else (lambda x: model.encode_moments(x, plan=plan))
+        fn = ((lambda x: model.decode(x, plan=plan)) if op == "decode"
+              else (lambda x: model.encode_moments(x, plan=plan)))
         return accel.Compiled(fn, Path("x.pt2"), True, 0.5)
 
     monkeypatch.setattr(accel, "compile_op", fake_compile)

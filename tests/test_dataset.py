@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import make_tiny_model
+from vaecli.batch import Item, resample
 from vaecli.dataset import (
     DatasetOptions,
     crop_box,
@@ -22,7 +23,6 @@ from vaecli.dataset import (
     select_bucket,
     shard_items,
 )
-from vaecli.batch import Item, resample
 from vaecli.errors import ConfigError, InputError
 from vaecli.io import read_image
 from vaecli.models.kl import AutoencoderKL
@@ -284,7 +284,7 @@ def test_sample_random_crop_and_no_upscale_are_deterministic(models, images, tmp
     ra, rb = read_manifest(a / "manifest.jsonl"), read_manifest(b / "manifest.jsonl")
     assert _strip(ra) == _strip(rb)
     for rec in ra:
-        (rw, rh), (bw, bh) = rec["resized_size"], rec["bucket"]
+        (rw, rh), (bw, _) = rec["resized_size"], rec["bucket"]
         ow, oh = rec["original_size"]
         assert rw <= ow and rh <= oh  # never enlarged
         left, top, right, bottom = rec["crop"]

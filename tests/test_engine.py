@@ -18,7 +18,8 @@ from vaecli.errors import InputError
 
 
 def items(n: int, bad: tuple[int, ...] = ()) -> list[Item]:
-    return [Item(Path(f"{i:02d}.png"), f"{i:02d}.png", Path(f"out/{i:02d}"), "broken" if i in bad else None) for i in range(n)]
+    return [Item(Path(f"{i:02d}.png"), f"{i:02d}.png", Path(f"out/{i:02d}"),
+                 "broken" if i in bad else None) for i in range(n)]
 
 
 def test_writes_are_counted_as_they_finish_not_in_order():
@@ -152,7 +153,6 @@ def test_folder_batches_by_size_and_matches_one_by_one(tmp_path):
     """Mixed sizes interleaved on disk: a batched, size-grouped run gives the latents of one-image runs,
     bit for bit (pixels padded on the device as NumPy pads them), and runs fewer model calls."""
     from cli_support import make_model, noise_image
-
     from vaecli.batch import EncodeOptions, encode_paths
     from vaecli.io import read_latent
     from vaecli.weights import load_vae

@@ -22,7 +22,8 @@ def _pair(reference, dtype=torch.float32, **config):
 
 
 def test_every_device_row_names_every_choice_and_its_measurement():
-    fields = {"nhwc_from", "nhwc_needs_norm_kernel", "norm", "upsample", "wide_from", "tiles_nhwc", "attention", "kernels"}
+    fields = {"nhwc_from", "nhwc_needs_norm_kernel", "norm", "upsample", "wide_from", "tiles_nhwc", "attention",
+              "kernels"}
     for device, row in TABLE.items():
         assert set(row) == fields, device
         assert all(len(choice.measured) > 15 for choice in row.values()), device
@@ -48,11 +49,14 @@ def test_cuda_plan_without_triton_keeps_nchw_and_no_kernels(monkeypatch):
 def test_plan_for_devices_and_kernel_modes():
     narrow, wide = tiny_config(**NARROW), tiny_config(**WIDE)
     cuda = plan_for("cuda", wide)
-    assert (cuda.layout, cuda.norm, cuda.upsample, cuda.kernels) == (torch.channels_last, "native", "nearest", frozenset(KERNEL_OPS))
+    assert (cuda.layout, cuda.norm, cuda.upsample, cuda.kernels) == (
+        torch.channels_last, "native", "nearest", frozenset(KERNEL_OPS))
     assert plan_for("cuda", narrow).layout == torch.channels_last  # on CUDA with the kernels, every width
     plain = plan_for("cuda", wide, "off")
-    assert (plain.layout, plain.norm, plain.upsample, plain.kernels) == (torch.contiguous_format, "native", "nearest", frozenset())
-    assert plan_for("cpu", wide).layout == torch.channels_last and plan_for("cpu", narrow).layout == torch.contiguous_format
+    assert (plain.layout, plain.norm, plain.upsample, plain.kernels) == (
+        torch.contiguous_format, "native", "nearest", frozenset())
+    assert plan_for("cpu", wide).layout == torch.channels_last
+    assert plan_for("cpu", narrow).layout == torch.contiguous_format
     assert plan_for("cuda:1", wide, "on").kernels == frozenset(KERNEL_OPS)
     assert plan_for("cpu", wide, "off") is REFERENCE and plan_for("cuda", wide, "off") is REFERENCE
     assert plan_for("xpu", wide) is REFERENCE  # a device nobody measured: diffusers' sequence
@@ -106,7 +110,8 @@ def test_cpu_plan_narrow_bit_identical_wide_close(reference):
         x = torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
         z = torch.randn(1, 4, 4, 3, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            pairs = [(ours.encode(x, plan=plan).mean, ref.encode(x).latent_dist.mean), (ours.decode(z, plan=plan), ref.decode(z).sample)]
+            pairs = [(ours.encode(x, plan=plan).mean, ref.encode(x).latent_dist.mean),
+                     (ours.decode(z, plan=plan), ref.decode(z).sample)]
         for mine, theirs in pairs:
             if exact:
                 assert torch.equal(mine, theirs)

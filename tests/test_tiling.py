@@ -91,7 +91,7 @@ def test_fused_layers_compute_the_same(tiny_model):
             fused.run(modules, recompute)
             for m in modules:
                 plain.step(m)
-            for a, b in zip(fused.chunks, plain.chunks):
+            for a, b in zip(fused.chunks, plain.chunks, strict=True):
                 assert a.x.shape == b.x.shape
                 torch.testing.assert_close(a.x.float(), b.x.float(), atol=5e-3 * b.x.float().abs().max().item(), rtol=0)
 
