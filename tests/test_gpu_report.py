@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from vaecli import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +22,7 @@ def _load_script():
     return module
 
 
+@pytest.mark.slow  # every section of the report on the CPU: 75 s measured
 def test_quick_report_survives_a_failing_section(tmp_path, monkeypatch, capsys):
     report = _load_script()
     monkeypatch.setattr(kernels, "interpreting", lambda: False)  # as on any CPU outside the tests
