@@ -19,9 +19,7 @@ def model(tmp_path_factory, tiny_model) -> str:
     return str(folder)
 
 
-# a worker process per row starts torch again: 22 s measured
-@pytest.mark.parametrize("isolate", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["in-process", "worker-processes"])
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "worker-processes"])
 def test_rows(model, isolate):
     seen: list[dict] = []
     rows = run_bench(

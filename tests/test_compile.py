@@ -55,7 +55,7 @@ def _worker(mode: str, cache: Path) -> dict:
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="AOTInductor compiles C++ for CPU packages: no C++ compiler here")
-@pytest.mark.slow  # an AOTInductor build: 98 s measured on the shared 2-core CPU
+@pytest.mark.slow  # an AOTInductor build: 98 s measured on a busy 2-core CPU
 def test_second_process_runs_the_compiled_package(tmp_path):
     first = _worker("first", tmp_path)
     second = _worker("second", tmp_path)
@@ -113,7 +113,7 @@ def _package_paths(vae, z, plan):
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="AOTInductor compiles C++ for CPU packages: no C++ compiler here")
-@pytest.mark.slow  # an AOTInductor build: 116 s measured
+@pytest.mark.slow  # an AOTInductor build: 116 s measured on a busy 2-core CPU
 def test_when_bound_packages_fail_to_load_the_weights_go_inside(monkeypatch, tmp_path):
     """The second package form: a runtime whose loader fails on packages with weights bound at load
     gets one with the weights compiled in, checked the same way, which then runs."""
@@ -138,7 +138,7 @@ def test_when_bound_packages_fail_to_load_the_weights_go_inside(monkeypatch, tmp
 
 @pytest.mark.parametrize("check, reason", [
     ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "crashed the process that loaded it (SIGSEGV)"),
-    # the real check on a package file that is not one: a process that imports torch._inductor (31 s measured)
+    # the real check on a package file that is not one: a process that imports torch._inductor (31 s, busy CPU)
     pytest.param(None, "failed to load and run (", marks=pytest.mark.slow),
 ])
 def test_a_package_that_crashes_its_loader_runs_eager(monkeypatch, tmp_path, check, reason):

@@ -177,7 +177,6 @@ def test_info_takes_dash_m_and_prints_whole_lines_when_piped(model, tmp_path):
     assert f"path: {by_arg['path']}\n" in piped.stdout
 
 
-@pytest.mark.slow  # a bench run through the CLI: 19 to 50 s measured
 def test_bench_json_names_its_command(model):
     code, doc, _ = run_json("bench", "-m", model, "-r", "32", "--iters", "1", "--warmup", "0")
     assert code == 0 and doc["command"] == "bench"

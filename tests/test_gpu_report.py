@@ -22,7 +22,7 @@ def _load_script():
     return module
 
 
-@pytest.mark.slow  # every section of the report on the CPU: 75 s measured
+@pytest.mark.slow  # every section of the report on the CPU: 21 s on a quiet 2-core CPU, 75 s on a busy one
 def test_quick_report_survives_a_failing_section(tmp_path, monkeypatch, capsys):
     report = _load_script()
     monkeypatch.setattr(kernels, "interpreting", lambda: False)  # as on any CPU outside the tests

@@ -56,7 +56,6 @@ def test_tiled_encode_matches_untiled(case):
         assert psnr(vae.decode(moments[:, :4]), ref) >= 45.0
 
 
-@pytest.mark.slow  # 34 s measured on the shared 2-core CPU
 def test_tiles_of_several_images_keep_their_own_statistics(case):
     """Two different images tiled in one call give what each gives alone."""
     vae, x, z, _ = case
@@ -106,7 +105,6 @@ def test_per_tile_statistics_are_the_worse_fallback(case):
     assert y.shape == ref.shape and psnr(y, ref) < 40.0
 
 
-@pytest.mark.slow  # Triton's interpreter runs the kernels on the CPU: 20 s measured
 def test_tiling_runs_the_plans_layout_and_kernels(monkeypatch, tiny_model):
     """Tiles take the plan: its layout for every tile, and with kernels on, the Triton GroupNorm kernels both
     for the pooled statistics (moments of each tile's owned cells) and for normalizing by them (apply)."""
