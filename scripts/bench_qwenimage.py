@@ -16,8 +16,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -69,10 +69,10 @@ def main() -> None:
             x = torch.rand(1, 3, res, res) * 2 - 1
             z = theirs.encode(x[:, :, None]).latent_dist.mean  # (1, 16, 1, res/8, res/8)
             cases = {
-                "encode": {"vaecli": lambda: ours.encode(x).mean,
-                           "diffusers": lambda: theirs.encode(x[:, :, None]).latent_dist.mean[:, :, 0]},
-                "decode": {"vaecli": lambda: ours.decode(z[:, :, 0]),
-                           "diffusers": lambda: theirs.decode(z).sample[:, :, 0]},
+                "encode": {"vaecli": lambda x=x: ours.encode(x).mean,
+                           "diffusers": lambda x=x: theirs.encode(x[:, :, None]).latent_dist.mean[:, :, 0]},
+                "decode": {"vaecli": lambda z=z: ours.decode(z[:, :, 0]),
+                           "diffusers": lambda z=z: theirs.decode(z).sample[:, :, 0]},
             }
             for op, fns in cases.items():
                 med, out = median_seconds(fns, args.iters)

@@ -107,7 +107,7 @@ def main() -> None:
 
 
 def _paired(runs: dict[str, list[float]], a: str, b: str) -> float:
-    return statistics.median(x / y for x, y in zip(runs[a], runs[b]))
+    return statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=False))
 
 
 if __name__ == "__main__":

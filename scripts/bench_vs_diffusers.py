@@ -30,8 +30,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import vaecli  # noqa: E402
 from vaecli.bench import device_name  # noqa: E402
 from vaecli.devices import DTYPES  # noqa: E402
-from vaecli.pipeline import RunOptions, Runner  # noqa: E402
+from vaecli.pipeline import Runner, RunOptions  # noqa: E402
 from vaecli.plans import KERNEL_MODES, Plan, apply_layout, plan_for  # noqa: E402
 
 # Architectures to compare (weights are random: cost does not depend on the values).
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         for op in ops:
             calls = op_calls(op, ours, runner, theirs, args.batch_size, side, device, dtype, plan)
             for name, p in variants.items():
-                calls[f"vaecli[{name}]"] = op_calls(op, ours, runner, theirs, args.batch_size, side, device, dtype, p)["vaecli"]
+                calls[f"vaecli[{name}]"] = op_calls(op, ours, runner, theirs, args.batch_size, side, device, dtype,
+                                                    p)["vaecli"]
             stats = bench_op(calls, op, device, args.warmup, args.iters)
             base = stats["diffusers"]["median_s"]
             for impl in calls:
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     "time_ratio_vs_diffusers": s["median_s"] / base,
                     # ratio within each round (calls adjacent in time), robust to slow drifts in machine load
                     "paired_ratio_median": statistics.median(
-                        t / d for t, d in zip(s["times_s"], stats["diffusers"]["times_s"])
+                        t / d for t, d in zip(s["times_s"], stats["diffusers"]["times_s"], strict=False)
                     ),
                     **s,
                 }

@@ -40,7 +40,8 @@ variant, device = sys.argv[1], sys.argv[2]
 vae = vaecli.load_vae(device=device, dtype=torch.bfloat16)
 plan = plan_for(device, vae.config, "auto")
 apply_layout(vae, plan)
-z = torch.randn(1, vae.config.latent_channels, 64, 64, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+z = torch.randn(1, vae.config.latent_channels, 64, 64, generator=torch.Generator().manual_seed(0))
+z = z.to(device, torch.bfloat16)
 with torch.inference_mode():
     ref = vae.decode(z, plan=plan)
 stage("eager")

@@ -98,13 +98,15 @@ def summary(rows: dict[str, dict]) -> None:
     keys = ("psnr", "ssim", "bic_psnr", "bic_ssim")
     kinds = sorted({r["kind"] for r in rows.values()})
     per_kind = []
-    print(f"\n{'group':<12} {'n':>3} {'PSNR':>7} {'SSIM':>7} {'bicubic x8 PSNR':>16} {'SSIM':>7} {'PSNR - bicubic':>15}")
+    print(f"\n{'group':<12} {'n':>3} {'PSNR':>7} {'SSIM':>7} {'bicubic x8 PSNR':>16} {'SSIM':>7} "
+          f"{'PSNR - bicubic':>15}")
     for group in [*kinds, "all"]:
         sel = [r for r in rows.values() if group in ("all", r["kind"])]
         m = [float(np.mean([r[k] for r in sel])) for k in keys]
         if group != "all":
             per_kind.append(m)
-        print(f"{group or 'images':<12} {len(sel):>3} {m[0]:7.2f} {m[1]:7.4f} {m[2]:16.2f} {m[3]:7.4f} {m[0] - m[2]:15.2f}")
+        print(f"{group or 'images':<12} {len(sel):>3} {m[0]:7.2f} {m[1]:7.4f} {m[2]:16.2f} {m[3]:7.4f} "
+              f"{m[0] - m[2]:15.2f}")
     if len(kinds) > 1:
         m = np.mean(per_kind, axis=0)
         print(f"{'kind mean':<12} {'':>3} {m[0]:7.2f} {m[1]:7.4f} {m[2]:16.2f} {m[3]:7.4f} {m[0] - m[2]:15.2f}")

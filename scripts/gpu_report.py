@@ -38,8 +38,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -52,7 +53,7 @@ from bench_vs_diffusers import bench_op, build_models, inference, sync  # noqa: 
 from vaecli import accel, kernels  # noqa: E402
 from vaecli.bench import device_name  # noqa: E402
 from vaecli.devices import DTYPES  # noqa: E402
-from vaecli.pipeline import RunOptions, Runner  # noqa: E402
+from vaecli.pipeline import Runner, RunOptions  # noqa: E402
 from vaecli.plans import TABLE, apply_layout, plan_for  # noqa: E402
 
 # (op, side, batch) per row, as in issue 12's table; --quick shrinks sides and batches.
@@ -86,7 +87,7 @@ class Report:
         os.replace(tmp, self.path)
 
     def section(
-        self, name: str, fn: Callable[["Report", dict[str, Any]], None], need_s: float, skip: str | None = None
+        self, name: str, fn: Callable[[Report, dict[str, Any]], None], need_s: float, skip: str | None = None
     ) -> None:
         """Run one section into doc['sections'][name]; failures and skips are recorded, never raised."""
         out: dict[str, Any] = {"status": "running"}
@@ -217,7 +218,8 @@ def _row(variants: dict[str, tuple[Any, Any]], theirs: Any, op: str, side: int, 
         impls[name] = {
             "ms_per_img": s["median_s"] * 1000 / batch,
             "speedup_vs_diffusers": base / s["median_s"],
-            "paired_ratio": statistics.median(t / d for t, d in zip(s["times_s"], stats["diffusers"]["times_s"])),
+            "paired_ratio": statistics.median(
+                t / d for t, d in zip(s["times_s"], stats["diffusers"]["times_s"], strict=False)),
             "max_abs_diff_vs_diffusers": s["max_abs_diff_vs_diffusers"],
             "first_call_s": s["first_call_s"],
             "peak_memory_bytes": s["peak_memory_bytes"],

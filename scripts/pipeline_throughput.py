@@ -36,10 +36,11 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,10 +60,10 @@ from vaecli.batch import (  # noqa: E402
     open_model,
     roundtrip_paths,
 )
+from vaecli.devices import DTYPES  # noqa: E402
 from vaecli.io import read_image  # noqa: E402
 from vaecli.latents import read_latent  # noqa: E402
-from vaecli.devices import DTYPES  # noqa: E402
-from vaecli.pipeline import RunOptions, Runner  # noqa: E402
+from vaecli.pipeline import Runner, RunOptions  # noqa: E402
 
 SD_SIZED = VAEConfig(  # the SD 1.x/2.x VAE's architecture (diffusers' AutoencoderKL of stable-diffusion-v1-5)
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -206,16 +207,16 @@ def measure(s: Settings, vae: Any, folder: Path, work: Path, ops: list[str], bud
 
     rows: dict[str, Any] = {}
     for op in ops:
-        first = timed(lambda: model_only(op), device)  # warm-up (kernel selection, allocator), and a cost guess
+        first = timed(lambda op=op: model_only(op), device)  # warm-up (kernel selection, allocator), and a cost guess
         mo: list[float] = []
         e2e: list[float] = []
         busy: list[float] = []
         for _ in range(s.repeats):
             if mo and not budget.allows(2.5 * first):
                 break
-            mo.append(timed(lambda: model_only(op), device))
+            mo.append(timed(lambda op=op: model_only(op), device))
             info: dict[str, Any] = {}
-            e2e.append(timed(lambda: info.update(end_to_end(op)), device))
+            e2e.append(timed(lambda info=info, op=op: info.update(end_to_end(op)), device))
             busy.append(info.get("busy_share") or 0.0)
         m, e = statistics.median(mo), statistics.median(e2e)
         rows[op] = {"images": n, "model_only_img_s": n / m, "end_to_end_img_s": n / e, "ratio": m / e,
@@ -349,7 +350,8 @@ def run(s: Settings) -> dict[str, Any]:
                               "load_average": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         vae = open_model(s.model, None, s.device)
-        result["device"] = torch.cuda.get_device_name() if vae.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+        on_cuda = vae.device.type == "cuda"
+        result["device"] = torch.cuda.get_device_name() if on_cuda else f"cpu ({os.cpu_count()} cores)"
         rng = np.random.default_rng(0)
         sets = {
             "same": [(s.size, s.size)] * s.same,
@@ -377,7 +379,8 @@ def run(s: Settings) -> dict[str, Any]:
     return result
 
 
-def gpu_rows(budget_s: float = 300.0, device: str = "cuda", json_out: Path | None = None, quick: bool = False) -> dict[str, Any]:
+def gpu_rows(budget_s: float = 300.0, device: str = "cuda", json_out: Path | None = None,
+             quick: bool = False) -> dict[str, Any]:
     """Issue 13's GPU rows in one bounded run: an SD-sized model with random weights in bf16; 500 JPEGs at
     512x512 (batch 16: roundtrip, encode, decode) and 500 of mixed sizes in 256..1024 (roundtrip, encode;
     with padding to multiples of 128 measured against none) end to end against the model alone; 8192x8192
@@ -402,7 +405,8 @@ def gpu_rows(budget_s: float = 300.0, device: str = "cuda", json_out: Path | Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = Settings()
-    parser.add_argument("--model", default=None, help="weights (default: the embedded model; sd-sized: random SD-sized)")
+    parser.add_argument("--model", default=None,
+                        help="weights (default: the embedded model; sd-sized: random SD-sized)")
     parser.add_argument("--device", default=d.device)
     parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
     parser.add_argument("--batch-size", type=int, default=d.batch_size)

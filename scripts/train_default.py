@@ -7,8 +7,8 @@ fine-tune version 1 (the weights of commit bfe7a13, trained from scratch with RE
 wallpapers) on the mixed training set of scripts/default_data.py with MIXED:
 
     python scripts/default_data.py --cache ~/.cache/vaecli-default-data        # images: fetch and render
-    git show bfe7a13:vaecli/default_model/diffusion_pytorch_model.safetensors > /tmp/v1/diffusion_pytorch_model.safetensors
-    git show bfe7a13:vaecli/default_model/config.json > /tmp/v1/config.json
+    for f in diffusion_pytorch_model.safetensors config.json; do
+        git show bfe7a13:vaecli/default_model/$f > /tmp/v1/$f; done
     nice -n 19 python scripts/train_default.py --out /tmp/train/v2 --init /tmp/v1 --steps 2000 --threads 1
     python scripts/train_default.py --out /tmp/train/v2 --export vaecli/default_model
 
@@ -32,9 +32,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -302,7 +302,7 @@ def train(out: Path, steps: int, log: Callable[[str], None], r: Recipe, data: Pa
         opt.step()
         decay = r.ema if init is not None else min(r.ema, (1 + step) / (10 + step))  # short EMA early from scratch
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - decay)
         for k, v in terms.items():
             acc[k] = acc.get(k, 0.0) + v.item()
@@ -310,7 +310,8 @@ def train(out: Path, steps: int, log: Callable[[str], None], r: Recipe, data: Pa
             n = 50
             log(
                 f"step {step + 1} lr {lr_at(step, steps, r):.2e} loss {acc['total'] / n:.4f} l1 {acc['l1'] / n:.4f} "
-                f"mse {acc['mse'] / n:.5f} colour {acc['colour'] / n:.5f} ssim {acc['ssim'] / n:.4f} kl {acc['kl'] / n:.2f} "
+                f"mse {acc['mse'] / n:.5f} colour {acc['colour'] / n:.5f} ssim {acc['ssim'] / n:.4f} "
+                f"kl {acc['kl'] / n:.2f} "
                 f"{(time.time() - t0) / (step + 1):.2f}s/step"
             )
             acc = {}
@@ -391,7 +392,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/train/v2"), help="checkpoint and log folder")
     ap.add_argument("--data", type=Path, default=Path.home() / ".cache" / "vaecli-default-data",
                     help="cache folder of scripts/default_data.py")
-    ap.add_argument("--init", type=Path, default=None, help="fine-tune this model folder with MIXED (else RECIPE from scratch)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="fine-tune this model folder with MIXED (else RECIPE from scratch)")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=None, help="crops per step (default: the recipe's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")

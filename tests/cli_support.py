@@ -10,28 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vaecli import AutoencoderKL, VAEConfig, save_vae
+from conftest import make_tiny_model
+from vaecli import save_vae
 from vaecli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-LEVELS = 4  # f = 8, as every released VAE
-TINY = VAEConfig(
-    block_out_channels=(8, 16, 16, 16),
-    down_block_types=("DownEncoderBlock2D",) * LEVELS,
-    up_block_types=("UpDecoderBlock2D",) * LEVELS,
-    norm_num_groups=8,
-    force_upcast=False,
-)
+CLI_TINY: dict[str, Any] = {"force_upcast": False}  # the CLI tests' model: half precision runs stay in half
 
 
 def make_model(folder: Path, seed: int = 0, **changes: Any) -> str:
     """Save a tiny random AutoencoderKL as a diffusers folder; returns its path."""
-    torch.manual_seed(seed)
-    save_vae(AutoencoderKL(TINY.replace(**changes)), folder)
+    save_vae(make_tiny_model(seed, **{**CLI_TINY, **changes}), folder)
     return str(folder)
 
 

@@ -20,9 +20,10 @@ import socket
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +62,8 @@ class Case:
     signum: int = 2  # the signal sent: SIGINT (Ctrl-C); SIGTERM 15, SIGHUP 1
     umask: int | None = None  # the run's umask
     env: dict[str, str] = field(default_factory=dict)  # with isolate
-    stdout: str = ""  # with isolate: "closed" (`>&-`), "full" (`> /dev/full`), "head:N" (`| head -c N`); no document read
+    # with isolate: "closed" (`>&-`), "full" (`> /dev/full`), "head:N" (`| head -c N`); no document read
+    stdout: str = ""
     json: bool = True  # add --json (False: the human output; no document read)
 
 
@@ -105,7 +107,8 @@ def our_latent(path: Path, ctx: Ctx, h: int = 3, w: int = 3, values: torch.Tenso
         "format_version": "1",
         "model_name": ctx.model,
         "model_sha256": ctx.model_sha256,
-        "latent_spec": json.dumps({"scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None, "latents_std": None}),
+        "latent_spec": json.dumps({"scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None,
+                                   "latents_std": None}),
         "size_policy": "pad",
         "original_width": str(w * 8),
         "original_height": str(h * 8),
@@ -544,18 +547,18 @@ CASES: list[Case] = [
     # 1. data loss: output folder = input folder, one inside the other, any spelling
     Case("roundtrip_into_input", "overlap", two_images, ("roundtrip", "in", "-o", "in", "--overwrite", *M), 2,
          "output folder in is the input folder"),
-    Case("roundtrip_into_input_respelled", "overlap", two_images, ("roundtrip", "in", "-o", "./in/../in/", "--diff", *M), 2,
-         "is the input folder", absent=("in/*.diff.png",)),
-    Case("roundtrip_into_symlink_of_input", "overlap", symlinked_out, ("roundtrip", "in", "-o", "link", "--overwrite", *M), 2,
-         "is the input folder"),
+    Case("roundtrip_into_input_respelled", "overlap", two_images,
+         ("roundtrip", "in", "-o", "./in/../in/", "--diff", *M), 2, "is the input folder", absent=("in/*.diff.png",)),
+    Case("roundtrip_into_symlink_of_input", "overlap", symlinked_out,
+         ("roundtrip", "in", "-o", "link", "--overwrite", *M), 2, "is the input folder"),
     Case("decode_into_latent_folder", "overlap", encoded_folder, ("decode", "lat", "-o", "lat", "--overwrite", *M), 2,
          "is the input folder", protect=("lat/**/*",), absent=("lat/*.png",)),
     Case("encode_into_input_folder", "overlap", two_images, ("encode", "in", "-o", "in", *M), 2,
          "is the input folder", absent=("in/*.safetensors",)),
     Case("encode_input_inside_output", "overlap", two_images, ("encode", "in/sub", "-o", "in", *M), 2,
          "lies inside the output folder", absent=("in/*.safetensors",)),
-    Case("roundtrip_file_inside_output", "overlap", two_images, ("roundtrip", "in/a.png", "-o", "in", "--overwrite", *M), 2,
-         "lies inside the output folder"),
+    Case("roundtrip_file_inside_output", "overlap", two_images,
+         ("roundtrip", "in/a.png", "-o", "in", "--overwrite", *M), 2, "lies inside the output folder"),
     Case("dataset_into_input_folder", "overlap", two_images, ("encode", "--dataset", "in", "-o", "in", *M), 2,
          "is the input folder", absent=("in/manifest.jsonl",)),
     Case("output_inside_input_is_left_out", "overlap", two_images,
@@ -564,36 +567,38 @@ CASES: list[Case] = [
     Case("symlink_into_output", "overlap", link_into_out, ("roundtrip", "in", "-o", "out", "--overwrite", *M), 1,
          r"in/link\.png: is a symlink into the output folder", protect=("out/x.png",)),
     Case("output_is_a_hard_link_of_input", "overlap", hard_link_output,
-         ("roundtrip", "in", "-o", "out", "--overwrite", *M), 1, r"is the input file in/a\.png", protect=("out/a.png",)),
+         ("roundtrip", "in", "-o", "out", "--overwrite", *M), 1, r"is the input file in/a\.png",
+         protect=("out/a.png",)),
     # 2. two inputs, one output (side files included)
     Case("diff_map_claimed_twice", "claims", diff_name_clash, ("roundtrip", "in", "-o", "out", "--diff", *M), 1,
          r"in/a\.png: its output out/a\.diff\.png is also an output of in/a\.diff\.png",
          exists=("out/a.diff.png", "out/a.diff.diff.png"), absent=("out/a.png",)),
     Case("same_stem_two_suffixes", "claims", lambda r, c: (img(r, "in/x.png"), img(r, "in/x.jpg", seed=3)),
          ("encode", "in", "-o", "out", *M), 1, "is also an output of"),
-    Case("same_name_named_twice", "claims", same_stem_two_folders, ("encode", "in/a.png", "in/sub/a.png", "-o", "out", *M), 1,
-         "is also an output of"),
+    Case("same_name_named_twice", "claims", same_stem_two_folders,
+         ("encode", "in/a.png", "in/sub/a.png", "-o", "out", *M), 1, "is also an output of"),
     Case("dataset_flipped_file_claimed_twice", "claims", flipped_name_clash,
          ("encode", "--dataset", "in", "-o", "out", "--format", "comfyui", "--flip", "--bucket-resolution", "64",
           "--bucket-step", "64", *M), 1, r"out/a\.flipped\.latent is also an output of"),
     # 3. sizes from latent metadata
-    Case("metadata_resize_12000", "metadata sizes", metadata(size_policy="resize", original_width="12000", original_height="12000"),
-         ("decode", "in", "-o", "out", *M), 1, r"original was 12000x12000 \(resize\), which does not give", absent=("out/*",),
-         isolate=True, max_rss_mb=1500),
-    Case("metadata_negative_size", "metadata sizes", metadata(original_width="-24"), ("decode", "in", "-o", "out", *M), 1,
-         "'original_width' must be a positive whole number", absent=("out/*",)),
-    Case("metadata_size_not_a_number", "metadata sizes", metadata(original_height="2.4e1"), ("decode", "in", "-o", "out", *M), 1,
-         "'original_height' must be a positive whole number", absent=("out/*",)),
-    Case("metadata_pad_size_inconsistent", "metadata sizes", metadata(original_width="40"), ("decode", "in", "-o", "out", *M), 1,
-         "does not give the latent's", absent=("out/*",)),
-    Case("metadata_encoded_size_inconsistent", "metadata sizes", metadata(encoded_width="2400"), ("decode", "in", "-o", "out", *M), 1,
-         "'encoded_width' is 2400", absent=("out/*",)),
-    Case("metadata_unknown_policy", "metadata sizes", metadata(size_policy="stretch"), ("decode", "in", "-o", "out", *M), 1,
-         "unknown size policy", absent=("out/*",)),
+    Case("metadata_resize_12000", "metadata sizes",
+         metadata(size_policy="resize", original_width="12000", original_height="12000"),
+         ("decode", "in", "-o", "out", *M), 1, r"original was 12000x12000 \(resize\), which does not give",
+         absent=("out/*",), isolate=True, max_rss_mb=1500),
+    Case("metadata_negative_size", "metadata sizes", metadata(original_width="-24"), ("decode", "in", "-o", "out", *M),
+         1, "'original_width' must be a positive whole number", absent=("out/*",)),
+    Case("metadata_size_not_a_number", "metadata sizes", metadata(original_height="2.4e1"),
+         ("decode", "in", "-o", "out", *M), 1, "'original_height' must be a positive whole number", absent=("out/*",)),
+    Case("metadata_pad_size_inconsistent", "metadata sizes", metadata(original_width="40"),
+         ("decode", "in", "-o", "out", *M), 1, "does not give the latent's", absent=("out/*",)),
+    Case("metadata_encoded_size_inconsistent", "metadata sizes", metadata(encoded_width="2400"),
+         ("decode", "in", "-o", "out", *M), 1, "'encoded_width' is 2400", absent=("out/*",)),
+    Case("metadata_unknown_policy", "metadata sizes", metadata(size_policy="stretch"),
+         ("decode", "in", "-o", "out", *M), 1, "unknown size policy", absent=("out/*",)),
     Case("metadata_crop_box_inconsistent", "metadata sizes", crop_meta, ("decode", "in", "-o", "out", *M), 1,
          "crop_ltrb", absent=("out/*",)),
-    Case("metadata_size_above_max_pixels", "metadata sizes", metadata(), ("decode", "in", "-o", "out", "--max-pixels", "500", *M), 1,
-         "above the limit", absent=("out/*",)),
+    Case("metadata_size_above_max_pixels", "metadata sizes", metadata(),
+         ("decode", "in", "-o", "out", "--max-pixels", "500", *M), 1, "above the limit", absent=("out/*",)),
     # 4. declared image sizes
     Case("png_bomb_175_bytes", "declared sizes", bomb_png, ("encode", "in", "-o", "out", *M), 1,
          "truncated image", absent=("out/*",)),
@@ -604,7 +609,8 @@ CASES: list[Case] = [
     # 6. special files, hangs, Ctrl-C
     Case("fifo_among_images", "special files", fifo_in_folder, ("encode", "in", "-o", "out", *M), 1,
          r"in/pipe\.png: is a FIFO \(named pipe\), not a regular file", exists=("out/a.safetensors",), timeout=30),
-    Case("fifo_named_directly", "special files", fifo_in_folder, ("roundtrip", "in/pipe.png", *M), 1, "FIFO", timeout=30),
+    Case("fifo_named_directly", "special files", fifo_in_folder, ("roundtrip", "in/pipe.png", *M), 1, "FIFO",
+         timeout=30),
     Case("fifo_latents", "special files", fifo_latent, ("decode", "in", "-o", "out", "--scaling-factor", "1", *M), 1,
          "FIFO", absent=("out/*",), timeout=30),
     Case("fifo_at_output_path", "special files", fifo_at_output, ("encode", "in", "-o", "out", *M), 1,
@@ -626,7 +632,8 @@ CASES: list[Case] = [
     # 7. truncated images
     Case("truncated_images", "truncated", truncated_images, ("encode", "in", "-o", "out", *M), 1,
          "truncated image", exists=("out/good.safetensors",), check=check_truncated,
-         absent=tuple(f"out/{n}.safetensors" for n in ("short_rows", "no_iend", "no_idat", "cut_jpeg", "no_eoi", "cut_then_eoi"))),
+         absent=tuple(f"out/{n}.safetensors" for n in ("short_rows", "no_iend", "no_idat", "cut_jpeg", "no_eoi",
+                                                       "cut_then_eoi"))),
     # 8. stale outputs
     Case("decode_source_changed", "stale", decoded_then_source_changed, ("decode", "lat", "-o", "out", *M), 0,
          check=check_stale_note),
@@ -637,26 +644,28 @@ CASES: list[Case] = [
          protect=("out/a.png",), check=check_foreign_kept),
     Case("roundtrip_source_changed", "stale", roundtrip_then_source_changed, ("roundtrip", "in", "-o", "out", *M), 0,
          check=check_stale_note),
-    Case("roundtrip_diff_added_later", "stale", roundtrip_without_diff, ("roundtrip", "in", "-o", "out", "--diff", *M), 0,
-         exists=("out/a.diff.png", "out/sub/b.diff.png"), check=check_diff_added),
+    Case("roundtrip_diff_added_later", "stale", roundtrip_without_diff, ("roundtrip", "in", "-o", "out", "--diff", *M),
+         0, exists=("out/a.diff.png", "out/sub/b.diff.png"), check=check_diff_added),
     Case("encode_foreign_file_kept", "stale", foreign_latent_output, ("encode", "in", "-o", "out", *M), 1,
          "is not a vaecli latent file; pass --overwrite", protect=("out/a.safetensors",)),
     # 9. values
-    Case("latent_dtypes_and_values", "values", bad_dtypes, ("decode", "in", "-o", "out", "--scaling-factor", "1", *M), 1,
-         "dtype I8; a latent must be", absent=("out/*",), check=check_dtypes),
+    Case("latent_dtypes_and_values", "values", bad_dtypes, ("decode", "in", "-o", "out", "--scaling-factor", "1", *M),
+         1, "dtype I8; a latent must be", absent=("out/*",), check=check_dtypes),
     Case("nan_pixels", "values", nan_tiff, ("encode", "in", "-o", "out", *M), 1,
          r"in/nan\.tif: image holds NaN or Inf pixel values", exists=("out/ok.safetensors",)),
     Case("metadata_scaling_factor_zero", "values", metadata(latent_spec=json.dumps({"scaling_factor": 0})),
          ("decode", "in", "-o", "out", *M), 1, "scaling_factor must be a finite non-zero number", absent=("out/*",)),
-    Case("metadata_scaling_factor_nan", "values", metadata(latent_spec='{"scaling_factor": NaN, "shift_factor": Infinity}'),
+    Case("metadata_scaling_factor_nan", "values",
+         metadata(latent_spec='{"scaling_factor": NaN, "shift_factor": Infinity}'),
          ("decode", "in", "-o", "out", *M), 1, "scaling_factor must be a finite non-zero number", absent=("out/*",)),
     Case("metadata_latents_std_zero", "values",
-         metadata(latent_spec=json.dumps({"scaling_factor": 1, "latents_mean": [0, 0, 0, 0], "latents_std": [1, 0, 1, 1]})),
+         metadata(latent_spec=json.dumps({"scaling_factor": 1, "latents_mean": [0, 0, 0, 0],
+                                          "latents_std": [1, 0, 1, 1]})),
          ("decode", "in", "-o", "out", *M), 1, "latents_std must be positive", absent=("out/*",)),
     Case("metadata_latent_spec_string", "values", metadata(latent_spec='{"scaling_factor": "0.18"}'),
          ("decode", "in", "-o", "out", *M), 1, "scaling_factor must be", absent=("out/*",)),
-    Case("scaling_factor_flag_nan", "values", metadata(), ("decode", "in", "-o", "out", "--scaling-factor", "nan", *M), 2,
-         "--scaling-factor must be a finite, non-zero number", absent=("out",)),
+    Case("scaling_factor_flag_nan", "values", metadata(), ("decode", "in", "-o", "out", "--scaling-factor", "nan", *M),
+         2, "--scaling-factor must be a finite, non-zero number", absent=("out",)),
     # 5 and 9. model configs and weights: refused before any model is built or any file written
     Case("config_layers_per_block_1e9", "model config", hostile_model({"layers_per_block": 1_000_000_000}),
          ("info", "m"), 2, r"layers_per_block must be an integer in \[1, 64\], not 1000000000", timeout=30),
@@ -669,15 +678,16 @@ CASES: list[Case] = [
     Case("config_scaling_factor_zero", "model config", hostile_model({"scaling_factor": 0}),
          ("encode", "in", "-o", "out", "--model", "m"), 2, "scaling_factor must be a finite non-zero number, not 0",
          absent=("out/*",)),
-    Case("config_nan_and_strings", "model config", hostile_model({"shift_factor": float("nan"), "latent_channels": "4"}),
+    Case("config_nan_and_strings", "model config",
+         hostile_model({"shift_factor": float("nan"), "latent_channels": "4"}),
          ("roundtrip", "in", "--model", "m"), 2, r"latent_channels must be an integer in \[1, 1024\], not '4'.*"
          r"shift_factor must be a finite number or null, not nan"),
     Case("config_not_these_weights", "model config", hostile_model({"layers_per_block": 3}),
          ("decode", "in/a.png", "-o", "out", "--model", "m", "--scaling-factor", "1"), 2,  # named: an item
          "the config does not describe these weights: layers_per_block 3 in the config, 1 in the weights",
          absent=("out/*",)),
-    Case("weights_with_nan", "model config", hostile_model(damage="nan"), ("encode", "in", "-o", "out", "--model", "m"), 2,
-         r"1 tensor\(s\) hold NaN or Inf values \(a damaged file\?\): decoder\.conv_out\.weight", absent=("out/*",)),
+    Case("weights_with_nan", "model config", hostile_model(damage="nan"), ("encode", "in", "-o", "out", "--model", "m"),
+         2, r"1 tensor\(s\) hold NaN or Inf values \(a damaged file\?\): decoder\.conv_out\.weight", absent=("out/*",)),
     Case("weights_quantized", "model config", hostile_model(damage="int8"), ("roundtrip", "in", "--model", "m"), 2,
          r"are not floating point \(quantized weights are not supported\)"),
     # 10. temp files of other runs
@@ -724,8 +734,8 @@ CASES += [
          "no inputs found", absent=("out",)),
     Case("no_inputs_decode", "no inputs", no_inputs_broken_model, ("decode", "in", "-o", "out/deeper", *NO_MODEL), 2,
          "no inputs found", absent=("out",)),
-    Case("no_inputs_roundtrip", "no inputs", no_inputs_broken_model, ("roundtrip", "in", "-o", "out", "--diff", *NO_MODEL),
-         2, "no inputs found", absent=("out",)),
+    Case("no_inputs_roundtrip", "no inputs", no_inputs_broken_model,
+         ("roundtrip", "in", "-o", "out", "--diff", *NO_MODEL), 2, "no inputs found", absent=("out",)),
     Case("no_inputs_dataset", "no inputs", no_inputs_broken_model,
          ("encode", "in", "in/sub", "-o", "out", "--dataset", *NO_MODEL), 2, "no inputs found", absent=("out",)),
 ]
@@ -878,10 +888,13 @@ CASES += [
          protect=("out/a.png",), exists=("out/sub/b.png",)),
     Case("deep_json_png_record_overwrite", "file contents", deep_png_record,
          ("decode", "lat", "-o", "out", "--overwrite", *M), 0, exists=("out/a.png", "out/sub/b.png")),
-    Case("deep_json_config", "file contents", deep_config, ("info", "m"), 2, r"m: its config\.json is nested too deeply"),
-    Case("huge_int_scaling_factor_config", "file contents", huge_int_config, ("encode", "in", "-o", "out", "--model", "m"),
+    Case("deep_json_config", "file contents", deep_config, ("info", "m"), 2,
+         r"m: its config\.json is nested too deeply"),
+    Case("huge_int_scaling_factor_config", "file contents", huge_int_config,
+         ("encode", "in", "-o", "out", "--model", "m"),
          2, r"m: its config\.json holds a number too large to use", absent=("out",)),
-    Case("huge_int_scaling_factor_latent", "file contents", metadata(latent_spec='{"scaling_factor": 1' + "0" * 400 + "}"),
+    Case("huge_int_scaling_factor_latent", "file contents",
+         metadata(latent_spec='{"scaling_factor": 1' + "0" * 400 + "}"),
          ("decode", "in", "-o", "out", *M), 1, "scaling_factor must be a finite non-zero number", absent=("out/*",)),
     Case("deep_json_manifest_line", "file contents", dataset_then_deep_manifest_line,
          ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], "--overwrite", *M), 0, check=check_manifest_line),
@@ -962,11 +975,13 @@ def symlink_in_output_elsewhere(root: Path, ctx: Ctx) -> None:
 
 CASES += [
     # 6. one name claimed as an output file and as an output folder: the second fails before any work
-    Case("output_file_and_folder_of_one_name", "claims", file_and_folder_of_one_name, ("encode", "in", "-o", "out", *M), 1,
+    Case("output_file_and_folder_of_one_name", "claims", file_and_folder_of_one_name,
+         ("encode", "in", "-o", "out", *M), 1,
          r"in/a\.safetensors/x\.png: its output out/a\.safetensors/x\.safetensors needs a folder out/a\.safetensors, "
          r"which is the output file of in/a\.png", exists=("out/a.safetensors", "out/b.safetensors"),
          absent=("out/a.safetensors/*",)),
-    Case("output_file_and_folder_roundtrip", "claims", file_and_folder_of_one_name, ("roundtrip", "in", "-o", "out", *M), 1,
+    Case("output_file_and_folder_roundtrip", "claims", file_and_folder_of_one_name,
+         ("roundtrip", "in", "-o", "out", *M), 1,
          r"in/b\.png/y\.png: its output out/b\.png/y\.png needs a folder out/b\.png, which is the output file of "
          r"in/b\.jpg", exists=("out/b.png", "out/a.png")),
     Case("output_folder_is_an_existing_file", "claims",
@@ -974,11 +989,13 @@ CASES += [
          ("encode", "in", "-o", "out", *M), 1, r"needs a folder out/sub, but out/sub is a file",
          protect=("out/sub",), exists=("out/a.safetensors",)),
     # 7. a symlinked folder inside the output folder is never written through
-    Case("symlink_in_output_into_inputs", "overlap", symlink_in_output_into_inputs, ("roundtrip", "in", "-o", "out", *M),
+    Case("symlink_in_output_into_inputs", "overlap", symlink_in_output_into_inputs,
+         ("roundtrip", "in", "-o", "out", *M),
          1, r"in/sub/b\.png: its output out/sub/b\.png needs a folder out/sub, but out/sub is a symlink",
          exists=("out/a.png",), absent=("in/sub/b.png.*", "in/sub/.*")),
     Case("symlink_in_output_into_inputs_encode", "overlap", symlink_in_output_into_inputs,
-         ("encode", "in", "-o", "out", "--overwrite", *M), 1, r"out/sub is a symlink", absent=("in/sub/b.safetensors",)),
+         ("encode", "in", "-o", "out", "--overwrite", *M), 1, r"out/sub is a symlink",
+         absent=("in/sub/b.safetensors",)),
     Case("symlink_in_output_into_inputs_dataset", "overlap", symlink_in_output_into_inputs,
          ("encode", "in", "-o", "out", "--dataset", *KOHYA[3:], *M), 1, r"out/sub is a symlink",
          absent=("in/sub/b.safetensors",)),
@@ -1151,13 +1168,13 @@ def truncated_round_2(root: Path, ctx: Ctx) -> None:
     prog = jpeg(photo, quality=90, progressive=True)
     flat_prog = jpeg(flat, quality=90, progressive=True)
     base = jpeg(flat, quality=90)
+    gray, full_chroma = jpeg(flat[..., 0], quality=95), jpeg(flat, quality=95, subsampling=0)
     files = {
         "prog_after_dc.jpg": prog[: _first_scan_end(prog)] + b"\xff\xd9",
         "flat_prog_after_dc.jpg": flat_prog[: _first_scan_end(flat_prog)] + b"\xff\xd9",
         "flat_cut40.jpg": base[: len(base) * 2 // 5] + b"\xff\xd9",
-        "flat_gray_cut40.jpg": jpeg(flat[..., 0], quality=95)[: len(jpeg(flat[..., 0], quality=95)) * 2 // 5] + b"\xff\xd9",
-        "flat444_cut40.jpg": jpeg(flat, quality=95, subsampling=0)[: len(jpeg(flat, quality=95, subsampling=0)) * 2 // 5]
-        + b"\xff\xd9",
+        "flat_gray_cut40.jpg": gray[: len(gray) * 2 // 5] + b"\xff\xd9",
+        "flat444_cut40.jpg": full_chroma[: len(full_chroma) * 2 // 5] + b"\xff\xd9",
         "quarter_rgb.tif": _quarter_strip(tiff(Image.fromarray(photo))),
         "quarter_float.tif": _quarter_strip(tiff(Image.fromarray(photo[..., 0].astype(np.float32) / 255, "F"))),
         # whole files of the same kinds: never refused

@@ -15,7 +15,6 @@ from cli_support import make_model, noise_image, run_cli, run_json, run_module
 from vaecli.latents import LATENT_FORMAT
 
 
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     return make_model(tmp_path_factory.mktemp("tiny-vae"))
@@ -118,7 +117,8 @@ def test_decode_uses_metadata_normalization(model, tmp_path):
     src = noise_image(tmp_path / "x.png", 40, 40)
     for name, extra in (("n", []), ("r", ["--raw"])):
         assert run_cli("encode", src, "-o", tmp_path / f"lat-{name}", "--model", model, *extra).exit_code == 0
-        assert run_cli("decode", tmp_path / f"lat-{name}", "-o", tmp_path / f"dec-{name}", "--model", model).exit_code == 0
+        decoded = run_cli("decode", tmp_path / f"lat-{name}", "-o", tmp_path / f"dec-{name}", "--model", model)
+        assert decoded.exit_code == 0
     a = np.asarray(Image.open(tmp_path / "dec-n" / "x.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "dec-r" / "x.png")).astype(int)
     assert np.abs(a - b).max() <= 1
@@ -129,7 +129,8 @@ def test_decode_formats(model, tmp_path):
     assert run_cli("encode", src, "-o", tmp_path / "lat", "--model", model).exit_code == 0
     for fmt, pil in (("jpg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")):
         out = tmp_path / f"dec-{fmt}"
-        assert run_cli("decode", tmp_path / "lat", "-o", out, "--model", model, "--format", fmt, "--quality", "80").exit_code == 0
+        decoded = run_cli("decode", tmp_path / "lat", "-o", out, "--model", model, "--format", fmt, "--quality", "80")
+        assert decoded.exit_code == 0
         img = Image.open(out / f"x.{fmt}")
         assert img.format == pil and img.size == (24, 24)
 
@@ -237,7 +238,8 @@ def test_info(model):
 
 def test_bench_json(model):
     pytest.importorskip("vaecli.bench")
-    result = run_cli("bench", "--model", model, "--resolution", "32", "--warmup", "0", "--iters", "1", "--device", "cpu", "--json")
+    result = run_cli("bench", "--model", model, "--resolution", "32", "--warmup", "0", "--iters", "1", "--device",
+                     "cpu", "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["results"] and {"op", "resolution", "ms_per_img", "img_per_s"} <= set(doc["results"][0])
@@ -336,7 +338,7 @@ def test_error_lines_printed_as_items_fail_and_only_once(model, tmp_path, monkey
         def to_dict(self):
             return {"ok": 0, "failed": 2, "skipped": 0, "items": []}
 
-    with pytest.raises(Exception):  # typer.Exit(1): some item failed
+    with pytest.raises(Exception):  # noqa: B017 - typer.Exit(1), some item failed (its type is click's)
         finish(Report(), True, False, None, live)
     assert lines[1:] == ["[red]error:[/] in/y.png: other"]
 
@@ -356,6 +358,7 @@ def test_images_too_large_for_memory_are_tiled_before_trying(model, tmp_path, mo
         code, doc, _ = run_json(*args)
         assert code == 0 and doc["tiles"] > 1 and Image.open(tmp_path / tiling / "z.png").size == (320, 320)
         assert doc["events"][0].startswith("decode: predicted") and "tiled (128 px tiles)" in doc["events"][0]
-        human = run_cli(*args[:-4], "--overwrite", "--tile-size", "128", "--tile-overlap", "32", "--scaling-factor", "1")
+        human = run_cli(*args[:-4], "--overwrite", "--tile-size", "128", "--tile-overlap", "32", "--scaling-factor",
+                        "1")
         assert human.exit_code == 0 and "event: decode: predicted" in human.stdout
     assert 0 < doc["device_busy_share"] <= 1 and doc["device_busy_s"] > 0

@@ -70,7 +70,8 @@ def test_o_with_the_output_suffix_names_that_file(model, tmp_path):
     assert code == 0 and (tmp_path / "back.jpeg").is_file()
     code, doc, _ = run_json("roundtrip", image, "-o", tmp_path / "r.png", "--diff", "--model", model)
     assert code == 0 and (tmp_path / "r.png").is_file() and (tmp_path / "r.diff.png").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "back.jpeg", "back.png", "r.diff.png", "r.png", "x.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "back.jpeg", "back.png", "r.diff.png", "r.png",
+                                                          "x.safetensors"]
 
 
 def test_o_naming_a_file_with_several_inputs_or_another_suffix_is_a_usage_error(model, tmp_path):
@@ -78,7 +79,8 @@ def test_o_naming_a_file_with_several_inputs_or_another_suffix_is_a_usage_error(
     b = noise_image(tmp_path / "in" / "b.png", 16, 16)
     cases = [
         (("encode", a, b, "-o", tmp_path / "x.safetensors"), "takes one input file, but 2 inputs are given"),
-        (("encode", tmp_path / "in", "-o", tmp_path / "x.safetensors"), "takes one input file, but the input is a folder"),
+        (("encode", tmp_path / "in", "-o", tmp_path / "x.safetensors"),
+         "takes one input file, but the input is a folder"),
         (("encode", a, "-o", tmp_path / "x.npz"), "this command writes .safetensors files here"),
         (("roundtrip", a, "-o", tmp_path / "x.webp"), "this command writes .png files here"),
         (("decode", a, "-o", tmp_path / "x.jpg"), "choose the --format that writes .jpg"),

@@ -29,13 +29,16 @@ def vaecli(url: str, home: Path, *args: str | Path) -> subprocess.CompletedProce
 def test_info_selects_subfolder_revision_and_variant(hub, tmp_path):  # noqa: F811
     state, url = hub
     state.served.clear()
-    r = vaecli(url, tmp_path, "info", "acme/pipe", "--subfolder", "vae", "--revision", "v1", "--variant", "fp16", "--json")
+    r = vaecli(url, tmp_path, "info", "acme/pipe", "--subfolder", "vae", "--revision", "v1", "--variant", "fp16",
+               "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["path"].endswith("vae/diffusion_pytorch_model.fp16.safetensors"), doc["path"]
-    assert sorted(state.served) == ["acme/pipe/vae/config.json", "acme/pipe/vae/diffusion_pytorch_model.fp16.safetensors"]
+    assert sorted(state.served) == ["acme/pipe/vae/config.json",
+                                    "acme/pipe/vae/diffusion_pytorch_model.fp16.safetensors"]
 
 
+@pytest.mark.slow  # five CLI processes against the stand-in Hub: 13 s quiet, 39 s busy (2 cores)
 def test_encode_decode_roundtrip_and_bench_pass_them_to_load_vae(hub, tmp_path):  # noqa: F811
     state, url = hub
     image = noise_image(tmp_path / "in" / "a.png", 32, 24)

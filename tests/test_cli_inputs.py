@@ -16,7 +16,6 @@ from vaecli.errors import InputError
 from vaecli.io import read_image
 
 
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     return make_model(tmp_path_factory.mktemp("tiny-vae"))
@@ -31,7 +30,8 @@ def png16_rgb(path, array: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
 
 
 # ------------------------------------------------------------------------------------------ image modes

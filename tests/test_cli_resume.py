@@ -9,12 +9,10 @@ import sys
 import time
 
 import pytest
-import torch
 
 from cli_support import ROOT, make_model, noise_image, run_cli, run_json, subprocess_env
 from vaecli.files import clean_temp_files, is_temp_name, temp_path
 from vaecli.latents import latent_is_complete
-
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_tiny_model, tiny_config
 from vaecli import accel
-from vaecli.config import VAEConfig
-from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# One process: a tiny model with seeded weights decodes one latent through Runner(compile=True).
+SMALL = dict(block_out_channels=(8, 16), norm_num_groups=4)  # tiny_config overrides: two levels compile fast
+
+# One process: a tiny model with seeded weights decodes one latent through Runner(compile=True); its config
+# comes as JSON (argv[2]) from the test's tiny_config, its weights are seeded as make_tiny_model seeds them.
 # "second" replaces the eager decode with one that fails, so only the loaded package can produce the output.
 WORKER = """
 import json, sys, torch
@@ -28,9 +30,8 @@ torch.set_num_threads(1)
 from vaecli.config import VAEConfig
 from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions
+cfg = VAEConfig.from_dict(json.loads(sys.argv[2]))
 torch.manual_seed(0)
-cfg = VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
 vae = AutoencoderKL(cfg).eval()
 if sys.argv[1] == "second":
     def eager_decode(*args, **kwargs):
@@ -45,13 +46,16 @@ print(json.dumps({"events": result.events, "out": result.tensor.flatten().tolist
 def _worker(mode: str, cache: Path) -> dict:
     env = dict(os.environ, VAECLI_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL="O0")  # the C++ wrapper's -O level: a faster test compile
-    proc = subprocess.run([sys.executable, "-c", WORKER, mode], capture_output=True, text=True, env=env, timeout=600)
+    config = json.dumps(tiny_config(**SMALL).to_dict())
+    proc = subprocess.run([sys.executable, "-c", WORKER, mode, config], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="AOTInductor compiles C++ for CPU packages: no C++ compiler here")
+@pytest.mark.slow  # an AOTInductor build: 98 s measured on a busy 2-core CPU
 def test_second_process_runs_the_compiled_package(tmp_path):
     first = _worker("first", tmp_path)
     second = _worker("second", tmp_path)
@@ -68,27 +72,22 @@ def test_second_process_runs_the_compiled_package(tmp_path):
     # The eager decoder could not run in the second process: its output is the package's, the same
     # program the first process built, and what the eager model computes (up to reordered sums).
     assert second["out"] == first["out"]
-    torch.manual_seed(0)
-    cfg = VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
-    vae = AutoencoderKL(cfg).eval()
+    vae = make_tiny_model(**SMALL)
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     eager = Runner(vae).decode(z).tensor.flatten()
     torch.testing.assert_close(torch.tensor(second["out"]), eager, atol=1e-5, rtol=1e-5)
 
 
 def test_runner_compiles_per_shape_and_falls_back_on_failure(monkeypatch):
-    torch.manual_seed(0)
-    cfg = VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
-    vae = AutoencoderKL(cfg).eval()
+    vae = make_tiny_model(**SMALL)
     built = []
 
     def fake_compile(model, op, example, plan):
         built.append((op, tuple(example.shape), example.dtype))
         if example.shape[0] == 2:
             raise RuntimeError("no C++ compiler found\nmore detail")
-        fn = (lambda x: model.decode(x, plan=plan)) if op == "decode" else (lambda x: model.encode_moments(x, plan=plan))
+        fn = ((lambda x: model.decode(x, plan=plan)) if op == "decode"
+              else (lambda x: model.encode_moments(x, plan=plan)))
         return accel.Compiled(fn, Path("x.pt2"), True, 0.5)
 
     monkeypatch.setattr(accel, "compile_op", fake_compile)
@@ -104,13 +103,6 @@ def test_runner_compiles_per_shape_and_falls_back_on_failure(monkeypatch):
     assert len(built) == 2  # a failed shape is not retried
 
 
-def _tiny_vae():
-    torch.manual_seed(0)
-    cfg = VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
-    return AutoencoderKL(cfg).eval()
-
-
 def _package_paths(vae, z, plan):
     """Where compile_op keeps the two package forms of vae's decode for inputs shaped like z."""
     key = accel.package_key(vae, "decode", z, plan)
@@ -121,12 +113,13 @@ def _package_paths(vae, z, plan):
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="AOTInductor compiles C++ for CPU packages: no C++ compiler here")
+@pytest.mark.slow  # an AOTInductor build: 116 s measured on a busy 2-core CPU
 def test_when_bound_packages_fail_to_load_the_weights_go_inside(monkeypatch, tmp_path):
     """The second package form: a runtime whose loader fails on packages with weights bound at load
     gets one with the weights compiled in, checked the same way, which then runs."""
     monkeypatch.setenv("VAECLI_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("AOT_INDUCTOR_COMPILE_WRAPPER_OPT_LEVEL", "O0")
-    vae = _tiny_vae()
+    vae = make_tiny_model(**SMALL)
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     runner = Runner(vae, RunOptions(compile=True))
     bound, embedded = _package_paths(vae, z, runner.plan)
@@ -137,7 +130,7 @@ def test_when_bound_packages_fail_to_load_the_weights_go_inside(monkeypatch, tmp
     assert result.events[0].endswith(f" s ({embedded.name})")
     assert bound.with_suffix(".failed").exists() and embedded.with_suffix(".ok").exists()
     torch.testing.assert_close(result.tensor, Runner(vae).decode(z).tensor, atol=1e-5, rtol=1e-5)
-    other = _tiny_vae()
+    other = make_tiny_model(**SMALL)
     with torch.no_grad():
         other.decoder.conv_out.bias.add_(0.5)  # other weights, same config: another embedded package
     assert _package_paths(other, z, runner.plan)[1] != embedded
@@ -145,7 +138,8 @@ def test_when_bound_packages_fail_to_load_the_weights_go_inside(monkeypatch, tmp
 
 @pytest.mark.parametrize("check, reason", [
     ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "crashed the process that loaded it (SIGSEGV)"),
-    (None, "failed to load and run ("),  # the real check on a package file that is not one
+    # the real check on a package file that is not one: a process that imports torch._inductor (31 s, busy CPU)
+    pytest.param(None, "failed to load and run (", marks=pytest.mark.slow),
 ])
 def test_a_package_that_crashes_its_loader_runs_eager(monkeypatch, tmp_path, check, reason):
     """AOTInductor's loader can die with SIGSEGV (H100, torch 2.11): the package is loaded first in a
@@ -153,7 +147,7 @@ def test_a_package_that_crashes_its_loader_runs_eager(monkeypatch, tmp_path, che
     monkeypatch.setenv("VAECLI_CACHE_DIR", str(tmp_path))
     if check is not None:
         monkeypatch.setattr(accel, "_LOAD_CHECK", check)
-    vae = _tiny_vae()
+    vae = make_tiny_model(**SMALL)
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     runner = Runner(vae, RunOptions(compile=True))
     bound, embedded = _package_paths(vae, z, runner.plan)

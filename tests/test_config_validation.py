@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import vaecli
+from cli_support import run_module
 from vaecli.config import LatentSpec, VAEConfig
 from vaecli.errors import ConfigError, InputError
-
-from cli_support import run_module
 
 GOOD = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, latent_channels=4,
             down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
@@ -46,13 +45,15 @@ BAD_CONFIGS = [
     ({"force_upcast": "no"}, r"force_upcast must be true or false, not 'no'"),
     ({"force_upcast": 0}, r"force_upcast must be true or false, not 0"),
     ({"use_quant_conv": None}, r"use_quant_conv must be true or false"),
-    ({"latents_mean": [0.1, "x", 0.3, 0.4], "latents_std": [1, 1, 1, 1]}, r"latents_mean must be a list of finite numbers"),
+    ({"latents_mean": [0.1, "x", 0.3, 0.4], "latents_std": [1, 1, 1, 1]},
+     r"latents_mean must be a list of finite numbers"),
     ({"latents_mean": [0, 0, 0, 0], "latents_std": [1, 0, 1, 1]}, r"latents_std must be positive"),
     ({"latents_mean": [0, 0], "latents_std": [1, 1]}, r"latents_mean has 2 values for 4 latent channels"),
 ]
 
 
-@pytest.mark.parametrize("changes, message", BAD_CONFIGS, ids=[next(iter(c)) + f"-{i}" for i, (c, _) in enumerate(BAD_CONFIGS)])
+@pytest.mark.parametrize("changes, message", BAD_CONFIGS,
+                         ids=[next(iter(c)) + f"-{i}" for i, (c, _) in enumerate(BAD_CONFIGS)])
 def test_bad_config_fields_refused(changes, message):
     with pytest.raises(ConfigError, match=message):
         VAEConfig.from_dict({**GOOD, **changes})
@@ -107,11 +108,8 @@ def test_latent_spec_round_trip():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from vaecli.models.kl import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(VAEConfig.from_dict(GOOD)).eval()
+def tiny(tiny_model):
+    return tiny_model(block_out_channels=(16, 32))  # GOOD's model: its other fields are tiny_config's defaults
 
 
 @pytest.mark.parametrize("x, message", [
@@ -132,6 +130,7 @@ def test_encode_accepts_images_and_decode_refuses_integer_latents(tiny):
     with torch.no_grad():
         post = tiny.encode(x)
         assert post.mean.shape == (1, 4, 8, 8) and math.isfinite(float(post.mean.sum()))
-        torch.testing.assert_close(tiny.encode(x * 3, check_range=False).mean, tiny.encode_moments(x * 3).chunk(2, 1)[0])
+        torch.testing.assert_close(tiny.encode(x * 3, check_range=False).mean,
+                                   tiny.encode_moments(x * 3).chunk(2, 1)[0])
         with pytest.raises(InputError, match="floating-point tensor, got torch.int64"):
             tiny.decode(torch.zeros(1, 4, 8, 8, dtype=torch.long))

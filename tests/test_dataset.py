@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vaecli.config import VAEConfig
+from conftest import make_tiny_model
+from vaecli.batch import Item, resample
 from vaecli.dataset import (
     DatasetOptions,
     crop_box,
@@ -21,7 +22,6 @@ from vaecli.dataset import (
     select_bucket,
     shard_items,
 )
-from vaecli.batch import Item, resample
 from vaecli.errors import ConfigError, InputError
 from vaecli.io import read_image
 from vaecli.latents import kohya_crop_ltrb
@@ -111,15 +111,7 @@ def test_shards_partition_items_deterministically():
 
 
 def _tiny_model(folder: Path, seed: int) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    cfg = VAEConfig(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8,
-        layers_per_block=1,
-    )
-    save_vae(AutoencoderKL(cfg), folder)
+    save_vae(make_tiny_model(seed), folder)
     return load_vae(folder)
 
 
@@ -292,7 +284,7 @@ def test_sample_random_crop_and_no_upscale_are_deterministic(models, images, tmp
     ra, rb = read_manifest(a / "manifest.jsonl"), read_manifest(b / "manifest.jsonl")
     assert _strip(ra) == _strip(rb)
     for rec in ra:
-        (rw, rh), (bw, bh) = rec["resized_size"], rec["bucket"]
+        (rw, rh), (bw, _) = rec["resized_size"], rec["bucket"]
         ow, oh = rec["original_size"]
         assert rw <= ow and rh <= oh  # never enlarged
         left, top, right, bottom = rec["crop"]

@@ -42,7 +42,8 @@ def test_torchrun_two_processes_equal_one(models, images, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = _one_document(logs)
     assert report["ranks"] == 2 and report["ok"] == 4 and report["merged"] and len(report["items"]) == 4
-    assert sorted(Path(i["input"]).name for i in report["items"]) == sorted(p.name for p in images.rglob("*") if p.is_file())
+    assert (sorted(Path(i["input"]).name for i in report["items"])
+            == sorted(p.name for p in images.rglob("*") if p.is_file()))
     assert all(i["notes"] == [] for i in report["items"])  # every item has notes, empty when none
     assert not list(dist_out.glob("manifest.shard-*"))
 

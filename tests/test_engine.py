@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from vaecli.pipeline import Pending, Runner
 
 
 def items(n: int, bad: tuple[int, ...] = ()) -> list[Item]:
-    return [Item(Path(f"{i:02d}.png"), f"{i:02d}.png", Path(f"out/{i:02d}"), "broken" if i in bad else None) for i in range(n)]
+    return [Item(Path(f"{i:02d}.png"), f"{i:02d}.png", Path(f"out/{i:02d}"),
+                 "broken" if i in bad else None) for i in range(n)]
 
 
 @dataclass
@@ -179,7 +181,6 @@ def test_folder_batches_by_size_and_matches_one_by_one(tmp_path):
     """Mixed sizes interleaved on disk: a batched, size-grouped run gives the latents of one-image runs,
     bit for bit (pixels padded on the device as NumPy pads them), and runs fewer model calls."""
     from cli_support import make_model, noise_image
-
     from vaecli.batch import EncodeOptions, encode_paths
     from vaecli.latents import read_latent
     from vaecli.weights import load_vae

@@ -15,9 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cli_support import TINY, make_model, noise_image, run_cli, run_json, subprocess_env
+from cli_support import CLI_TINY, make_model, noise_image, run_cli, run_json, subprocess_env
 from test_kohya_comfyui import kohya_bucket_resos
-from vaecli import AutoencoderKL
 from vaecli.dataset.buckets import make_buckets
 from vaecli.dataset.options import DatasetOptions
 from vaecli.files import json_path
@@ -29,11 +28,10 @@ def model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def bare_file(tmp_path_factory) -> str:
+def bare_file(tmp_path_factory, tiny_model) -> str:
     """The tiny model as one weights file without config: SD's shapes, its normalization unknowable."""
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("single") / "vae.safetensors"
-    save_file({k: v.contiguous() for k, v in AutoencoderKL(TINY).state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in tiny_model(**CLI_TINY).state_dict().items()}, str(path))
     return str(path)
 
 

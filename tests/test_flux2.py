@@ -19,10 +19,10 @@ import vaecli
 from cli_support import run_cli, run_json
 from vaecli.config import Flux2Config, VAEConfig
 from vaecli.errors import ConfigError, WeightsError
-from vaecli.plans import REFERENCE, apply_layout, plan_for
-from vaecli.tiling import tiled_decode
 from vaecli.kl_weights import diffusers_to_bfl
 from vaecli.models.kl import build_model
+from vaecli.plans import REFERENCE, apply_layout, plan_for
+from vaecli.tiling import tiled_decode
 
 PHOTO = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32: test_model_parity's 1e-5, plus 1e-5 relative (outputs reach ~3 here)

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -214,7 +213,8 @@ def snapshot(root: Path, case: Case) -> dict[str, tuple[str, int, int]]:
         st = os.lstat(path)
         if path.is_symlink() or not path.is_file():
             continue  # FIFOs, sockets, links: never opened here
-        state[os.fsdecode(path.relative_to(root))] = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_mode)
+        state[os.fsdecode(path.relative_to(root))] = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mtime_ns,
+                                                      st.st_mode)
     return state
 
 

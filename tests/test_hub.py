@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -11,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from cli_support import ROOT
 from hub_server import TOKEN, Hub, Repo
@@ -42,15 +40,18 @@ def hub(files):
     junk = b"\0" * 4096  # stands for a UNet or a full checkpoint: must never be fetched
     repos = {
         "acme/vae": Repo({"config.json": files["config"], "diffusion_pytorch_model.safetensors": files["fp32"],
-                          "diffusion_pytorch_model.fp16.safetensors": files["fp16"], "full-checkpoint.safetensors": junk}),
+                          "diffusion_pytorch_model.fp16.safetensors": files["fp16"],
+                          "full-checkpoint.safetensors": junk}),
         "acme/pipe": Repo({"model_index.json": b"{}", "unet/config.json": b'{"_class_name": "UNet2DConditionModel"}',
                            "unet/diffusion_pytorch_model.safetensors": junk, "vae/config.json": files["config"],
                            "vae/diffusion_pytorch_model.safetensors": files["fp32"],
                            "vae/diffusion_pytorch_model.fp16.safetensors": files["fp16"], "sd.safetensors": junk},
                           revisions=("main", "v1")),
         "acme/single": Repo({"weights/vae-ft.safetensors": files["fp32"], "README.md": b"x"}),
-        "acme/gated": Repo({"config.json": files["config"], "diffusion_pytorch_model.safetensors": files["fp32"]}, gated=True),
-        "acme/private": Repo({"config.json": files["config"], "diffusion_pytorch_model.safetensors": files["fp32"]}, private=True),
+        "acme/gated": Repo({"config.json": files["config"], "diffusion_pytorch_model.safetensors": files["fp32"]},
+                           gated=True),
+        "acme/private": Repo({"config.json": files["config"], "diffusion_pytorch_model.safetensors": files["fp32"]},
+                             private=True),
         "acme/novae": Repo({"config.json": b'{"_class_name": "UNet2DConditionModel"}', "model.safetensors": junk}),
     }
     state = Hub(repos)
@@ -62,8 +63,8 @@ def hub(files):
 def load(url: str, home: Path, code: str, offline: bool = False, token: str | None = None,
          block_hub: bool = False) -> subprocess.CompletedProcess[str]:
     """Run `code` (with `import vaecli` done) in a fresh interpreter pointed at the stand-in Hub."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_ENDPOINT=url, HF_HOME=str(home), HF_HUB_OFFLINE="1" if offline else "0",
-               HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_ENDPOINT=url, HF_HOME=str(home),
+               HF_HUB_OFFLINE="1" if offline else "0", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token
@@ -111,7 +112,8 @@ FAILURES = [  # (source, load_vae keyword arguments, the reason the message must
     ("acme/vea", {}, "no Hub repo 'acme/vea': check the spelling"),
     ("acme/pipe", {"revision": "v9"}, "Hub repo acme/pipe at revision v9: no revision 'v9'"),
     ("acme/vae", {"variant": "bf16"}, "config.json is there but none of diffusion_pytorch_model.bf16.safetensors"),
-    ("acme/novae", {}, "no AutoencoderKL config at config.json or vae/config.json; name the VAE's folder with --subfolder"),
+    ("acme/novae", {},
+     "no AutoencoderKL config at config.json or vae/config.json; name the VAE's folder with --subfolder"),
     ("acme/single/weights/missing.safetensors", {}, "Hub repo acme/single: no file 'weights/missing.safetensors'"),
 ]
 
@@ -129,7 +131,7 @@ for source, kwargs in {[(src, kw) for src, kw, _ in FAILURES]!r}:
         out.append(str(exc))
 print(json.dumps(out))""")
     assert r.returncode == 0, r.stderr
-    for (source, _, reason), message in zip(FAILURES, json.loads(r.stdout)):
+    for (source, _, reason), message in zip(FAILURES, json.loads(r.stdout), strict=True):
         assert message.startswith(f"{source}: no such local file or folder, and as a Hub id: "), message
         assert reason in message, message
 
@@ -159,7 +161,8 @@ try:
     vaecli.load_vae('stabilityai/sd-vae-ft-mse')
 except vaecli.WeightsError as exc:
     print(exc)""", block_hub=True)
-    assert "to load it from the Hugging Face Hub, install the hub extra: pip install 'vaecli[hub]'" in r.stdout, r.stdout + r.stderr
+    hint = "to load it from the Hugging Face Hub, install the hub extra: pip install 'vaecli[hub]'"
+    assert hint in r.stdout, r.stdout + r.stderr
 
 
 def test_local_paths_are_not_mistaken_for_hub_ids(tmp_path):

@@ -195,7 +195,8 @@ conv_sig = sig("x_ptr k_ptr b_ptr y_ptr M H W Ci Co sxn sxc sxh sxw syn syc syh 
                ["*bf16"] * 4 + ["i32"] * 5 + ["i64"] * 8)
 flags = dict(HAS_W=True, HAS_B=True, SILU=True)
 cases = [
-    (gn._moments_nchw, {"x_ptr": "*bf16", "part_ptr": "*fp32", "length": "i32", "span": "i32", "S": "i32"}, dict(BLOCK=1024)),
+    (gn._moments_nchw, {"x_ptr": "*bf16", "part_ptr": "*fp32", "length": "i32", "span": "i32", "S": "i32"},
+     dict(BLOCK=1024)),
     (gn._moments_nhwc, {"x_ptr": "*bf16", "part_ptr": "*fp32", "hw": "i32", "C": "i32", "rows_per": "i32", "S": "i32"},
      dict(ROWS=8, COLS=512)),
     (gn._finalize, sig("part_ptr out_ptr G pieces plane s_n s_g s_chunk per_chunk eps",

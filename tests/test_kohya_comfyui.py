@@ -35,7 +35,8 @@ from vaecli.io import read_image
 KOHYA_MAIN = "48d368fa557731ad0488c07304dfeba8c07910eb"
 KOHYA_V091 = "8f4ee8fc343b047965cd8976fca65c3a35b7593a"
 COMFYUI = "e60e19b175f93f2c8fac037063de9f13259be9d4"
-BUCKETS = dict(resolution=64, min_size=32, max_size=128, step=8)  # kohya: --resolution 64 --min/max_bucket_reso --bucket_reso_steps
+# kohya: --resolution 64 --min/max_bucket_reso --bucket_reso_steps
+BUCKETS = dict(resolution=64, min_size=32, max_size=128, step=8)
 FLAGS = ("--bucket-resolution", "64", "--min-bucket-size", "32", "--max-bucket-size", "128", "--bucket-step", "8")
 
 
@@ -111,7 +112,8 @@ def kohya_main_cache_ok(npz_path, flip_aug, apply_alpha_mask):
     """main's strategy_base._default_is_disk_cached_latents_expected for SD/SDXL (no shape check: a wrong
     shape is accepted here and fails later in torch.stack)."""
     npz = np.load(npz_path)
-    return "latents" in npz and (not flip_aug or "latents_flipped" in npz) and (not apply_alpha_mask or "alpha_mask" in npz)
+    return ("latents" in npz and (not flip_aug or "latents_flipped" in npz)
+            and (not apply_alpha_mask or "alpha_mask" in npz))
 
 
 def kohya_main_load(npz_path):
@@ -249,8 +251,10 @@ resolution = 1024
     _encode(model, [images], by_config, "--kohya-config", config)  # 36 rounds down to 32, as kohya does
     a, b = read_manifest(by_flags / "manifest.jsonl"), read_manifest(by_config / "manifest.jsonl")
     strip = ("encoded_at", "source_path", "latent")
-    assert [{k: v for k, v in r.items() if k not in strip} for r in a] == [{k: v for k, v in r.items() if k not in strip} for r in b]
-    r = run_cli("encode", images, "-o", tmp_path / "x", "--model", model, "--kohya-config", config, "--bucket-step", "16")
+    assert ([{k: v for k, v in r.items() if k not in strip} for r in a]
+            == [{k: v for k, v in r.items() if k not in strip} for r in b])
+    r = run_cli("encode", images, "-o", tmp_path / "x", "--model", model, "--kohya-config", config, "--bucket-step",
+                "16")
     assert r.exit_code == 2 and "--bucket-step 16 contradicts bucket_reso_steps = 8" in r.stderr, r.stderr
 
 
@@ -265,7 +269,8 @@ def test_kohya_config_without_buckets_and_refusals(model, images, tmp_path):
         ('[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "x"\nrandom_crop = true\n',
          "random_crop = true: not supported"),
         ('[[datasets]]\nresolution = [64, 32]\n', "only square resolutions"),
-        ('[[datasets]]\nenable_bucket = true\nresolution = 64\nmin_bucket_reso = 128\n', "kohya needs min_bucket_reso 128 <= resolution 64"),
+        ('[[datasets]]\nenable_bucket = true\nresolution = 64\nmin_bucket_reso = 128\n',
+         "kohya needs min_bucket_reso 128 <= resolution 64"),
         ('[general]\nresolution = 64\n', "no [[datasets]]"),
         ('[[datasets]\n', "not valid TOML"),
     ):
@@ -301,7 +306,8 @@ def test_kohya_next_to_images_keeps_a_foreign_npz(model, tmp_path):
 
 def comfyui_list_latents(input_dir: Path) -> list[str]:
     """LoadLatent.INPUT_TYPES: only top-level files of the input folder ending in .latent."""
-    return sorted(f for f in os.listdir(input_dir) if os.path.isfile(os.path.join(input_dir, f)) and f.endswith(".latent"))
+    return sorted(f for f in os.listdir(input_dir)
+                  if os.path.isfile(os.path.join(input_dir, f)) and f.endswith(".latent"))
 
 
 def comfyui_load(path: Path) -> torch.Tensor:
@@ -384,7 +390,8 @@ def test_decode_reads_files_kohya_and_comfyui_wrote(model, tmp_path):
     np.savez(src / "kohya.npz", latents=z.numpy(), original_size=np.array((100, 70)),
              crop_ltrb=np.array(kohya_crop_ltrb((56, 40), (100, 70))))
     # ComfyUI SaveLatent, and a file of its first format (no marker: SD-scaled values)
-    safetensors.torch.save_file({"latent_tensor": z[None], "latent_format_version_0": torch.tensor([])}, src / "comfy.latent")
+    safetensors.torch.save_file({"latent_tensor": z[None], "latent_format_version_0": torch.tensor([])},
+                                src / "comfy.latent")
     safetensors.torch.save_file({"latent_tensor": z[None] * 0.18215}, src / "legacy.latent")
     code, doc, err = run_json("decode", src, "-o", tmp_path / "dec", "--model", model, "--scaling-factor", "1")
     assert code == 0, err  # --scaling-factor 1 says the bare .npy is raw; it overrides the others' rules too
@@ -412,7 +419,8 @@ def test_decode_checks_what_kohya_and_comfyui_files_hold(model, images, tmp_path
     _npz(src / "negative.npz", latents=z, original_size=np.array((-100, 70)), crop_ltrb=np.array((0.0, 0, 56, 40)))
     _npz(src / "outside.npz", latents=z, original_size=np.array((100, 70)), crop_ltrb=np.array((0.0, 0, 560, 40)))
     _npz(src / "nokeys.npz", latents=z)
-    _npz(src / "ints.npz", latents=z.astype(np.int32), original_size=np.array((100, 70)), crop_ltrb=np.array((0, 0, 56, 40)))
+    _npz(src / "ints.npz", latents=z.astype(np.int32), original_size=np.array((100, 70)),
+         crop_ltrb=np.array((0, 0, 56, 40)))
     safetensors.torch.save_file({"latent_tensor": torch.zeros(2, 4, 5, 7), "latent_format_version_0": torch.tensor([])},
                                 src / "batch.latent")
     # a kohya export of ours whose metadata was altered to claim a 12000x12000 original (resize policy)

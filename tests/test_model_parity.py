@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vaecli
-from vaecli.config import VAEConfig
+from conftest import twin_of
 from vaecli.models.kl import AutoencoderKL
 
 TOL = dict(atol=1e-5, rtol=0)  # fp32, max abs error
@@ -27,9 +27,7 @@ CONFIGS = {
 
 def pair(reference, **config):
     ref = reference(**config)
-    ours = AutoencoderKL(VAEConfig.from_dict(ref.config)).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    return ref, twin_of(ref)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -85,14 +83,13 @@ def test_posterior_statistics(reference):
         )
 
 
-def test_logvar_clamped():
-    cfg = VAEConfig(block_out_channels=(8,), norm_num_groups=4)
+def test_logvar_clamped(tiny_model):
     moments = torch.cat([torch.zeros(1, 4, 2, 2), torch.full((1, 4, 2, 2), 100.0)], dim=1)
     post = vaecli.DiagonalGaussian(moments)
     assert post.logvar.max().item() == 20.0
     moments[:, 4:] = -100.0
     assert vaecli.DiagonalGaussian(moments).logvar.min().item() == -30.0
-    assert AutoencoderKL(cfg).config.downsample_factor == 1
+    assert tiny_model(block_out_channels=(8,), norm_num_groups=4).config.downsample_factor == 1
 
 
 def test_gradient_checkpointing_same_gradients(reference):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vaecli.config import LatentSpec
-from vaecli.models.kl import AutoencoderKL
 from vaecli import memory
+from vaecli.config import LatentSpec
 from vaecli.devices import compute_dtype, precision_ladder
 from vaecli.memory import estimate_peak_bytes, estimate_tiled_bytes
+from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions
 from vaecli.tiling import Grid, tiled_decode, tiled_encode_moments
 
@@ -78,11 +78,11 @@ def test_grid_covers_with_equal_tiles():
     for length, tile, overlap in [(100, 64, 8), (64, 64, 8), (65, 64, 8), (257, 64, 16), (30, 64, 8), (129, 16, 4)]:
         g = Grid.fit(length, tile, overlap)
         assert g.size <= tile and g.starts[0] == 0 and g.starts[-1] + g.size == length
-        for a, b in zip(g.starts, g.starts[1:]):
+        for a, b in zip(g.starts, g.starts[1:], strict=False):
             assert a + g.size - b >= min(overlap, g.size - 1)  # neighbours share at least `overlap`
         ramps = g.ramps(8)
         total = torch.zeros(length * 8)
-        for start, w in zip(g.starts, ramps):
+        for start, w in zip(g.starts, ramps, strict=True):
             total[start * 8 : (start + g.size) * 8] += w
         assert (total > 0).all()
 
@@ -192,7 +192,8 @@ class FakeMemory:
     def _untiled(self, op, real):
         def call(model, x, *args, **kwargs):
             h, w = (x.shape[-2], x.shape[-1]) if op == "encode" else (x.shape[-2] * 8, x.shape[-1] * 8)
-            self._check(f"{op} x{x.shape[0]}", estimate_peak_bytes(model.config, x.shape[0], h, w, x.element_size(), op))
+            self._check(f"{op} x{x.shape[0]}",
+                        estimate_peak_bytes(model.config, x.shape[0], h, w, x.element_size(), op))
             return real(model, x, *args, **kwargs)
 
         return call
@@ -200,7 +201,8 @@ class FakeMemory:
     def _tiled(self, op, real):
         def call(model, x, tile, overlap, batch=4, whole=True, *args, **kwargs):
             h, w = (x.shape[-2], x.shape[-1]) if op == "encode" else (x.shape[-2] * 8, x.shape[-1] * 8)
-            need = estimate_tiled_bytes(model.config, op, x.shape[0], h, w, x.element_size(), tile, overlap, batch, whole)
+            need = estimate_tiled_bytes(model.config, op, x.shape[0], h, w, x.element_size(), tile, overlap, batch,
+                                        whole)
             self._check(f"tiled {op} x{x.shape[0]} batch {batch} {'whole' if whole else 'per-tile'}", need)
             return real(model, x, tile, overlap, batch, whole, *args, **kwargs)
 
@@ -223,7 +225,8 @@ def test_tiling_predicted_before_anything_is_tried(vae, monkeypatch):
     mem = FakeMemory(monkeypatch, free=int(one / 0.9), k=1.0)  # fits in free memory, not in 80% of it
     off = Runner(vae, RunOptions(tiling="off", tile_size=24, tile_overlap=8)).decode(z)
     assert mem.calls[0] == ("decode x1", True) and off.tiles == 0  # sliced to one image per call, untiled
-    assert off.events == [f"predicted {one / 1e6:.1f} MB per image for an untiled decode of 48x48: batch run in slices of 1"]
+    assert off.events == [
+        f"predicted {one / 1e6:.1f} MB per image for an untiled decode of 48x48: batch run in slices of 1"]
     torch.testing.assert_close(off.tensor, Runner(vae).decode(z).tensor, atol=1e-5, rtol=0)
 
     mem = FakeMemory(monkeypatch, free=int(one * 0.9), k=1.0)  # can never fit: tiled even when off

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from cli_support import ROOT
 
 
+@pytest.mark.slow  # the throughput rows end to end, large images through the CLI: 16 s quiet, 61 s busy (2 cores)
 def test_gpu_rows_quick_on_the_cpu(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:

@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 import torch
 
+from cli_support import ROOT
+from conftest import make_tiny_model, tiny_config, twin_of
 from vaecli import plans
-from vaecli.config import VAEConfig
 from vaecli.errors import ConfigError
-from vaecli.models.kl import AutoencoderKL
 from vaecli.pipeline import Runner, RunOptions
 from vaecli.plans import (
     KERNEL_OPS,
@@ -27,7 +27,6 @@ from vaecli.plans import (
     plan_for,
     run_choices,
 )
-from cli_support import ROOT
 
 NARROW = dict(block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8)
 WIDE = dict(block_out_channels=[32, 256], layers_per_block=1, norm_num_groups=32)  # wide layers take CPU fast forms
@@ -35,9 +34,7 @@ WIDE = dict(block_out_channels=[32, 256], layers_per_block=1, norm_num_groups=32
 
 def _pair(reference, dtype=torch.float32, **config):
     ref = reference(**config)
-    ours = AutoencoderKL(VAEConfig.from_dict(ref.config)).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref.to(dtype), ours.to(dtype)
+    return ref.to(dtype), twin_of(ref).to(dtype)
 
 
 def _citations(row) -> list[Cited]:
@@ -51,7 +48,8 @@ def _citations(row) -> list[Cited]:
 
 
 def test_every_device_row_names_every_choice_and_its_measurement():
-    fields = {"nhwc_from", "nhwc_needs_norm_kernel", "norm", "upsample", "wide_from", "tiles_nhwc", "attention", "kernels"}
+    fields = {"nhwc_from", "nhwc_needs_norm_kernel", "norm", "upsample", "wide_from", "tiles_nhwc", "attention",
+              "kernels"}
     run = {"io_threads", "batch_limit", "untiled_peak", "memory", "heap_trim", "conv_search", "triton"}
     for device, row in TABLE.items():
         assert {f.name for f in dataclasses.fields(row.layers)} == fields, device
@@ -84,8 +82,7 @@ def test_cuda_plan_without_triton_keeps_nchw_and_no_kernels(monkeypatch):
     """torch builds without Triton (Windows) get diffusers' layout: NHWC pays only with the norm kernel."""
     from vaecli import kernels
 
-    cfg = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    cfg = tiny_config(**WIDE)
     monkeypatch.setattr(kernels, "triton_installed", lambda: False)
     plan = plan_for("cuda", cfg)
     assert (plan.layout, plan.kernels) == (torch.contiguous_format, frozenset())
@@ -100,16 +97,16 @@ def test_plan_for_devices_and_kernel_modes(monkeypatch):
     from vaecli import kernels
 
     monkeypatch.setattr(kernels, "triton_installed", lambda: True)
-    narrow = VAEConfig(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                       up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8)
-    wide = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
-                     up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+    narrow, wide = tiny_config(**NARROW), tiny_config(**WIDE)
     cuda = plan_for("cuda", wide)
-    assert (cuda.layout, cuda.norm, cuda.upsample, cuda.kernels) == (torch.channels_last, "native", "nearest", frozenset(KERNEL_OPS))
+    assert (cuda.layout, cuda.norm, cuda.upsample, cuda.kernels) == (
+        torch.channels_last, "native", "nearest", frozenset(KERNEL_OPS))
     assert plan_for("cuda", narrow).layout == torch.channels_last  # on CUDA with the kernels, every width
     plain = plan_for("cuda", wide, "off")
-    assert (plain.layout, plain.norm, plain.upsample, plain.kernels) == (torch.contiguous_format, "native", "nearest", frozenset())
-    assert plan_for("cpu", wide).layout == torch.channels_last and plan_for("cpu", narrow).layout == torch.contiguous_format
+    assert (plain.layout, plain.norm, plain.upsample, plain.kernels) == (
+        torch.contiguous_format, "native", "nearest", frozenset())
+    assert plan_for("cpu", wide).layout == torch.channels_last
+    assert plan_for("cpu", narrow).layout == torch.contiguous_format
     assert plan_for("cuda:1", wide, "on").kernels == frozenset(KERNEL_OPS)
     assert plan_for("cpu", wide, "off") is REFERENCE and plan_for("cuda", wide, "off") is REFERENCE
     assert plan_for("xpu", wide) is REFERENCE  # a device nobody measured: diffusers' sequence
@@ -163,7 +160,8 @@ def test_cpu_plan_narrow_bit_identical_wide_close(reference):
         x = torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
         z = torch.randn(1, 4, 4, 3, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            pairs = [(ours.encode(x, plan=plan).mean, ref.encode(x).latent_dist.mean), (ours.decode(z, plan=plan), ref.decode(z).sample)]
+            pairs = [(ours.encode(x, plan=plan).mean, ref.encode(x).latent_dist.mean),
+                     (ours.decode(z, plan=plan), ref.decode(z).sample)]
         for mine, theirs in pairs:
             if exact:
                 assert torch.equal(mine, theirs)
@@ -255,10 +253,7 @@ def test_runner_never_changes_the_callers_model():
     """The CPU plan of a wide model is channels-last: the Runner runs a laid-out copy (sharing every tensor
     the layout does not touch), the caller's model keeps its parameters, strides and classes; a model
     already in the plan's layout runs as it is."""
-    cfg = VAEConfig(block_out_channels=(32, 256), down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=32)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(cfg).eval()
+    vae = make_tiny_model(**WIDE)  # seed 0
     before = _snapshot(vae)
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(6))
     outputs = {}
@@ -267,12 +262,12 @@ def test_runner_never_changes_the_callers_model():
         z = runner.encode(x).tensor
         outputs[kernels, dtype] = (z, runner.decode(z).tensor)
         assert _same(before, _snapshot(vae)), (kernels, dtype)
-    assert plan_for("cpu", cfg).layout == torch.channels_last  # the case where a copy is needed
-    ours = laid_out(vae, plan_for("cpu", cfg))
+    assert plan_for("cpu", vae.config).layout == torch.channels_last  # the case where a copy is needed
+    ours = laid_out(vae, plan_for("cpu", vae.config))
     assert ours is not vae and ours.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert ours.encoder.conv_in.bias is vae.encoder.conv_in.bias  # untouched tensors are shared, not copied
-    mine = apply_layout(copy.deepcopy(vae), plan_for("cpu", cfg))  # a model of the caller's own, laid out
-    assert laid_out(mine, plan_for("cpu", cfg)) is mine and Runner(mine).model(torch.float32) is mine
+    mine = apply_layout(copy.deepcopy(vae), plan_for("cpu", vae.config))  # a model of the caller's own, laid out
+    assert laid_out(mine, plan_for("cpu", vae.config)) is mine and Runner(mine).model(torch.float32) is mine
     z, y = outputs["auto", torch.float32]
     assert torch.equal(Runner(mine).encode(x).tensor, z) and torch.equal(Runner(mine).decode(z).tensor, y)
     assert laid_out(vae, REFERENCE) is vae  # already diffusers' layout

@@ -13,9 +13,9 @@ from diffusers.models.autoencoders import autoencoder_kl_qwenimage as reference_
 from safetensors.torch import save_file
 
 from vaecli.errors import ConfigError, InputError, WeightsError
+from vaecli.family_keys import is_qwen_state
 from vaecli.models.qwenimage import AutoencoderKLQwenImage
 from vaecli.models.qwenimage_config import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, QwenImageConfig
-from vaecli.family_keys import is_qwen_state
 from vaecli.qwen_weights import (
     diffusers_to_original,
     diffusers_to_original_key,

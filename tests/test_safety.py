@@ -266,7 +266,9 @@ def test_shard_writers_fsync_before_and_after_their_rename(layout, tmp_path, mon
         pytest.importorskip("pyarrow")
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(files.os, "fsync", lambda fd: (events.append("file" if stat.S_ISREG(os.fstat(fd).st_mode) else "folder"), real_fsync(fd)))
+    monkeypatch.setattr(files.os, "fsync",
+                        lambda fd: (events.append("file" if stat.S_ISREG(os.fstat(fd).st_mode) else "folder"),
+                                    real_fsync(fd)))
     monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
     target = tmp_path / f"00000.{layout}"
     sink = open_sink(layout, target, None)

@@ -34,7 +34,7 @@ class SlowEvent:
     def synchronize(self) -> None:
         self.synced = True
 
-    def elapsed_time(self, end: "SlowEvent") -> float:
+    def elapsed_time(self, end: SlowEvent) -> float:
         return (end.at - self.at) * 1000.0
 
 
@@ -71,7 +71,7 @@ def test_images_padded_on_the_device_as_numpy_pads(transfers):
     arrays = pictures([(13, 21), (16, 16), (9, 24)])
     x = transfers.images(arrays, (16, 24))
     assert x.dtype == torch.uint8 and x.shape == (3, 3, 16, 24) and x.is_contiguous(memory_format=torch.channels_last)
-    for a, got in zip(arrays, x):
+    for a, got in zip(arrays, x, strict=True):
         ref = np.pad(a, ((0, 16 - a.shape[0]), (0, 24 - a.shape[1]), (0, 0)), mode="edge")
         assert np.array_equal(got.permute(1, 2, 0).numpy(), ref)
     mixed = [arrays[0], pictures([(16, 24)], seed=1, dtype=np.float32)[0]]
@@ -124,7 +124,7 @@ def test_download_packs_tensors_of_any_dtypes_in_any_order():
     dev = SimulatedDevice(lag=0)
     tensors = [torch.tensor([True, False, True]), torch.arange(6, dtype=torch.float32).view(2, 3),
                torch.arange(5, dtype=torch.uint8), torch.full((2, 2), 0.5, dtype=torch.float16)]
-    for got, want in zip(dev.download(tensors).wait(), tensors):
+    for got, want in zip(dev.download(tensors).wait(), tensors, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
@@ -166,7 +166,7 @@ def test_launch_then_take_matches_the_synchronous_calls(vae):
     runner = Runner(vae)
     zs = [torch.randn(2, 4, 4, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     pending = [runner.submit_decode(z) for z in zs]
-    for z, p in zip(zs, pending):
+    for z, p in zip(zs, pending, strict=True):
         assert torch.equal(p.result().tensor, Runner(vae).decode(z).tensor)
     assert runner.busy_s > 0
 

@@ -67,16 +67,12 @@ def test_tiles_of_several_images_keep_their_own_statistics(case):
     torch.testing.assert_close(both[1:], alone, atol=2e-3, rtol=0)
 
 
-def test_fused_layers_compute_the_same():
+def test_fused_layers_compute_the_same(tiny_model):
     """Running norm-free layers inside the neighbouring resnets' sweeps (_Lockstep.run) gives what running
     every layer as its own lockstep step gives, on a model with two resnets per level."""
-    from vaecli import AutoencoderKL, VAEConfig
     from vaecli.tiling import _Lockstep
 
-    torch.manual_seed(0)
-    cfg = VAEConfig(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                    block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8)
-    vae = AutoencoderKL(cfg).eval()
+    vae = tiny_model(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8)
     x = torch.nn.functional.avg_pool2d(torch.rand(2, 3, 80, 112) * 2 - 1, 5, 1, 2)
     enc, dec = vae.encoder, vae.decoder
     with torch.no_grad():
@@ -95,7 +91,7 @@ def test_fused_layers_compute_the_same():
             fused.run(modules, recompute)
             for m in modules:
                 plain.step(m)
-            for a, b in zip(fused.chunks, plain.chunks):
+            for a, b in zip(fused.chunks, plain.chunks, strict=True):
                 assert a.x.shape == b.x.shape
                 torch.testing.assert_close(a.x.float(), b.x.float(), atol=5e-3 * b.x.float().abs().max().item(), rtol=0)
 
@@ -109,19 +105,15 @@ def test_per_tile_statistics_are_the_worse_fallback(case):
     assert y.shape == ref.shape and psnr(y, ref) < 40.0
 
 
-def test_tiling_runs_the_plans_layout_and_kernels(monkeypatch):
+def test_tiling_runs_the_plans_layout_and_kernels(monkeypatch, tiny_model):
     """Tiles take the plan: its layout for every tile, and with kernels on, the Triton GroupNorm kernels both
     for the pooled statistics (moments of each tile's owned cells) and for normalizing by them (apply)."""
     pytest.importorskip("triton")
-    from vaecli.config import VAEConfig
     from vaecli.kernels import groupnorm_silu as gn
-    from vaecli.models.kl import AutoencoderKL
     from vaecli.plans import plan_for
 
-    torch.manual_seed(0)
-    cfg = VAEConfig(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)
-    vae = AutoencoderKL(cfg).eval()
+    vae = tiny_model(block_out_channels=(16, 16), norm_num_groups=4)
+    cfg = vae.config
     z = torch.nn.functional.avg_pool2d(torch.randn(1, 4, 8, 8), 3, 1, 1) * 3
     x = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 16, 16) * 2 - 1, 3, 1, 1)
     used = {"moments": 0, "apply": 0}

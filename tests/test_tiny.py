@@ -152,7 +152,8 @@ def test_plan_layout_same_values(name):
 def test_kernel_plan_same_values(monkeypatch):
     """The plan's Triton kernels (interpreted on CPU) on the upsampling pairs and TAEF2's GroupNorm: the
     same values as diffusers' sequence, and the kernels really run."""
-    from vaecli.kernels import groupnorm_silu as gn, upsample_conv as uc
+    from vaecli.kernels import groupnorm_silu as gn
+    from vaecli.kernels import upsample_conv as uc
     from vaecli.plans import KERNEL_OPS
 
     ref, ours, _ = taef2_pair()
@@ -355,7 +356,8 @@ def test_original_pair_keeps_file_dtype(tmp_path):
 
 def test_comfyui_combined_checkpoint(tmp_path):
     ref = make_tiny_reference(**CONFIGS["levels4-relu-c4"])
-    state = {f"taesd_{half}.{k}": v for half, s in diffusers_to_original(ref.state_dict()).items() for k, v in s.items()}
+    halves = diffusers_to_original(ref.state_dict())
+    state = {f"taesd_{half}.{k}": v for half, s in halves.items() for k, v in s.items()}
     state.update(vae_scale=torch.tensor(0.18215), vae_shift=torch.tensor(0.0))
     save_file(state, str(tmp_path / "taesd_combined.safetensors"))
     vae = load_tiny(tmp_path / "taesd_combined.safetensors")
@@ -500,7 +502,8 @@ def test_shape_mismatch_named(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["latent_channels"] = 16
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match=r"shape mismatches \(3\): decoder.layers.0.weight \(24, 4, 3, 3\) != \(24, 16, 3, 3\)"):
+    mismatch = r"shape mismatches \(3\): decoder.layers.0.weight \(24, 4, 3, 3\) != \(24, 16, 3, 3\)"
+    with pytest.raises(WeightsError, match=mismatch):
         load_tiny(tmp_path)
 
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import vaecli
 from cli_support import make_model, run_cli, run_json
-from test_flux2 import CONFIGS as FLUX2_CONFIGS, make_flux2
+from test_flux2 import CONFIGS as FLUX2_CONFIGS
+from test_flux2 import make_flux2
 from vaecli.tiny_weights import diffusers_to_original
 
 PHOTO = "examples/coffee.jpg"
@@ -89,7 +90,8 @@ def test_previews_refuse_other_latent_spaces(photo, tmp_path):
     assert run_json("encode", photo, "-o", tmp_path / "raw", "-m", full, "--raw")[0] == 0
     code, doc, _ = run_json("decode", tmp_path / "raw", "-o", tmp_path / "p1", "-m", tmp_path / "taesd")
     assert code == 1 and "raw latents: a tiny autoencoder decodes" in doc["items"][0]["error"]
-    code, doc, _ = run_json("decode", tmp_path / "z", "-o", tmp_path / "p2", "-m", tmp_path / "taesd", "--family", "sdxl")
+    code, doc, _ = run_json("decode", tmp_path / "z", "-o", tmp_path / "p2", "-m", tmp_path / "taesd",
+                            "--family", "sdxl")
     assert code == 1 and "latent space mismatch" in doc["items"][0]["error"] and "sdxl" in doc["items"][0]["error"]
     code, doc, _ = run_json("decode", tmp_path / "z", "-o", tmp_path / "p3", "-m", tmp_path / "taesd3")
     assert code == 1 and "4 channels" in doc["items"][0]["error"]
@@ -105,7 +107,8 @@ def test_original_pair_loads_as_the_folder(tmp_path):
     halves = diffusers_to_original(load_file(str(tmp_path / "taesd" / "diffusion_pytorch_model.safetensors")))
     (tmp_path / "vae_approx").mkdir()
     for half, state in halves.items():
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "vae_approx" / f"taesd_{half}.safetensors"))
+        target = tmp_path / "vae_approx" / f"taesd_{half}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(target))
     for source in (tmp_path / "vae_approx", tmp_path / "vae_approx" / "taesd_decoder.safetensors"):
         pair = vaecli.load_vae(source)
         assert type(pair).__name__ == "AutoencoderTiny" and pair.info.weights_sha256 == folder.info.weights_sha256

@@ -238,14 +238,17 @@ def test_config_not_describing_the_weights_fails_before_building(ref, tmp_path, 
 
     monkeypatch.setattr(vaecli.kl_weights, "build_model", lambda *a, **k: built.append(1))  # what load_kl calls
     config = {**dict(ref.config), "latent_channels": 8, "layers_per_block": 3}
-    with pytest.raises(WeightsError, match=r"layers_per_block 3 in the config, 2 in the weights; latent_channels 8 in the config, 4"):
+    with pytest.raises(WeightsError,
+                       match=r"layers_per_block 3 in the config, 2 in the weights; latent_channels 8 in the config, 4"):
         vaecli.load_vae(path, config=config)
     assert built == []  # refused from shapes alone, before any module was constructed
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda t: t.fill_(float("nan")), r"1 tensor\(s\) hold NaN or Inf values \(a damaged file\?\): decoder.conv_out.weight"),
-    (lambda t: t.to(torch.int8), r"1 tensor\(s\) are not floating point \(quantized weights are not supported\): decoder.conv_out.weight"),
+    (lambda t: t.fill_(float("nan")),
+     r"1 tensor\(s\) hold NaN or Inf values \(a damaged file\?\): decoder.conv_out.weight"),
+    (lambda t: t.to(torch.int8),
+     r"1 tensor\(s\) are not floating point \(quantized weights are not supported\): decoder.conv_out.weight"),
 ])
 def test_non_finite_or_integer_weights_refused(ref, tmp_path, damage, message):
     state = ref.state_dict()

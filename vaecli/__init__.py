@@ -70,6 +70,6 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from .errors import ConfigError, InputError, NonFiniteError, VaecliError, WeightsError
     from .models.kl import AutoencoderKL, AutoencoderKLFlux2, DiagonalGaussian
     from .models.tiny import AutoencoderTiny, TinyConfig
-    from .pipeline import BatchResult, RunOptions, Runner
+    from .pipeline import BatchResult, Runner, RunOptions
     from .plans import REFERENCE, Plan, apply_layout, laid_out, plan_for
     from .weights import load_vae, save_vae

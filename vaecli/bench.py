@@ -16,20 +16,21 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from . import errors
-from .errors import ConfigError, InputError, VaecliError
-from .models.kl import AutoencoderKL
-from .devices import DTYPE_NAMES, DTYPES, resolve_device
-from .memory import OOM_ERRORS
-from .pipeline import RunOptions, Runner
-from .plans import apply_layout, plan_for
 from .choices import TILING_MODES
+from .devices import DTYPE_NAMES, DTYPES, resolve_device
+from .errors import ConfigError, InputError, VaecliError
+from .memory import OOM_ERRORS
+from .models.kl import AutoencoderKL
+from .pipeline import Runner, RunOptions
+from .plans import apply_layout, plan_for
 from .weight_files import DEFAULT_MODEL, default_model_dir, locate
 from .weights import load_vae
 
@@ -85,7 +86,7 @@ class Job:
 
 def run_bench(
     model: str | None = None,
-    resolutions: list[int] = [512],
+    resolutions: list[int] = [512],  # noqa: B006 - read, never mutated (the CLI passes its own list)
     batch_size: int = 1,
     dtype: str = "fp32",
     tiling: str = "off",

@@ -2,7 +2,8 @@
 
 The core imports its tuples and defaults from here (devices.DTYPES, plans.KERNEL_MODES, batch.SIZE_POLICIES,
 RunOptions, io.IMAGE_FORMATS, ...), so a new value is added in one place; latent formats are the table's
-(latents/table.py) and tests/test_cli_choices.py checks CACHE_FORMATS against it. This module imports nothing of vaecli: `vaecli --help` and the core both load it for free.
+(latents/table.py) and tests/test_cli_choices.py checks CACHE_FORMATS against it. This module imports
+nothing of vaecli: `vaecli --help` and the core both load it for free.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
@@ -71,12 +72,12 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @property
-    def latent_spec(self) -> "LatentSpec":
+    def latent_spec(self) -> LatentSpec:
         """The normalization diffusion pipelines apply to this model's latents."""
         return LatentSpec(self.scaling_factor, self.shift_factor, self.latents_mean, self.latents_std)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "VAEConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> VAEConfig:
         """Build from a diffusers config.json dict; keys diffusers adds for its own bookkeeping are ignored."""
         known = {f.name for f in dataclasses.fields(cls)} - set(_LOADER_FIELDS)
         values: dict[str, Any] = {}
@@ -92,7 +93,7 @@ class VAEConfig:
             raise ConfigError(f"invalid VAE config: {exc}") from None
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "VAEConfig":
+    def from_json(cls, path: str | Path) -> VAEConfig:
         """Read a diffusers config.json."""
         try:
             data = json.loads(Path(path).read_text())
@@ -112,7 +113,7 @@ class VAEConfig:
             data[f.name] = list(value) if isinstance(value, tuple) else value
         return data
 
-    def replace(self, **changes: Any) -> "VAEConfig":
+    def replace(self, **changes: Any) -> VAEConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -153,7 +154,7 @@ class Flux2Config(VAEConfig):
         return self.latent_channels * self.patch_size[0] * self.patch_size[1]
 
     @property
-    def latent_spec(self) -> "LatentSpec":
+    def latent_spec(self) -> LatentSpec:
         """Flux2Pipeline's normalization: patchify 2x2, then (z - running_mean) / sqrt(running_var + eps)."""
         n = self.bn_channels
         mean = self.bn_mean if self.bn_mean is not None else (0.0,) * n
@@ -165,7 +166,7 @@ class Flux2Config(VAEConfig):
 _LOADER_FIELDS = ("bn_mean", "bn_std")
 
 
-def _flux2_problems(cfg: "Flux2Config") -> list[str]:
+def _flux2_problems(cfg: Flux2Config) -> list[str]:
     problems = []
     patch = cfg.patch_size
     if not (isinstance(patch, tuple) and len(patch) == 2 and all(_is_int(p) and 1 <= p <= 8 for p in patch)):
@@ -223,7 +224,7 @@ def is_number(value: Any) -> bool:
 _is_int, _is_number = is_int, is_number
 
 
-def _field_problems(cfg: "VAEConfig") -> list[str]:
+def _field_problems(cfg: VAEConfig) -> list[str]:
     """Type and range of every field, each checked on its own (JSON from a file can hold anything)."""
     problems = []
     for name, (low, high) in _INT_RANGES.items():
@@ -253,7 +254,7 @@ def _field_problems(cfg: "VAEConfig") -> list[str]:
     return problems
 
 
-def _consistency_problems(cfg: "VAEConfig") -> list[str]:
+def _consistency_problems(cfg: VAEConfig) -> list[str]:
     levels = len(cfg.block_out_channels)
     problems = []
     if len(cfg.down_block_types) != levels or len(cfg.up_block_types) != levels:
@@ -322,7 +323,7 @@ class LatentSpec:
         if problems:
             raise ConfigError("invalid latent normalization: " + "; ".join(problems))
 
-    def patchify(self, z: "Any") -> "Any":
+    def patchify(self, z: Any) -> Any:
         """(N, C, h, w) or (C, h, w) -> C*p*p channels at h/p x w/p; channel c*p*p + dy*p + dx holds the
         pixel (dy, dx) of each p x p cell, the order of diffusers' Flux2Pipeline._patchify_latents."""
         p = self.patch_size
@@ -337,7 +338,7 @@ class LatentSpec:
         x = x.reshape(n, c * p * p, h // p, w // p)
         return x[0] if single else x
 
-    def unpatchify(self, z: "Any") -> "Any":
+    def unpatchify(self, z: Any) -> Any:
         """The inverse of patchify."""
         p = self.patch_size
         if p == 1:
@@ -358,7 +359,7 @@ class LatentSpec:
         return c * p * p, h // p, w // p
 
     @classmethod
-    def identity(cls) -> "LatentSpec":
+    def identity(cls) -> LatentSpec:
         return cls(1.0, None, None, None)
 
     @property
@@ -366,7 +367,7 @@ class LatentSpec:
         return (self.scaling_factor == 1.0 and not self.shift_factor and self.latents_mean is None
                 and self.latents_std is None)
 
-    def _stats(self, z: "Any") -> tuple[Any, Any]:
+    def _stats(self, z: Any) -> tuple[Any, Any]:
         """Per-channel (offset, divisor) broadcastable against a (N,C,h,w) or (C,h,w) tensor."""
         import torch
 
@@ -382,7 +383,7 @@ class LatentSpec:
             std = torch.ones(shape, dtype=z.dtype, device=z.device)
         return mean, std
 
-    def normalize(self, z: "Any") -> "Any":
+    def normalize(self, z: Any) -> Any:
         """Raw VAE latents -> diffusion latents."""
         z = self.patchify(z)
         if self.latents_mean is None and self.latents_std is None:
@@ -391,7 +392,7 @@ class LatentSpec:
         mean, std = self._stats(z)
         return (z - mean) * self.scaling_factor / std
 
-    def denormalize(self, z: "Any") -> "Any":
+    def denormalize(self, z: Any) -> Any:
         """Diffusion latents -> raw VAE latents."""
         if self.latents_mean is None and self.latents_std is None:
             shift = self.shift_factor or 0.0
@@ -411,7 +412,7 @@ class LatentSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LatentSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> LatentSpec:
         """From `to_dict`'s form (e.g. a latent file's metadata); values are checked, never coerced."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"invalid latent normalization: expected an object, not {data!r}")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
@@ -266,7 +267,7 @@ class LatentShards(IterableDataset):
             for key, data, sides in _latent_rows(url, stream):
                 tensors, rec = read_latent_bytes(data)
                 _check_modes(self.flip, self.sample, rec, url)
-                item = _item(rec, lambda field, name: tensors[name].float(), self.flip, self.sample)
+                item = _item(rec, lambda field, name, t=tensors: t[name].float(), self.flip, self.sample)
                 yield {**item, "key": key, "sides": sides}
 
 

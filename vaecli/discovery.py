@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 import stat
 import unicodedata
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from .errors import ConfigError
 from .files import file_kind, forget_temp, is_temp_name, name_max, probe_writable, temp_path

@@ -7,9 +7,10 @@ it, so a new family is one model module and one row here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from .config import Flux2Config, VAEConfig
 from .errors import ConfigError

@@ -9,9 +9,10 @@ not the UNet, the text encoders or full checkpoints that a pipeline repo also ho
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import safejson
 from .errors import WeightsError

@@ -361,7 +361,7 @@ def _tiff(fh: BinaryIO, size: int, img: Any) -> None:
             continue
         offsets = offsets if isinstance(offsets, (tuple, list)) else (offsets,)
         counts = counts if isinstance(counts, (tuple, list)) else (counts,)
-        end = max((int(o) + int(c) for o, c in zip(offsets, counts)), default=0)
+        end = max((int(o) + int(c) for o, c in zip(offsets, counts, strict=False)), default=0)
         if end > size:
             raise _truncated(f"the TIFF has {size} of the {end} bytes its image data needs")
         if offsets_tag == 273 and tags.get(259, 1) == 1:  # uncompressed strips

@@ -17,9 +17,10 @@ import struct
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -31,7 +32,6 @@ from .integrity import check_complete
 from .latents import latent_kind
 from .outputs import OutputState, path_state
 from .sniff import first_line
-
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # names an -o of one image file

@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
 from . import accel, memory
 from .accel import Autotune, trim_heap
+from .choices import DEFAULTS
 from .config import LatentSpec, VAEConfig
 from .devices import DTYPE_NAMES, compute_dtype, precision_ladder
 from .memory import OOM_ERRORS, MemoryLadder, MemoryModel
 from .models.kl import AutoencoderKL
-from .choices import DEFAULTS
 from .plans import RunChoices, laid_out, plan_for, run_choices
 from .staging import Download, Transfers, to_model_range, to_uint8_nhwc
 from .tiling import tiled_decode, tiled_encode_moments
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -42,7 +44,8 @@ class RunOptions:
     slicing: int | None = None  # run batches in slices of this many samples
     tile_batch: int = 4  # tiles per model call when tiling
     compile: bool = False  # untiled calls run as compiled packages (accel.py), cached on disk across runs
-    kernels: str = DEFAULTS.kernels  # the device's plan (plans.TABLE); "on": every Triton kernel; "off": diffusers' sequence
+    # the device's plan (plans.TABLE); "on": every Triton kernel; "off": diffusers' exact sequence
+    kernels: str = DEFAULTS.kernels
 
     def compute_dtype(self, config: VAEConfig) -> torch.dtype:
         """The precision a run of `config`'s model computes in (fp16 may be upcast): the one derivation."""
@@ -231,13 +234,13 @@ class Runner:
 
     def submit_encode(
         self, pixels: torch.Tensor, spec: LatentSpec | None = None, noise: torch.Tensor | None = None
-    ) -> "Pending[BatchResult]":
+    ) -> Pending[BatchResult]:
         """`encode`, launched: the Pending's result is what `encode` returns."""
         return self._submit("encode", to_model_range(self._on_device(pixels)), self._latents_post(spec, noise))
 
     def submit_decode(
         self, latents: torch.Tensor, spec: LatentSpec | None = None, as_uint8: bool = False
-    ) -> "Pending[BatchResult]":
+    ) -> Pending[BatchResult]:
         """`decode`, launched; as_uint8: images come back as uint8 (N, H, W, C), rounded as io.to_uint8
         (a quarter of the bytes to copy back and nothing left to convert on the host)."""
         z = self._on_device(latents).float()
@@ -246,7 +249,7 @@ class Runner:
 
     def submit_roundtrip(
         self, pixels: torch.Tensor, noise: torch.Tensor | None = None, as_uint8: bool = False
-    ) -> "Pending[tuple[BatchResult, BatchResult]]":
+    ) -> Pending[tuple[BatchResult, BatchResult]]:
         """Encode then decode on the device (the latents never leave it). The result is (encode, decode):
         the decode result holds the images; a sample that failed to encode is listed in the encode result's
         `failed`, and one re-encoded at higher precision is decoded again."""
@@ -283,7 +286,7 @@ class Runner:
 
         return post
 
-    def _submit(self, op: str, x: torch.Tensor, post: Post) -> "Pending[BatchResult]":
+    def _submit(self, op: str, x: torch.Tensor, post: Post) -> Pending[BatchResult]:
         launch = self._launch(op, x, post)
         download = self.transfers.download([launch.out, launch.finite])
         return Pending(lambda: self._settle(launch, download))
@@ -332,14 +335,14 @@ class Runner:
         Writes the new rows into `out` (the host result, or the device tensor for roundtrip latents)."""
         result = launch.result
         start = time.perf_counter()
-        for lower, higher in zip(self.ladder, self.ladder[1:]):
+        for lower, higher in zip(self.ladder, self.ladder[1:], strict=False):
             if not bad:
                 break
             result.retries += [Retry(i, DTYPE_NAMES[lower], DTYPE_NAMES[higher]) for i in bad]
             rows = torch.tensor(bad, device=launch.x.device)
             raw = self._sliced(launch.op, self.model(higher), launch.x[rows].to(higher), result)
             out[bad] = launch.post(raw, rows).to(out.device)
-            bad = [i for i, ok in zip(bad, _finite_rows(raw).tolist()) if not ok]
+            bad = [i for i, ok in zip(bad, _finite_rows(raw).tolist(), strict=True) if not ok]
         for i in bad:
             result.failed[i] = _non_finite_message(launch.x[i])
         self.busy_s += time.perf_counter() - start

@@ -13,8 +13,9 @@ the kernels' block sizes), read through `run_choices(device)`. Each choice cites
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -464,7 +465,7 @@ def apply_layout(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
     """Put the model's conv weights in the plan's memory layout, IN PLACE (values unchanged), so that
     convolutions do not convert them on every call. Runner never calls this on a caller's model: see
     `laid_out`."""
-    return model.to(memory_format=plan.layout)
+    return model.to(memory_format=plan.layout)  # type: ignore[call-overload]  # Module.to takes it; stubs omit
 
 
 def laid_out(model: M, plan: Plan) -> M:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -26,7 +27,6 @@ from .models.qwenimage import AutoencoderKLQwenImage
 from .models.qwenimage_config import CLASS_NAME, QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, QwenImageConfig
 from .weight_checks import assign_frozen, check_keys, check_values
 from .weight_files import locate, read_state_dict, under_vae_prefix, weights_sha256
-
 
 # The one rename table: original Wan 2.1 key prefixes <-> diffusers key prefixes, first match wins.
 # {e} is encoder or decoder, {k} a flat encoder index (the same list in both layouts). {d} is a flat index

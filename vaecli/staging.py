@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, Iterator, Sequence
+from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ class _HostEvent:
     def synchronize(self) -> None:
         pass
 
-    def elapsed_time(self, end: "_HostEvent") -> float:
+    def elapsed_time(self, end: _HostEvent) -> float:
         return (end.at - self.at) * 1000.0  # milliseconds, as torch.cuda.Event
 
 
@@ -49,7 +50,7 @@ class PinnedPool:
     """Reusable page-locked host buffers: allocating pinned memory is slow (a driver call that maps the
     pages), so buffers are recycled, each handed out again only once the copy that used it has finished."""
 
-    def __init__(self, transfers: "Transfers", keep: int = 8) -> None:
+    def __init__(self, transfers: Transfers, keep: int = 8) -> None:
         self._t = transfers
         self._free: list[torch.Tensor] = []  # flat uint8 buffers
         self._busy: list[tuple[Any, torch.Tensor]] = []  # (event of the last copy, buffer)
@@ -159,7 +160,7 @@ class Transfers:
         buf = self.pool.take(sum(sizes))
         view = buf.numpy()
         offsets = np.cumsum([0, *sizes])
-        for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:]):
+        for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:], strict=True):
             view[lo:hi] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
         with self.side(self.up):
             flat = self.to_device(buf[: offsets[-1]])
@@ -172,7 +173,7 @@ class Transfers:
             self._keep_alive(flat, compute)
         tdtype = _TORCH_DTYPES[np.dtype(dtype)]
         return [
-            flat[lo:hi].view(tdtype).view(a.shape) for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:])
+            flat[lo:hi].view(tdtype).view(a.shape) for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:], strict=True)
         ]
 
     def images(self, arrays: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
@@ -214,11 +215,11 @@ class Transfers:
         for n in sizes[:-1]:
             starts.append(starts[-1] + -(-n // 16) * 16)
         buf = self.pool.take(starts[-1] + (sizes[-1] if sizes else 0))
-        hosts = [buf[lo : lo + n].view(t.dtype).view(t.shape) for t, lo, n in zip(tensors, starts, sizes)]
+        hosts = [buf[lo : lo + n].view(t.dtype).view(t.shape) for t, lo, n in zip(tensors, starts, sizes, strict=True)]
         if self.down is not None:
             self.down.wait_stream(torch.cuda.current_stream(self.device))  # after the work that makes them
         with self.side(self.down):
-            for host, t in zip(hosts, tensors):
+            for host, t in zip(hosts, tensors, strict=True):
                 host.copy_(t, non_blocking=True)
                 self._keep_alive(t, self.down)
             done = self.event()
@@ -242,7 +243,7 @@ def to_model_range(x: torch.Tensor) -> torch.Tensor:
     return x * 2.0 - 1.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def _u8_scale(device: torch.device) -> torch.Tensor:
     return torch.tensor(U8_SCALE, device=device)
 

@@ -35,8 +35,9 @@ autoencoders) each tile is the whole model on its crop.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, cast
+from typing import cast
 
 import torch
 
@@ -62,7 +63,7 @@ class Grid:
     length: int
 
     @classmethod
-    def fit(cls, length: int, tile: int, overlap: int) -> "Grid":
+    def fit(cls, length: int, tile: int, overlap: int) -> Grid:
         """The fewest equal tiles of at most `tile` cells covering `length` with at least `overlap` shared."""
         if length <= tile:
             return cls((0,), length, length)
@@ -136,7 +137,7 @@ class _Sums:
         self.total_sq = torch.zeros_like(self.total)
         self.count = torch.zeros(images, 1, dtype=torch.float64, device=device)
 
-    def add(self, x: torch.Tensor, chunk: "_Chunk", size_in: tuple[int, int], plan: Plan) -> None:
+    def add(self, x: torch.Tensor, chunk: _Chunk, size_in: tuple[int, int], plan: Plan) -> None:
         g = self.total.shape[1]
         fy = x.shape[-2] / size_in[0]  # this layer's resolution relative to the tile input
         fx = x.shape[-1] / size_in[1]
@@ -295,7 +296,7 @@ class _Blender:
         self.ramp_y, self.ramp_x = run.gy.ramps(out_scale).to(dev), run.gx.ramps(out_scale).to(dev)
 
     def add(self, tiles: list[Tile], y: torch.Tensor) -> None:
-        for t, yt in zip(tiles, y.float()):
+        for t, yt in zip(tiles, y.float(), strict=True):
             wt = self.ramp_y[t.iy].view(-1, 1) * self.ramp_x[t.ix].view(1, -1)  # (ty, tx)
             ys, xs = t.y * self.scale, t.x * self.scale
             rows, cols = slice(ys, ys + yt.shape[-2]), slice(xs, xs + yt.shape[-1])
@@ -307,7 +308,7 @@ class _Blender:
         return self.out / self.norm
 
 
-def _per_tile(run: _Lockstep, local: Callable[[torch.Tensor], torch.Tensor], blend: "_Blender") -> None:
+def _per_tile(run: _Lockstep, local: Callable[[torch.Tensor], torch.Tensor], blend: _Blender) -> None:
     """Each batch of tiles through `local` with its own statistics, cropped one batch at a time: memory
     stays that of one batch whatever the image size, at the price of per-tile tone differences."""
     for tiles in run.batches:

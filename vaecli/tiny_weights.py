@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from .config import ModelInfo
 from .errors import ConfigError, WeightsError
-from .family_keys import (TINY_COMBINED_EXTRAS, TINY_COMBINED_PREFIXES, TINY_DIFFUSERS_KEY, TINY_ORIGINAL_KEY,
-                          is_tiny_state, tiny_original_half)
+from .family_keys import (
+    TINY_COMBINED_EXTRAS,
+    TINY_COMBINED_PREFIXES,
+    TINY_DIFFUSERS_KEY,
+    TINY_ORIGINAL_KEY,
+    is_tiny_state,
+    tiny_original_half,
+)
 from .models.tiny import AutoencoderTiny
 from .models.tiny_config import CLASS_NAME, TinyConfig
 from .weight_checks import assign_frozen, check_keys, check_values
@@ -230,7 +237,7 @@ def infer_tiny_config(state: Mapping[str, torch.Tensor]) -> tuple[TinyConfig, li
 
 def _read_pair(encoder: Path, decoder: Path) -> dict[str, dict[str, torch.Tensor]]:
     halves = {"encoder": read_state_dict(encoder), "decoder": read_state_dict(decoder)}
-    for (half, state), path in zip(halves.items(), (encoder, decoder)):
+    for (half, state), path in zip(halves.items(), (encoder, decoder), strict=False):
         actual = tiny_original_half(state.keys()) if all(TINY_ORIGINAL_KEY.match(k) for k in state) else None
         if actual != half:
             what = (f"{actual} weights" if actual

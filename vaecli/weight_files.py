@@ -8,9 +8,9 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Mapping
 
 import torch
 

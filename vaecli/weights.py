@@ -7,8 +7,9 @@ Reading files is weight_files.py, the key predicates family_keys.py, strict chec
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -23,8 +24,15 @@ from .models.tiny import AutoencoderTiny
 from .models.tiny_config import CLASS_NAME as TINY_CLASS
 from .qwen_weights import load_qwen
 from .tiny_weights import find_tiny_pair, load_tiny
-from .weight_files import (DEFAULT_MODEL, FOLDER_WEIGHTS, config_class, default_model_dir, locate, regular_file,
-                           safetensors_keys)
+from .weight_files import (
+    DEFAULT_MODEL,
+    FOLDER_WEIGHTS,
+    config_class,
+    default_model_dir,
+    locate,
+    regular_file,
+    safetensors_keys,
+)
 
 __all__ = ["LoadedVAE", "load_vae", "save_vae"]
 

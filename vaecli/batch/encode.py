@@ -4,19 +4,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 import torch
 
 from .. import __version__
+from ..devices import DTYPE_NAMES, DTYPES
 from ..discovery import Item
 from ..errors import ConfigError, InputError
 from ..io import IMAGE_SUFFIXES, decode_image
 from ..latents import LATENT_FORMAT, LATENT_FORMAT_VERSION, by_format, latent_output_state, meta_name
 from ..models.kl import AutoencoderKL
-from ..devices import DTYPE_NAMES, DTYPES
 from ..pipeline import Pending, RunOptions
 from .engine import Loaded, Outputs, Skip
 from .options import EncodeOptions

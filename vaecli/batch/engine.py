@@ -10,11 +10,12 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Generic, Hashable, Iterator, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -323,7 +324,7 @@ class Engine:
             outputs = handle.result() if isinstance(handle, Pending) else handle
         except Exception as exc:  # noqa: BLE001 - the batch fails, the run goes on
             outputs = [exc] * len(batch)
-        for loaded, out in zip(batch, outputs):
+        for loaded, out in zip(batch, outputs, strict=True):
             if isinstance(out, BaseException):
                 self.finish(loaded.index, "failed", out)
             else:

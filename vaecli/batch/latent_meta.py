@@ -4,7 +4,8 @@ vaecli.latents): the format version and maker of our metadata, and whether a tin
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

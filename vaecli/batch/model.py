@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import ConfigError
 from ..models.kl import AutoencoderKL
-from ..devices import resolve_device
 
 
 def open_model(

@@ -3,8 +3,8 @@ remade, or in the way."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ..errors import InputError
 from ..outputs import OutputState

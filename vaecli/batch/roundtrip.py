@@ -4,9 +4,10 @@ abs error), optionally writing them and their error maps, as one Job on the engi
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,7 @@ class RoundtripJob:
     def _images(self, batch: list[Loaded[RoundtripItem]], enc: Any, dec: Any) -> Outputs:
         engine = self.ctx.engine
         errors = note_batch(engine, batch, enc, "encode")
-        errors = [a or b for a, b in zip(errors, note_batch(engine, batch, dec, "decode"))]
+        errors = [a or b for a, b in zip(errors, note_batch(engine, batch, dec, "decode"), strict=True)]
         images = images_nhwc(dec.tensor)
         return [err if err is not None else images[i] for i, err in enumerate(errors)]
 

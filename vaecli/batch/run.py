@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Protocol, Sequence, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -17,9 +18,9 @@ from ..errors import InputError
 from ..files import clean_temp_files
 from ..io import IMAGE_OUTPUT_SUFFIXES
 from ..latents import LATENT_SUFFIXES
-from ..models.kl import AutoencoderKL
 from ..memory import auto_batch_size
-from ..pipeline import BatchResult, RunOptions, Runner
+from ..models.kl import AutoencoderKL
+from ..pipeline import BatchResult, Runner, RunOptions
 from ..plans import run_choices
 from .engine import Engine, Job, Loaded
 from .model import model_notes, model_summary

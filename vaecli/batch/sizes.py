@@ -4,7 +4,8 @@ crop, resize), what size the model sees, and how a decoded image is taken back t
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +13,6 @@ import torch
 from ..choices import SIZE_POLICIES
 from ..errors import ConfigError, InputError
 from ..latents import meta_json
-
 
 
 def check_size_policy(policy: str) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Callable, Hashable
 
 from ..discovery import Item
 from ..errors import InputError

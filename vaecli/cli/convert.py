@@ -7,7 +7,7 @@ its report. The core is imported inside the commands: help and usage errors neve
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -49,7 +49,7 @@ RawOpt = Annotated[bool, typer.Option(
     "--raw", help="Store raw VAE latents, not the model's normalized ones.", rich_help_panel=OUTPUT)]
 LatentDTypeOpt = Annotated[DType, typer.Option(
     "--latent-dtype", help="Precision of the stored latents.", rich_help_panel=OUTPUT)]
-CacheFormatOpt = Annotated[Optional[CacheFormat], typer.Option(
+CacheFormatOpt = Annotated[CacheFormat | None, typer.Option(
     "--format", help="Latent files: vaecli (.safetensors + metadata), kohya (.npz for sd-scripts, its pixel "
     "conventions), comfyui (.latent for Load Latent).", show_default=DEFAULTS.cache_format, rich_help_panel=OUTPUT)]
 FlatOpt = Annotated[bool, typer.Option(
@@ -82,8 +82,8 @@ def encode(
     """
     from ..batch import check_layout, encode_paths, latent_names
     from ..discovery import check_inputs_exist, require_inputs
-    from ..latents import by_format
     from ..io import IMAGE_SUFFIXES
+    from ..latents import by_format
 
     with guard(report.as_json, report.debug, "encode"):
         options_run = run_options(run)
@@ -126,9 +126,9 @@ ImageFormatOpt = Annotated[ImageFormat, typer.Option("--format", help="Image for
 QualityOpt = Annotated[int, typer.Option(
     "--quality", metavar="Q", min=1, max=100, help="JPEG/WebP quality (WebP 100: lossless).", rich_help_panel=OUTPUT)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Decode latents made by another model.")]
-ScalingOpt = Annotated[Optional[float], typer.Option(
+ScalingOpt = Annotated[float | None, typer.Option(
     "--scaling-factor", metavar="X", help="Normalization of latents without vaecli metadata (overrides metadata).")]
-ShiftOpt = Annotated[Optional[float], typer.Option(
+ShiftOpt = Annotated[float | None, typer.Option(
     "--shift-factor", metavar="X", help="Shift of such latents (SD3/Flux).")]
 
 
@@ -166,7 +166,7 @@ def decode(
         finish(result, report.as_json, report.debug, live=live)
 
 
-RoundtripOutOpt = Annotated[Optional[Path], typer.Option(
+RoundtripOutOpt = Annotated[Path | None, typer.Option(
     "--out", "-o", metavar="PATH", parser=output_path, help="Write reconstructions to OUT/<rel>.png.",
     show_default=False)]
 DiffOpt = Annotated[bool, typer.Option(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -32,16 +32,16 @@ from .settings import LatentOutput, load_model
 DatasetOpt = Annotated[bool, typer.Option(
     "--dataset", help="Prepare a training cache: aspect buckets, crops, manifest.jsonl, invalidation.",
     rich_help_panel=DATASET)]
-BucketResolutionOpt = Annotated[Optional[int], typer.Option(
+BucketResolutionOpt = Annotated[int | None, typer.Option(
     "--bucket-resolution", metavar="PIXELS", min=8, help="Side of the square bucket whose area all buckets share "
     "(SD 1.x: 512, SDXL: 1024).", show_default=str(DEFAULTS.bucket_resolution), rich_help_panel=DATASET)]
-BucketStepOpt = Annotated[Optional[int], typer.Option(
+BucketStepOpt = Annotated[int | None, typer.Option(
     "--bucket-step", metavar="PIXELS", min=8, help="Bucket sides are multiples of this.",
     show_default=str(DEFAULTS.bucket_step), rich_help_panel=DATASET)]
-MinBucketOpt = Annotated[Optional[int], typer.Option(
+MinBucketOpt = Annotated[int | None, typer.Option(
     "--min-bucket-size", metavar="PIXELS", help="Shortest bucket side.",
     show_default="resolution/2; --format kohya: 256, as sd-scripts", rich_help_panel=DATASET)]
-MaxBucketOpt = Annotated[Optional[int], typer.Option(
+MaxBucketOpt = Annotated[int | None, typer.Option(
     "--max-bucket-size", metavar="PIXELS", help="Longest bucket side.",
     show_default="resolution*2; --format kohya: 1024, as sd-scripts", rich_help_panel=DATASET)]
 NoUpscaleOpt = Annotated[bool, typer.Option(
@@ -60,22 +60,22 @@ MomentsOpt = Annotated[bool, typer.Option(
 NextToImagesOpt = Annotated[bool, typer.Option(
     "--kohya-next-to-images", help="kohya format: write <stem>.npz beside each image instead of under OUT.",
     rich_help_panel=DATASET)]
-KohyaConfigOpt = Annotated[Optional[Path], typer.Option(
+KohyaConfigOpt = Annotated[Path | None, typer.Option(
     "--kohya-config", metavar="TOML", help="Bucket settings (resolution, buckets, flip_aug) from kohya's dataset "
     "config; implies --dataset --format kohya.", rich_help_panel=DATASET)]
-ShardOpt = Annotated[Optional[str], typer.Option(
+ShardOpt = Annotated[str | None, typer.Option(
     "--shard", metavar="I/N", help="Take shard i of n (i/n, 0-based), e.g. for Slurm arrays; under torchrun "
     "RANK/WORLD_SIZE are used.", rich_help_panel=DATASET)]
-LayoutOpt = Annotated[Optional[Layout], typer.Option(
+LayoutOpt = Annotated[Layout | None, typer.Option(
     "--layout", help="folder: a file per image (image inputs); tar (WebDataset) or parquet: one latent shard per "
     "input shard.", show_default="by input", rich_help_panel=SHARDS)]
-ImageColumnOpt = Annotated[Optional[str], typer.Option(
+ImageColumnOpt = Annotated[str | None, typer.Option(
     "--image-column", metavar="NAME", help="Shards: the tar member suffix (jpg) or parquet column (image) holding "
     "the image.", show_default="found", rich_help_panel=SHARDS)]
 EngineOpt = Annotated[Engine, typer.Option(
     "--engine", help="local: this process (with --shard or torchrun); ray: a Ray cluster, the VAE as an actor pool "
     "(pip install 'vaecli[ray]').", rich_help_panel=SHARDS)]
-AddressOpt = Annotated[Optional[str], typer.Option(
+AddressOpt = Annotated[str | None, typer.Option(
     "--address", metavar="ADDR", help="Ray cluster to join (host:6379 or ray://host:10001).",
     show_default="RAY_ADDRESS, else a new local one", rich_help_panel=SHARDS)]
 RayWorkersOpt = Annotated[int, typer.Option(

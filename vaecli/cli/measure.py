@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -17,7 +17,7 @@ from .settings import bench_settings, load_model
 
 ResolutionOpt = Annotated[list[int], typer.Option(
     "--resolution", "-r", metavar="PIXELS", min=8, help="Square side; repeat for several.")]
-VersusOpt = Annotated[Optional[str], typer.Option(
+VersusOpt = Annotated[str | None, typer.Option(
     "--versus", metavar="MODEL", help="Also time MODEL (e.g. the full VAE beside its tiny one) with the same "
     "settings, and give this model's speed-up over it per row.", rich_help_panel=MODEL)]
 WarmupOpt = Annotated[int, typer.Option(
@@ -66,7 +66,7 @@ def add_speedups(rows: list[dict[str, Any]], others: list[dict[str, Any]]) -> No
         r["speedup_vs"] = round(other["ms_per_img"] / r["ms_per_img"], 3)
 
 
-InfoModelArg = Annotated[Optional[str], typer.Argument(
+InfoModelArg = Annotated[str | None, typer.Argument(
     metavar="MODEL", help="Model folder, weights file or Hub id; default: the embedded model.")]
 
 
@@ -74,7 +74,7 @@ InfoModelArg = Annotated[Optional[str], typer.Argument(
 class InfoModelFlags(ModelFlags):
     """info's model flags: --model is another way to give its MODEL argument."""
 
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         "--model", "-m", metavar="MODEL", help="The same as MODEL, as the other commands take it.",
         rich_help_panel=MODEL)] = None
 

@@ -12,9 +12,10 @@ import dataclasses
 import functools
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -49,24 +50,24 @@ def parse_batch_size(value: str | int) -> int:
 
 
 # -- single options (Annotated aliases), each defined once --------------------------------------------------
-ModelOpt = Annotated[Optional[str], typer.Option(
+ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", metavar="MODEL", help="Diffusers folder, single weights file or Hub id; default: the "
     "embedded model.", rich_help_panel=MODEL)]
-FamilyOpt = Annotated[Optional[Family], typer.Option(
+FamilyOpt = Annotated[Family | None, typer.Option(
     "--family", help="Latent normalization for a single weights file without config (FLUX.2 files are "
     "recognised by their batch-norm statistics); with a tiny autoencoder, the latent space it decodes "
     "(files of another family are refused).", rich_help_panel=MODEL)]
-SubfolderOpt = Annotated[Optional[str], typer.Option(
+SubfolderOpt = Annotated[str | None, typer.Option(
     "--subfolder", metavar="PATH", help="Model folder inside the --model folder or Hub repo (e.g. vae).",
     rich_help_panel=MODEL)]
-RevisionOpt = Annotated[Optional[str], typer.Option(
+RevisionOpt = Annotated[str | None, typer.Option(
     "--revision", metavar="REV", help="Hub branch, tag or commit of --model.", rich_help_panel=MODEL)]
-VariantOpt = Annotated[Optional[str], typer.Option(
+VariantOpt = Annotated[str | None, typer.Option(
     "--variant", metavar="NAME", help="Weights variant, e.g. fp16: diffusion_pytorch_model.fp16.safetensors.",
     rich_help_panel=MODEL)]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run the model.", rich_help_panel=MODEL)]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Compute precision.", rich_help_panel=RUN)]
-UpcastOpt = Annotated[Optional[bool], typer.Option(
+UpcastOpt = Annotated[bool | None, typer.Option(
     "--upcast/--no-upcast", help="Run fp16 requests in fp32 (default: as the model's force_upcast says).",
     rich_help_panel=RUN)]
 TilingOpt = Annotated[Tiling, typer.Option(
@@ -75,7 +76,7 @@ TileSizeOpt = Annotated[int, typer.Option(
     "--tile-size", metavar="PIXELS", min=8, help="Tile side in image pixels.", rich_help_panel=RUN)]
 TileOverlapOpt = Annotated[int, typer.Option(
     "--tile-overlap", metavar="PIXELS", min=0, help="Tile overlap in image pixels.", rich_help_panel=RUN)]
-SlicingOpt = Annotated[Optional[int], typer.Option(
+SlicingOpt = Annotated[int | None, typer.Option(
     "--slicing", metavar="N", min=1, help="Run each batch in slices of N images.", rich_help_panel=RUN)]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile/--no-compile", help="Run encode/decode as compiled programs (AOTInductor): one compile per input "
@@ -95,14 +96,14 @@ OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Recompute outputs that already exist.", rich_help_panel=OUTPUT)]
 MaxPixelsOpt = Annotated[int, typer.Option(
     "--max-pixels", metavar="N", min=0, help="Refuse larger images (0: no limit).", rich_help_panel=OUTPUT)]
-AlphaOpt = Annotated[Optional[Alpha], typer.Option(
+AlphaOpt = Annotated[Alpha | None, typer.Option(
     "--alpha", help="Transparent pixels: composite over white or black, or drop alpha (--format kohya: always "
     "dropped, as kohya does).", show_default=DEFAULTS.alpha, rich_help_panel=OUTPUT)]
 SizePolicyOpt = Annotated[SizePolicy, typer.Option(
     "--size-policy", help="Sides not divisible by 8: pad (undone exactly), crop (centre) or resize.",
     rich_help_panel=OUTPUT)]
 SampleOpt = Annotated[bool, typer.Option("--sample", help="Sample the posterior instead of taking its mode.")]
-SeedOpt = Annotated[Optional[int], typer.Option(
+SeedOpt = Annotated[int | None, typer.Option(
     "--seed", metavar="N", help="Seed for --sample (implies it); noise depends on (seed, path).")]
 InputsArg = Annotated[list[Path], typer.Argument(
     metavar="INPUT", help="Files or folders (searched recursively).", show_default=False)]

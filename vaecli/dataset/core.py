@@ -8,8 +8,9 @@ the files: there is no journal that could disagree with them.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..batch import Engine, Progress, batch_sizer, model_notes
 from ..discovery import Item, Siblings, check_output_root, discover
@@ -109,7 +110,9 @@ def _prepare_here(
     try:
         if shards is None:
             report = _prepare_share(vae, inputs, out, options, run, (index, count), progress)
-            merge: Callable[[DatasetReport, bool], None] = lambda r, done: _merge_folder(r, out, count, done)
+
+            def merge(r: DatasetReport, done: bool) -> None:
+                _merge_folder(r, out, count, done)
         else:
             from .shard_run import ShardShare
 

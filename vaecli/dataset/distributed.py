@@ -11,7 +11,8 @@ from __future__ import annotations
 import datetime
 import os
 import zlib
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 

@@ -10,19 +10,20 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .. import __version__
 from ..batch import model_summary, posterior_noise, resample
+from ..devices import DTYPE_NAMES, DTYPES
 from ..errors import InputError
 from ..latents import LATENT_FORMAT, LATENT_FORMAT_VERSION, meta_name
 from ..models.kl import AutoencoderKL
-from ..devices import DTYPE_NAMES, DTYPES
-from ..pipeline import BatchResult, RunOptions, Runner
+from ..pipeline import BatchResult, Runner, RunOptions
 from .buckets import BucketChoice, crop_box, make_buckets, select_bucket
 from .options import DATASET_VERSION, LOGVAR_RANGE, RESAMPLE, DatasetOptions
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import torch
 

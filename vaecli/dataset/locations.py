@@ -10,9 +10,10 @@ import glob
 import importlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any
 
 from ..errors import ConfigError, InputError
 from ..files import is_url  # noqa: F401 - also this module's public name
@@ -94,7 +95,7 @@ def shard_inputs(inputs: Sequence[str | Path]) -> list[ShardInput] | None:
     if not any(shardy):
         return None
     if not all(shardy):
-        images = ", ".join(t for t, s in zip(texts, shardy) if not s)
+        images = ", ".join(t for t, s in zip(texts, shardy, strict=True) if not s)
         raise ConfigError(f"give either shards (.tar, .parquet, URLs) or images and folders, not both ({images})")
     shards = expand_shards(texts)
     if not shards:

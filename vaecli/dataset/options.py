@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..choices import ENGINES, LAYOUTS
+from ..choices import LAYOUTS
+from ..devices import DTYPES
 from ..errors import ConfigError
 from ..io import DEFAULT_MAX_PIXELS
 from ..latents import FORMATS, Container, alpha_for, by_format, find_format
-from ..devices import DTYPES
 
 MANIFEST = "manifest.jsonl"
 DATASET_VERSION = 1  # bump when the meaning of a manifest field or of a setting changes

@@ -45,7 +45,7 @@ class ShardWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outcomes = []
-        for url, kind, name in zip(batch["url"], batch["kind"], batch["name"]):
+        for url, kind, name in zip(batch["url"], batch["kind"], batch["name"], strict=True):
             outcome = process_shard(self.job, ShardInput(str(url), str(kind), str(name)), Tally(None))
             outcomes.append(pickle.dumps(outcome))
         return {"outcome": np.array(outcomes, dtype=object)}

@@ -16,9 +16,10 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any
 
 from .. import safejson
 from ..batch import Counts, Engine, ItemResult, Progress
@@ -238,7 +239,7 @@ def _encode_chunk(
     tally.add(total=len(chunk))
     engine = Engine(items, job.batch_size, job.enc.options.workers, _progress_delta(tally), job.batch_for)
     engine.run(SampleJob(job.enc, engine, chunk, src.url, sink, state.records))
-    for s, r in zip(chunk, engine.results):
+    for s, r in zip(chunk, engine.results, strict=False):
         r.input = f"{src.url}#{s.source}"
         if r.status == "ok":
             r.output = f"{target}#{s.key}.{sink.suffix}"

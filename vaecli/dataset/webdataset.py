@@ -14,8 +14,9 @@ import json
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from ..errors import InputError
 from ..files import publish_temp, temp_path

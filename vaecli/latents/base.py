@@ -4,8 +4,9 @@ tensor data is read, and the conventions of our metadata (written into every con
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .. import safejson
 from ..config import LatentSpec

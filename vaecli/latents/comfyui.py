@@ -8,8 +8,9 @@ there. Latents are what ComfyUI's VAE node outputs: raw, except FLUX.2's normali
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..config import LatentSpec
 from ..errors import InputError

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import math
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 

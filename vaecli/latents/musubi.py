@@ -33,7 +33,7 @@ import torch
 from ..config import LatentSpec
 from ..errors import ConfigError, InputError
 from ..files import atomic_write, check_regular
-from ..models.qwenimage import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
+from ..models.qwenimage_config import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
 
 FORMAT_VERSION = "1.0.1"  # musubi's save_latent_cache_common writes this and checks nothing on load
 SUFFIX = ".safetensors"

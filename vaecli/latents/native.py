@@ -4,8 +4,9 @@ safetensors file of unknown origin holding one tensor (container "bare": its nor
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..config import LatentSpec
 from ..errors import InputError

@@ -238,7 +238,7 @@ class DiagonalGaussian:
         noise = torch.randn(self.mean.shape, generator=generator, device=noise_device, dtype=self.mean.dtype)
         return self.mean + self.std * noise.to(self.mean.device)
 
-    def kl(self, other: "DiagonalGaussian | None" = None) -> torch.Tensor:
+    def kl(self, other: DiagonalGaussian | None = None) -> torch.Tensor:
         """KL divergence to N(0, 1) (or to `other`), summed over (C, h, w): shape (N,)."""
         if other is None:
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])

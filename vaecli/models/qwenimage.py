@@ -39,7 +39,6 @@ from ..plans import REFERENCE, Plan
 from .kl import DiagonalGaussian, check_image_range
 from .qwenimage_config import QwenImageConfig
 
-
 # ------------------------------------------------------------------------------------------------ layers
 
 

@@ -7,10 +7,13 @@ name the config class without importing the model's layers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from ..config import LatentSpec, is_int as _is_int, is_number as _is_number, latent_spec_problems
+from ..config import LatentSpec, latent_spec_problems
+from ..config import is_int as _is_int
+from ..config import is_number as _is_number
 from ..errors import ConfigError
 
 CLASS_NAME = "AutoencoderKLQwenImage"
@@ -114,7 +117,7 @@ class QwenImageConfig:
         return LatentSpec(1.0, None, self.latents_mean, self.latents_std)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "QwenImageConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> QwenImageConfig:
         """From a diffusers config.json dict. Diffusers' bookkeeping keys (a leading underscore) are ignored;
         another `_class_name` or an unknown field (e.g. AutoencoderKLWan's is_residual, patch_size) raises,
         since it would describe another architecture."""
@@ -138,7 +141,7 @@ class QwenImageConfig:
             data[f.name] = list(value) if isinstance(value, tuple) else value
         return data
 
-    def replace(self, **changes: Any) -> "QwenImageConfig":
+    def replace(self, **changes: Any) -> QwenImageConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 

@@ -109,7 +109,7 @@ class EncoderTiny(nn.Module):
         super().__init__()
         chs, levels = cfg.encoder_block_out_channels, len(cfg.encoder_block_out_channels)
         layers: list[nn.Module] = []
-        for i, (ch, blocks) in enumerate(zip(chs, cfg.num_encoder_blocks)):
+        for i, (ch, blocks) in enumerate(zip(chs, cfg.num_encoder_blocks, strict=False)):
             # the first level keeps full resolution; each later one starts with a bias-free stride-2 conv
             layers.append(_conv3x3(cfg.in_channels, ch) if i == 0 else _conv3x3(ch, ch, stride=2, bias=False))
             layers += [Block(ch, cfg.act_fn, pool=cfg.midblock_gn and i == levels - 1) for _ in range(blocks)]
@@ -132,7 +132,7 @@ class DecoderTiny(nn.Module):
         super().__init__()
         chs, levels = cfg.decoder_block_out_channels, len(cfg.decoder_block_out_channels)
         layers: list[nn.Module] = [_conv3x3(cfg.latent_channels, chs[0]), Activation(cfg.act_fn)]
-        for i, (ch, blocks) in enumerate(zip(chs, cfg.num_decoder_blocks)):
+        for i, (ch, blocks) in enumerate(zip(chs, cfg.num_decoder_blocks, strict=False)):
             last = i == levels - 1
             layers += [Block(ch, cfg.act_fn, pool=cfg.midblock_gn and i == 0) for _ in range(blocks)]
             if not last:

@@ -7,10 +7,13 @@ the config class without importing the model's layers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from ..config import LatentSpec, is_int as _is_int, is_number as _is_number, latent_spec_problems
+from ..config import LatentSpec, latent_spec_problems
+from ..config import is_int as _is_int
+from ..config import is_number as _is_number
 from ..errors import ConfigError
 
 CLASS_NAME = "AutoencoderTiny"
@@ -105,7 +108,7 @@ class TinyConfig:
         return LatentSpec(self.scaling_factor, self.shift_factor, None, None)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TinyConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> TinyConfig:
         """From a diffusers config.json dict; diffusers' bookkeeping keys (_class_name, _diffusers_version,
         _use_default_values, and the block_out_channels copy it registers) are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
@@ -130,7 +133,7 @@ class TinyConfig:
         data["block_out_channels"] = list(self.block_out_channels)  # diffusers writes this copy too
         return data
 
-    def replace(self, **changes: Any) -> "TinyConfig":
+    def replace(self, **changes: Any) -> TinyConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
