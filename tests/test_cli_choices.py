@@ -33,8 +33,9 @@ def test_choices_are_the_cores():
     assert choices.KERNEL_MODES == plans.KERNEL_MODES
     assert choices.SIZE_POLICIES == SIZE_POLICIES
     assert choices.CACHE_FORMATS == latents.FORMATS == tuple(latents.CONTAINER_SUFFIX)
-    assert choices.LAYOUTS == dataset_options.LAYOUTS
-    assert choices.ENGINES == dataset_options.ENGINES
+    from vaecli.dataset import core as dataset_core
+
+    assert dataset_options.LAYOUTS is choices.LAYOUTS and dataset_core.ENGINES is choices.ENGINES  # one copy
     assert choices.IMAGE_FORMATS == tuple(vio.IMAGE_FORMATS)
     assert DEFAULTS.max_pixels == vio.DEFAULT_MAX_PIXELS
     for device in choices.DEVICES[1:]:  # "auto" is resolve_device's own word

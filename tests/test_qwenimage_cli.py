@@ -89,3 +89,32 @@ def test_tiled_1024_decode_matches_untiled():
     mse = (qa - qb).double().pow(2).mean().item()
     assert 10 * math.log10(255**2 / mse) >= 40.0
     assert (tiled_moments[:, :4] - z).abs().max() < 0.05
+
+
+def test_comfyui_latents_keep_the_frame_axis_and_decode_back(tmp_path):
+    """--format comfyui holds what ComfyUI's VAE Encode outputs for Qwen-Image: raw latents with the video
+    VAE's frame axis, (1, z, 1, h, w) (ComfyUI issue #9218); decode reads them back to the same image as our
+    own files, and the dataset export stores the same form."""
+    ref = make_qwen(tmp_path / "qwen", base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    src = tmp_path / "in" / "photo.png"
+    src.parent.mkdir()
+    Image.open(PHOTO).convert("RGB").resize((64, 48), Image.BICUBIC).save(src)
+    model = tmp_path / "qwen"
+    assert run_json("encode", src.parent, "-o", tmp_path / "c", "-m", model, "--format", "comfyui")[0] == 0
+    saved = load_file(str(tmp_path / "c" / "photo.latent"))
+    x = torch.from_numpy(np.asarray(Image.open(src)).copy()).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
+    with torch.no_grad():
+        mean = ref.encode(x).latent_dist.mean  # (1, 16, 1, 6, 8)
+    assert saved["latent_tensor"].shape == (1, 16, 1, 6, 8) and "latent_format_version_0" in saved
+    torch.testing.assert_close(saved["latent_tensor"], mean, atol=1e-4, rtol=1e-4)
+    assert run_json("encode", src.parent, "-o", tmp_path / "z", "-m", model)[0] == 0
+    for name, folder in (("c", tmp_path / "c"), ("z", tmp_path / "z")):
+        assert run_json("decode", folder, "-o", tmp_path / f"img-{name}", "-m", model)[0] == 0
+    ours = np.asarray(Image.open(tmp_path / "img-z" / "photo.png")).astype(np.int16)
+    theirs = np.asarray(Image.open(tmp_path / "img-c" / "photo.png")).astype(np.int16)
+    assert np.abs(ours - theirs).max() <= 1  # the same latents, stored raw instead of normalized
+    code, doc, _ = run_json("encode", src.parent, "-o", tmp_path / "d", "-m", model, "--dataset", "--format",
+                            "comfyui", "--bucket-resolution", "64", "--bucket-step", "16")
+    assert code == 0 and doc["ok"] == 1
+    (item,) = (tmp_path / "d").rglob("*.latent")
+    assert load_file(str(item))["latent_tensor"].shape[:3] == (1, 16, 1)

@@ -38,6 +38,9 @@ class Family:
     # Whether the plans may give its conv weights the channels-last layout (plans.plan_for): Qwen-Image's
     # checkpoint-shaped 5D weights have none.
     channels_last: bool
+    # Its VAE is a video VAE run on one frame: the tools built on it (ComfyUI's VAE Encode, musubi-tuner) keep
+    # the frame axis in latents, (C, 1, h, w); containers that hold what those tools make store it so.
+    frame_axis: bool = False
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -54,7 +57,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwenimage", "AutoencoderKLQwenImage", "Qwen-Image VAE (Qwen-Image, Qwen-Image-Edit; Wan 2.1's design, "
            "one frame)", QwenImageConfig, is_qwen_state,
            "per-channel latents_mean / latents_std from the config: (z - mean) / std",
-           whole_image_norms=False, global_mid_blocks=True, channels_last=False),
+           whole_image_norms=False, global_mid_blocks=True, channels_last=False, frame_axis=True),
 )
 
 

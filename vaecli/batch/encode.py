@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .. import __version__, families
 from ..devices import DTYPE_NAMES, DTYPES
 from ..discovery import Item
 from ..errors import ConfigError, InputError
@@ -67,6 +67,8 @@ class EncodeJob:
         # what the container stores: ours the model's normalization (unless raw), kohya raw, ComfyUI as its VAE node
         self.spec = None if options.raw else container.store_spec(config.latent_spec)
         self.store_dtype = DTYPES[options.latent_dtype]
+        # ComfyUI's Qwen-Image latents keep the video VAE's frame axis: (C, h, w) -> (C, 1, h, w) when written
+        self.frames = container.frame_axis and families.of_config(config).frame_axis
         self.settings = {
             "model_sha256": ctx.info["weights_sha256"],
             "model_identity_sha256": ctx.info["identity_sha256"],
@@ -120,7 +122,7 @@ class EncodeJob:
         assert target is not None
         write = self.container.write
         assert write is not None  # by_format: a container that writes
-        write(target, z, self._meta(loaded.item, loaded.state))
+        write(target, z.unsqueeze(1) if self.frames else z, self._meta(loaded.item, loaded.state))
 
     def _meta(self, item: Item, e: EncodeItem) -> dict[str, str]:
         """The metadata one latent file records: the run's settings, and this image's sizes and source."""

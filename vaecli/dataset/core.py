@@ -40,7 +40,8 @@ from .manifest import (
     shard_manifests,
     write_manifest,
 )
-from .options import ENGINES, MANIFEST, DatasetOptions, EngineOptions, check_options
+from ..choices import ENGINES
+from .options import MANIFEST, DatasetOptions, EngineOptions, check_options
 from .report import DatasetReport
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, families
 from ..batch import model_summary, posterior_noise, resample
 from ..devices import DTYPE_NAMES, DTYPES
 from ..errors import InputError
@@ -50,6 +50,8 @@ class DatasetEncoder:
         self.runner = Runner(vae, run)
         self.info = model_summary(vae)
         self.container = options.container()
+        # ComfyUI's Qwen-Image latents keep the video VAE's frame axis: written as (C, 1, h, w)
+        self.frames = self.container.frame_axis and families.of_config(vae.config).frame_axis
         # what the container holds: ours normalized (unless --raw), kohya raw, ComfyUI as its VAE node
         # writes (raw, or FLUX.2's normalized patchified form): Container.store_spec
         self.spec = None if options.raw else self.container.store_spec(vae.config.latent_spec)

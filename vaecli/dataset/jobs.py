@@ -104,6 +104,8 @@ class FolderJob:
         )
         write_item = enc.container.write_item
         assert write_item is not None  # every container --format names writes dataset items
+        if enc.frames:
+            tensors = {k: v.unsqueeze(1) for k, v in tensors.items()}  # (C, h, w) -> (C, 1, h, w), as ComfyUI's
         write_item(main, flipped, tensors, record, enc.file_meta(record))  # each file embeds the record
         self.records[loaded.index] = record
 

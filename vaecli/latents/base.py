@@ -36,19 +36,23 @@ class LatentFile:
 
 
 def check_shape(shape: tuple[int, ...], check: ShapeCheck | None) -> tuple[int, ...]:
-    """A latent's stored shape, (C, h, w) or (1, C, h, w) and not empty; `check` sees (C, h, w)."""
-    if not (len(shape) == 3 or (len(shape) == 4 and shape[0] == 1)):
-        raise InputError(f"latent has shape {shape}; expected (C, h, w) or (1, C, h, w)")
+    """A latent's stored shape, (C, h, w) or (1, C, h, w) and not empty, or those with a frame axis of one
+    frame, (1, C, 1, h, w) (ComfyUI's Qwen-Image latents); `check` sees (C, h, w)."""
+    one_frame = len(shape) == 5 and shape[0] == 1 and shape[2] == 1
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[0] == 1) or one_frame):
+        raise InputError(f"latent has shape {shape}; expected (C, h, w), (1, C, h, w) or one frame (1, C, 1, h, w)")
     if min(shape) == 0:
         raise InputError(f"latent has an empty shape {shape}")
     if check is not None:
-        c, h, w = shape[-3:]
+        c, h, w = (shape[1], shape[3], shape[4]) if one_frame else shape[-3:]
         check((c, h, w))
     return shape
 
 
 def as_chw(t: torch.Tensor) -> torch.Tensor:
     """A stored latent as (C, h, w)."""
+    if t.ndim == 5 and t.shape[0] == 1 and t.shape[2] == 1:
+        t = t[:, :, 0]  # one frame: (1, C, 1, h, w) -> (1, C, h, w)
     if t.ndim == 4 and t.shape[0] == 1:
         t = t[0]  # (1, C, h, w) -> (C, h, w)
     return t

@@ -3,7 +3,9 @@ e60e19b175f93f2c8fac037063de9f13259be9d4): safetensors {`latent_tensor`: (B, C, 
 `latent_format_version_0`: empty tensor}. Without the marker LoadLatent multiplies by 1/0.18215 (files of the
 first format held SD-scaled latents). ComfyUI ignores safetensors metadata; ours carries our latent metadata
 there. Latents are what ComfyUI's VAE node outputs: raw, except FLUX.2's normalized patchified form
-(comfy/latent_formats.py Flux2: 128 channels, 16x downscale, no process_in scaling).
+(comfy/latent_formats.py Flux2: 128 channels, 16x downscale, no process_in scaling); Qwen-Image's keep the
+frame axis of its video VAE, (1, 16, 1, h, w) as ComfyUI's VAE Encode outputs (ComfyUI issue #9218), which
+its Qwen-Image model reads (comfy/ldm/qwen_image/model.py works on (B, C, T, H, W)).
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ FLIPPED_SUFFIX = ".flipped.latent"  # a dataset item's flipped latent: ComfyUI's
 
 
 def comfyui_tensors(latent: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A ComfyUI .latent file's tensors for one raw (C, h, w) latent."""
+    """A ComfyUI .latent file's tensors for one latent (C, h, w), or (C, 1, h, w) for a frame-axis family."""
     import torch
 
     return {
-        COMFYUI_TENSOR: latent.float().cpu().unsqueeze(0).contiguous(),  # (C, h, w) -> (1, C, h, w)
+        COMFYUI_TENSOR: latent.float().cpu().unsqueeze(0).contiguous(),  # (C, [1,] h, w) -> (1, C, [1,] h, w)
         COMFYUI_MARKER: torch.tensor([]),  # present: LoadLatent takes the values as they are
     }
 
@@ -51,7 +53,7 @@ def read_comfyui(fh: BinaryIO, check: ShapeCheck | None) -> LatentFile:
     if COMFYUI_TENSOR not in entries:
         raise InputError(f"not a ComfyUI latent file: no '{COMFYUI_TENSOR}' tensor (found: {sorted(entries)[:5]})")
     shape = entries[COMFYUI_TENSOR].shape
-    if len(shape) == 4 and shape[0] > 1:
+    if len(shape) in (4, 5) and shape[0] > 1:
         raise InputError(f"holds a batch of {shape[0]} latents; vaecli decodes files of one latent (1, C, h, w)")
     tensor = read_tensor(fh, entries[COMFYUI_TENSOR], COMFYUI_TENSOR, check)
     ours = dict(meta) if is_ours(meta) else None
@@ -109,4 +111,4 @@ def dataset_tensor(path: Path, name: str) -> torch.Tensor:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(COMFYUI_TENSOR)[0].float()  # (1, C, h, w) -> (C, h, w)
+        return as_chw(f.get_tensor(COMFYUI_TENSOR)).float()  # (1, C, [1,] h, w) -> (C, h, w)

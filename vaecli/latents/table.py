@@ -69,6 +69,8 @@ class Container:
     moments: bool = True  # holds the posterior's mean and logvar beside the latent
     shards: bool = False  # may be packed into tar or parquet shards
     next_to_images: bool = False  # may be written beside each image instead of under OUT
+    # holds latents of frame-axis families (families.Family.frame_axis) as their tool makes them: (C, 1, h, w)
+    frame_axis: bool = False
     bucket_defaults: tuple[int, int] | None = None  # (min, max) bucket side its trainer assumes
     record_fields: Callable[[tuple[int, int], tuple[int, int]], dict[str, Any]] = _no_fields  # (bucket, size)
 
@@ -105,7 +107,8 @@ CONTAINERS: tuple[Container, ...] = (
     Container("comfyui", ".latent", "a safetensors file", is_safetensors, comfyui.read_comfyui, comfyui.stored_spec,
               write=comfyui.write_comfyui, state=comfyui.comfyui_state, store_spec=comfyui.store_spec,
               write_item=comfyui.write_item, embedded_record=comfyui.embedded_record,
-              dataset_tensor=comfyui.dataset_tensor, flipped_path=comfyui.flipped_path, moments=False),
+              dataset_tensor=comfyui.dataset_tensor, flipped_path=comfyui.flipped_path, moments=False,
+              frame_axis=True),
     Container("bare", ".npy", "a .npy array", npy.is_npy, npy.load_npy, native.stored_spec),  # read only
 )
 
