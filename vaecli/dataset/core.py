@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..batch import Engine, Progress, batch_sizer, model_notes
+from ..choices import ENGINES
 from ..discovery import Item, Siblings, check_output_root, discover
 from ..errors import ConfigError, VaecliError
 from ..files import clean_temp_files
@@ -40,7 +41,6 @@ from .manifest import (
     shard_manifests,
     write_manifest,
 )
-from ..choices import ENGINES
 from .options import MANIFEST, DatasetOptions, EngineOptions, check_options
 from .report import DatasetReport
 
