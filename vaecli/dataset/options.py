@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..choices import ENGINES as ENGINES  # re-exported: core.py and tests/test_cli_choices.py read it here
 from ..choices import LAYOUTS
 from ..devices import DTYPES
 from ..errors import ConfigError
