@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from vaecli.config import Flux2Config, LatentSpec
 from vaecli.errors import ConfigError, InputError
 from vaecli.latents import musubi
-from vaecli.models.qwenimage import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, QwenImageConfig
+from vaecli.models.qwenimage_config import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, QwenImageConfig
 
 TORCH_DTYPE_NAMES = ("float8_e4m3fn", "bfloat16", "float32", "float16", "float64")  # longest first, as theirs
 
