@@ -26,6 +26,7 @@ def test_choices_are_the_cores():
     from vaecli.batch import SIZE_POLICIES
     from vaecli.dataset import options as dataset_options
     from vaecli.devices import DTYPES
+    from vaecli.latents import musubi
 
     assert choices.DTYPES == tuple(DTYPES)
     assert choices.FAMILIES == (*config.FAMILY_PRESETS, "flux2")
@@ -33,6 +34,10 @@ def test_choices_are_the_cores():
     assert choices.KERNEL_MODES == plans.KERNEL_MODES
     assert choices.SIZE_POLICIES == SIZE_POLICIES
     assert choices.CACHE_FORMATS == latents.FORMATS == tuple(latents.CONTAINER_SUFFIX)
+    # musubi's files are named per target and image size: a dataset-only --format outside the table
+    assert choices.ENCODE_FORMATS == (*latents.FORMATS, *choices.DATASET_ONLY_FORMATS) == (*latents.FORMATS, "musubi")
+    assert not set(choices.DATASET_ONLY_FORMATS) & set(latents.CONTAINER_SUFFIX)
+    assert choices.MUSUBI_ARCHITECTURES == tuple(musubi.ARCHITECTURES)
     assert choices.LAYOUTS == dataset_options.LAYOUTS
     assert choices.ENGINES == dataset_options.ENGINES
     assert choices.IMAGE_FORMATS == tuple(vio.IMAGE_FORMATS)
@@ -58,7 +63,8 @@ def test_each_alpha_policy_is_one_the_core_applies():
     (choices.Device, choices.DEVICES), (choices.DType, choices.DTYPES), (choices.Family, choices.FAMILIES),
     (choices.Tiling, choices.TILING_MODES), (choices.Kernels, choices.KERNEL_MODES),
     (choices.SizePolicy, choices.SIZE_POLICIES), (choices.Alpha, choices.ALPHA_POLICIES),
-    (choices.CacheFormat, choices.CACHE_FORMATS), (choices.Layout, choices.LAYOUTS),
+    (choices.CacheFormat, choices.CACHE_FORMATS), (choices.EncodeFormat, choices.ENCODE_FORMATS),
+    (choices.MusubiArch, choices.MUSUBI_ARCHITECTURES), (choices.Layout, choices.LAYOUTS),
     (choices.Engine, choices.ENGINES), (choices.ImageFormat, choices.IMAGE_FORMATS),
 ])
 def test_enums_are_built_from_the_tuples(enum, values):
