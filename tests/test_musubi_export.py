@@ -80,6 +80,7 @@ def test_caches_are_musubis(tmp_path, models, family, arch, short, reference, dt
             "--bucket-resolution", str(R))
     code, doc, err = run_json(*args)
     assert code == 0 and doc["ok"] == 3, (doc, err)
+    assert any(f"_{short}_te.safetensors" in n for n in doc["notes"])
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(f"{Path(n).stem}_{w:04d}x{h:04d}_{short}.safetensors" for n, (w, h) in SIZES.items())
     found = musubi_find(out, short)

@@ -103,7 +103,11 @@ class MusubiKind:
 
     def __call__(self, ctx: RunContext, options: MusubiOptions) -> MusubiJob:
         refuse_collisions(ctx.engine.items)
-        return MusubiJob(ctx, options, check_target(ctx.vae, options), self.out)
+        t = check_target(ctx.vae, options)
+        ctx.notes.append(f"musubi-tuner also needs each image's text-encoder cache <stem>_{t.short}_te.safetensors "
+                         f"in {self.out} (its own text-encoder cache script writes it); do not run its "
+                         "*_cache_latents.py on this folder without --skip_existing (it rewrites these caches)")
+        return MusubiJob(ctx, options, t, self.out)
 
 
 def refuse_collisions(items: Sequence[Item]) -> None:
