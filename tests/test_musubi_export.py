@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 
 from cli_support import make_model, noise_image, run_json
 from test_flux2 import make_flux2
@@ -66,13 +67,38 @@ def qwen_reference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return qwen_theirs(z)
 
 
-CASES = [("flux2", "flux_2_dev", "f2d", flux2_reference, torch.float32),
-         ("flux2", "flux_2_klein_4b", "f2k4b", flux2_reference, torch.float32),
-         ("qwen", "qwen_image", "qi", qwen_reference, torch.bfloat16)]
+def check_caches(out: Path, src: Path, model: torch.nn.Module, arch: str, reference, no_upscale: bool) -> None:
+    """Every cache in `out`: its name, its bucket, its tensor against musubi's of diffusers' mean."""
+    t = musubi.target(arch)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{Path(n).stem}_{w:04d}x{h:04d}_{t.short}.safetensors" for n, (w, h) in SIZES.items())
+    found = musubi_find(out, t.short)
+    assert len(found) == 3
+    for key, (w, h), path in found:
+        name = next(n for n in SIZES if Path(n).stem == key)
+        assert (w, h) == SIZES[name]
+        bucket = musubi.bucket_resolution((w, h), (R, R), True, no_upscale)
+        stored = musubi_item(path)["latents"]
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata()
+        assert {k: meta[k] for k in musubi.MUSUBI_KEYS} == {"architecture": t.metadata_name, "width": str(w),
+                                                            "height": str(h), "format_version": "1.0.1"}
+        want = reference(model, musubi_pixels(src / name, bucket))
+        assert stored.dtype == t.dtype and tuple(stored.shape[-2:]) == (bucket[1] // t.cell, bucket[0] // t.cell)
+        if t.dtype == torch.float32:
+            torch.testing.assert_close(stored, want, atol=1e-5, rtol=1e-5)
+        else:  # bf16: equal after the cast, but where fp32 noise crosses a rounding boundary
+            cast = want.to(t.dtype)
+            assert (stored == cast).float().mean() >= 0.99  # the rest one bf16 step apart: fp32 noise at a tie
+            torch.testing.assert_close(stored.float(), cast.float(), atol=0, rtol=2 ** -7)
 
 
-@pytest.mark.parametrize("family, arch, short, reference, dtype", CASES)
-def test_caches_are_musubis(tmp_path, models, family, arch, short, reference, dtype):
+CASES = [("flux2", "flux_2_dev", flux2_reference), ("flux2", "flux_2_klein_4b", flux2_reference),
+         ("qwen", "qwen_image", qwen_reference), ("qwen", "krea2", qwen_reference)]
+
+
+@pytest.mark.parametrize("family, arch, reference", CASES)
+def test_caches_are_musubis(tmp_path, models, family, arch, reference):
     folder, model = models[family]
     src = images(tmp_path / "in")
     out = tmp_path / "cache"
@@ -80,29 +106,24 @@ def test_caches_are_musubis(tmp_path, models, family, arch, short, reference, dt
             "--bucket-resolution", str(R))
     code, doc, err = run_json(*args)
     assert code == 0 and doc["ok"] == 3, (doc, err)
-    assert any(f"_{short}_te.safetensors" in n for n in doc["notes"])
-    names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"{Path(n).stem}_{w:04d}x{h:04d}_{short}.safetensors" for n, (w, h) in SIZES.items())
-    found = musubi_find(out, short)
-    assert len(found) == 3
-    for key, (w, h), path in found:
-        name = next(n for n in SIZES if Path(n).stem == key)
-        assert (w, h) == SIZES[name]
-        bucket = musubi.bucket_resolution((w, h), (R, R))
-        stored = musubi_item(path)["latents"]
-        want = reference(model, musubi_pixels(src / name, bucket))
-        cell = musubi.target(arch).cell
-        assert stored.dtype == dtype and tuple(stored.shape[-2:]) == (bucket[1] // cell, bucket[0] // cell)
-        if dtype == torch.float32:
-            torch.testing.assert_close(stored, want, atol=1e-5, rtol=1e-5)
-        else:  # bf16: equal after the cast, but where fp32 noise crosses a rounding boundary
-            cast = want.to(dtype)
-            assert (stored == cast).float().mean() >= 0.99  # the rest one bf16 step apart: fp32 noise at a tie
-            torch.testing.assert_close(stored.float(), cast.float(), atol=0, rtol=2 ** -7)
+    assert any(f"_{musubi.target(arch).short}_te.safetensors" in n for n in doc["notes"])
+    check_caches(out, src, model, arch, reference, no_upscale=False)
     code, doc, _ = run_json(*args)  # unchanged: every cache is current
     assert code == 0 and (doc["ok"], doc["skipped"]) == (0, 3)
     code, doc, _ = run_json(*args, "--overwrite")
     assert code == 0 and (doc["ok"], doc["skipped"]) == (3, 0)
+
+
+def test_no_upscale_buckets(tmp_path, models):
+    """musubi's bucket_no_upscale: images within the area keep their size, rounded down to 16 (40x56 -> 32x48)."""
+    folder, model = models["flux2"]
+    src = images(tmp_path / "in")
+    out = tmp_path / "cache"
+    code, doc, err = run_json("encode", src, "-o", out, "-m", folder, "--dataset", "--format", "musubi",
+                              "--musubi-arch", "flux_2_dev", "--bucket-resolution", str(R), "--no-upscale")
+    assert code == 0 and doc["ok"] == 3, (doc, err)
+    assert musubi.bucket_resolution((40, 56), (R, R), True, True) == (32, 48)
+    check_caches(out, src, model, "flux_2_dev", flux2_reference, no_upscale=True)
 
 
 def test_a_changed_model_re_encodes(tmp_path, models):
