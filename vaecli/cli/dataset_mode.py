@@ -211,7 +211,7 @@ def encode_musubi(
     if refused:
         raise ConfigError(f"--format musubi writes what musubi-tuner's own cache step does (centre crop, the "
                           f"posterior mean, its dtype): drop {', '.join(refused)}")
-    from ..dataset.musubi_job import MusubiOptions, export_musubi
+    from ..dataset import MusubiOptions, export_musubi
 
     options = MusubiOptions(flags.musubi_arch.value, flags.bucket_resolution or DEFAULTS.bucket_resolution,
                             flags.no_upscale, write.overwrite, run.batch_size, max_pixels=write.max_pixels)
