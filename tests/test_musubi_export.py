@@ -4,6 +4,7 @@ normalization of diffusers' posterior mean of the same resized, cropped pixels; 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
-from cli_support import make_model, noise_image, run_json
+from cli_support import make_model, noise_image, run_json, run_module
 from test_flux2 import make_flux2
 from test_musubi import musubi_find, musubi_item, qwen_theirs
 from test_qwenimage_cli import make_qwen
@@ -190,3 +191,15 @@ def test_same_stem_refused(tmp_path, models):
     err = refused(tmp_path, "-m", models["qwen"][0], "--format", "musubi", "--musubi-arch", "qwen_image",
                   "--bucket-resolution", "64")
     assert "wide" in err and "rename" in err
+
+
+def test_as_a_process(tmp_path, models):
+    """`python -m vaecli`: the console path writes the same files and exits 2 on a refusal, one line."""
+    src = images(tmp_path / "in")
+    args = ("encode", src, "-o", tmp_path / "cache", "-m", models["qwen"][0], "--dataset", "--format", "musubi",
+            "--bucket-resolution", str(R), "--json")
+    proc = run_module(*args, "--musubi-arch", "qwen_image")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["ok"] == 3, proc.stderr
+    check_caches(tmp_path / "cache", src, models["qwen"][1], "qwen_image", qwen_reference, no_upscale=False)
+    proc = run_module(*args, "--musubi-arch", "flux_2_dev")
+    assert proc.returncode == 2 and "qwenimage" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
