@@ -26,6 +26,7 @@ def test_choices_are_the_cores():
     from vaecli.batch import SIZE_POLICIES
     from vaecli.dataset import options as dataset_options
     from vaecli.devices import DTYPES
+    from vaecli.latents import musubi
 
     assert choices.DTYPES == tuple(DTYPES)
     assert choices.FAMILIES == (*config.FAMILY_PRESETS, "flux2")
@@ -36,6 +37,10 @@ def test_choices_are_the_cores():
     from vaecli.dataset import core as dataset_core
 
     assert dataset_options.LAYOUTS is choices.LAYOUTS and dataset_core.ENGINES is choices.ENGINES  # one copy
+    # musubi's files are named per target and image size: a dataset-only --format outside the table
+    assert choices.ENCODE_FORMATS == (*latents.FORMATS, *choices.DATASET_ONLY_FORMATS) == (*latents.FORMATS, "musubi")
+    assert not set(choices.DATASET_ONLY_FORMATS) & set(latents.CONTAINER_SUFFIX)
+    assert choices.MUSUBI_ARCHITECTURES == tuple(musubi.ARCHITECTURES)
     assert choices.IMAGE_FORMATS == tuple(vio.IMAGE_FORMATS)
     assert DEFAULTS.max_pixels == vio.DEFAULT_MAX_PIXELS
     for device in choices.DEVICES[1:]:  # "auto" is resolve_device's own word
@@ -59,7 +64,8 @@ def test_each_alpha_policy_is_one_the_core_applies():
     (choices.Device, choices.DEVICES), (choices.DType, choices.DTYPES), (choices.Family, choices.FAMILIES),
     (choices.Tiling, choices.TILING_MODES), (choices.Kernels, choices.KERNEL_MODES),
     (choices.SizePolicy, choices.SIZE_POLICIES), (choices.Alpha, choices.ALPHA_POLICIES),
-    (choices.CacheFormat, choices.CACHE_FORMATS), (choices.Layout, choices.LAYOUTS),
+    (choices.CacheFormat, choices.CACHE_FORMATS), (choices.EncodeFormat, choices.ENCODE_FORMATS),
+    (choices.MusubiArch, choices.MUSUBI_ARCHITECTURES), (choices.Layout, choices.LAYOUTS),
     (choices.Engine, choices.ENGINES), (choices.ImageFormat, choices.IMAGE_FORMATS),
 ])
 def test_enums_are_built_from_the_tuples(enum, values):

@@ -19,6 +19,12 @@ KERNEL_MODES = ("auto", "on", "off")  # plans.KERNEL_MODES
 SIZE_POLICIES = ("pad", "crop", "resize")  # batch.SIZE_POLICIES
 ALPHA_POLICIES = ("white", "black", "drop")  # io.decode_image's `alpha`
 CACHE_FORMATS = ("vaecli", "kohya", "comfyui")  # latents.FORMATS: the writable rows of latents/table.py
+# --format values that only a dataset run writes, outside the container table: musubi names its files per
+# target architecture and image size (latents/musubi.py), which a Container row's one suffix cannot say
+DATASET_ONLY_FORMATS = ("musubi",)
+ENCODE_FORMATS = CACHE_FORMATS + DATASET_ONLY_FORMATS  # encode's --format
+MUSUBI_ARCHITECTURES = ("flux_2_dev", "flux_2_klein_4b", "flux_2_klein_9b", "qwen_image", "qwen_image_edit",
+                        "krea2")  # latents/musubi.ARCHITECTURES: --musubi-arch
 LAYOUTS = ("folder", "tar", "parquet")  # dataset/options.LAYOUTS
 ENGINES = ("local", "ray")  # dataset/options.ENGINES
 IMAGE_FORMATS = ("png", "jpg", "webp")  # io.IMAGE_FORMATS
@@ -75,6 +81,8 @@ Kernels = _choice("Kernels", KERNEL_MODES)
 SizePolicy = _choice("SizePolicy", SIZE_POLICIES)
 Alpha = _choice("Alpha", ALPHA_POLICIES)
 CacheFormat = _choice("CacheFormat", CACHE_FORMATS)
+EncodeFormat = _choice("EncodeFormat", ENCODE_FORMATS)
+MusubiArch = _choice("MusubiArch", MUSUBI_ARCHITECTURES)
 Layout = _choice("Layout", LAYOUTS)
 Engine = _choice("Engine", ENGINES)
 ImageFormat = _choice("ImageFormat", IMAGE_FORMATS)

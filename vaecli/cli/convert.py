@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..choices import DEFAULTS, CacheFormat, DType, ImageFormat
+from ..choices import DATASET_ONLY_FORMATS, DEFAULTS, DType, EncodeFormat, ImageFormat
 from ..discovery import output_path
 from ..errors import VaecliError
 from ..files import is_url, shard_kind
@@ -49,9 +49,10 @@ RawOpt = Annotated[bool, typer.Option(
     "--raw", help="Store raw VAE latents, not the model's normalized ones.", rich_help_panel=OUTPUT)]
 LatentDTypeOpt = Annotated[DType, typer.Option(
     "--latent-dtype", help="Precision of the stored latents.", rich_help_panel=OUTPUT)]
-CacheFormatOpt = Annotated[CacheFormat | None, typer.Option(
+CacheFormatOpt = Annotated[EncodeFormat | None, typer.Option(
     "--format", help="Latent files: vaecli (.safetensors + metadata), kohya (.npz for sd-scripts, its pixel "
-    "conventions), comfyui (.latent for Load Latent).", show_default=DEFAULTS.cache_format, rich_help_panel=OUTPUT)]
+    "conventions), comfyui (.latent for Load Latent), musubi (--dataset only: musubi-tuner's latent caches, "
+    "see --musubi-arch).", show_default=DEFAULTS.cache_format, rich_help_panel=OUTPUT)]
 FlatOpt = Annotated[bool, typer.Option(
     "--flat", help="Every output at the top of OUT, named by the image's file name (ComfyUI lists only those); "
     "two images of one name: the second fails.", rich_help_panel=OUTPUT)]
@@ -91,7 +92,7 @@ def encode(
         local = [i for i in inputs if not (is_url(i) or shard_kind(i))]
         check_inputs_exist(local)
         as_dataset = dataset.dataset or dataset.kohya_config is not None
-        fmt = _cache_format(cache_format, dataset.kohya_config is not None)
+        fmt = _cache_format(cache_format, dataset.kohya_config is not None, as_dataset)
         check_layout(inputs, out, None if as_dataset else latent_names(by_format(fmt).suffix))
         if len(local) == len(inputs):
             require_inputs(inputs, IMAGE_SUFFIXES, out)  # exit 2 before the model loads or anything is written
@@ -110,13 +111,16 @@ def encode(
         finish(result, report.as_json, report.debug, live=live)
 
 
-def _cache_format(given: CacheFormat | None, kohya_config: bool) -> str:
-    """--format's value; --kohya-config makes a kohya cache (another --format given with it is refused)."""
+def _cache_format(given: EncodeFormat | None, kohya_config: bool, as_dataset: bool) -> str:
+    """--format's value; --kohya-config makes a kohya cache (another --format given with it is refused); a
+    dataset-only format (musubi) needs --dataset."""
+    if given is not None and given.value in DATASET_ONLY_FORMATS and not as_dataset:
+        raise VaecliError(f"--format {given.value} writes a training cache: add --dataset")
     if not kohya_config:
-        return (given or CacheFormat[DEFAULTS.cache_format]).value
-    if given not in (None, CacheFormat.kohya):
+        return (given or EncodeFormat[DEFAULTS.cache_format]).value
+    if given not in (None, EncodeFormat.kohya):
         raise VaecliError(f"--kohya-config makes a kohya cache; drop --format {given.value}")
-    return CacheFormat.kohya.value
+    return EncodeFormat.kohya.value
 
 
 DecodeOutOpt = Annotated[Path, typer.Option(

@@ -12,7 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ..choices import DEFAULTS, Device, Engine, Layout
+from ..choices import DEFAULTS, MUSUBI_ARCHITECTURES, Device, Engine, Layout, MusubiArch
+from ..errors import ConfigError
 from .options import (
     DATASET,
     SHARDS,
@@ -78,6 +79,11 @@ EngineOpt = Annotated[Engine, typer.Option(
 AddressOpt = Annotated[str | None, typer.Option(
     "--address", metavar="ADDR", help="Ray cluster to join (host:6379 or ray://host:10001).",
     show_default="RAY_ADDRESS, else a new local one", rich_help_panel=SHARDS)]
+MusubiArchOpt = Annotated[MusubiArch | None, typer.Option(
+    "--musubi-arch", metavar="ARCH", help="--format musubi: the musubi-tuner architecture whose latent caches OUT (its "
+    f"cache_directory) gets: {', '.join(MUSUBI_ARCHITECTURES)} (qwen_image_edit: not yet, it needs control "
+    "images); --bucket-resolution is its resolution.",
+    show_default=False, rich_help_panel=DATASET)]
 RayWorkersOpt = Annotated[int, typer.Option(
     "--ray-workers", metavar="N", min=0, help="Ray VAE actors; 0: one per GPU (--device cuda) or per CPU of the "
     "cluster.", rich_help_panel=SHARDS)]
@@ -105,6 +111,7 @@ class DatasetFlags(FlagGroup):
     engine: EngineOpt = Engine[DEFAULTS.engine]
     address: AddressOpt = None
     ray_workers: RayWorkersOpt = DEFAULTS.ray_workers
+    musubi_arch: MusubiArchOpt = None
 
     def given(self) -> list[str]:
         """The dataset-only flags given other than at their defaults (refused without --dataset)."""
@@ -157,6 +164,9 @@ def encode_dataset(
     latents: LatentOutput, pixels: PixelFlags, write: WriteFlags, flags: DatasetFlags, report: ReportFlags,
 ) -> None:
     """encode --dataset: prepare_dataset over this process, its torchrun rank or --shard, or a Ray cluster."""
+    if latents.format == "musubi" or flags.musubi_arch is not None:
+        encode_musubi(inputs, out, model, run, options_run, sample, latents, write, flags, report)
+        return
     from ..dataset import bind_local_device, parse_shard, prepare_dataset
 
     options = dataset_options(flags, inputs, run, sample, latents, pixels, write)
@@ -169,4 +179,43 @@ def encode_dataset(
         result = prepare_dataset(vae, inputs, out, options, options_run, shard=part, progress=live, engine=spread)
     if not report.as_json and not secondary_rank():
         dataset_summary(result)
+    finish(result, report.as_json, report.debug, live=live)
+
+
+def musubi_refusals(flags: DatasetFlags, sample: SampleFlags, latents: LatentOutput) -> list[str]:
+    """The flags a musubi cache cannot honour: musubi's own cache step has none of them."""
+    unset = DatasetFlags()
+    refused = {
+        "--flip": flags.flip, "--moments": flags.moments, "--sample/--seed": sample.sampled,
+        "--random-crop": flags.random_crop, "--kohya-next-to-images": flags.kohya_next_to_images,
+        f"--layout {flags.layout.value if flags.layout else ''}": flags.layout not in (None, Layout.folder),
+        f"--latent-dtype {latents.latent_dtype}": latents.latent_dtype != DEFAULTS.latent_dtype,
+        "--raw": latents.raw, "--bucket-step": flags.bucket_step is not None,
+        "--min-bucket-size": flags.min_bucket_size is not None, "--max-bucket-size": flags.max_bucket_size is not None,
+        "--shard": flags.shard is not None, f"--engine {flags.engine.value}": flags.engine != unset.engine,
+        "--kohya-config": flags.kohya_config is not None,
+    }
+    return [name for name, given in refused.items() if given]
+
+
+def encode_musubi(
+    inputs: list[str], out: Path, model: ModelFlags, run: RunFlags, options_run: Any, sample: SampleFlags,
+    latents: LatentOutput, write: WriteFlags, flags: DatasetFlags, report: ReportFlags,
+) -> None:
+    """encode --dataset --format musubi: musubi-tuner's latent caches in OUT (refusals before the model loads)."""
+    if latents.format != "musubi":
+        raise ConfigError(f"--musubi-arch applies with --format musubi, not --format {latents.format}")
+    if flags.musubi_arch is None:
+        raise ConfigError(f"--format musubi needs --musubi-arch: one of {', '.join(MUSUBI_ARCHITECTURES)}")
+    refused = musubi_refusals(flags, sample, latents)
+    if refused:
+        raise ConfigError(f"--format musubi writes what musubi-tuner's own cache step does (centre crop, the "
+                          f"posterior mean, its dtype): drop {', '.join(refused)}")
+    from ..dataset import MusubiOptions, export_musubi
+
+    options = MusubiOptions(flags.musubi_arch.value, flags.bucket_resolution or DEFAULTS.bucket_resolution,
+                            flags.no_upscale, write.overwrite, run.batch_size, max_pixels=write.max_pixels)
+    vae = load_model(model, run.device, report.as_json, report.debug)
+    with progress("encode", report.quiet, report.debug) as live:
+        result = export_musubi(vae, inputs, out, options, options_run, live)
     finish(result, report.as_json, report.debug, live=live)

@@ -20,6 +20,7 @@ OUT/manifest.jsonl (one JSON object per image). One module per concern:
   shards.py       one input shard -> one published output shard and its index; OUT/index.json
   shard_run.py    one process's share of the shards (all, --shard i/n, a torchrun rank)
   ray_engine.py   --engine ray: shards as a Ray Dataset, the VAE as an actor pool (map_batches)
+  musubi_job.py   --format musubi: each image's musubi-tuner latent cache (a Job run by batch.run_job)
 """
 
 from .buckets import BucketChoice, crop_box, make_buckets, select_bucket
@@ -28,6 +29,7 @@ from .distributed import bind_local_device, parse_shard, resolve_shard, shard_it
 from .encoder import DatasetEncoder, Placement, settings_sha256
 from .folder import output_paths
 from .manifest import MergeResult, merge_manifests, read_manifest, shard_manifest_name, write_manifest
+from .musubi_job import MusubiOptions, export_musubi
 from .options import (
     DATASET_VERSION,
     LOGVAR_RANGE,
@@ -49,11 +51,13 @@ __all__ = [
     "LOGVAR_RANGE",
     "MANIFEST",
     "MergeResult",
+    "MusubiOptions",
     "Placement",
     "RESAMPLE",
     "bind_local_device",
     "check_options",
     "crop_box",
+    "export_musubi",
     "make_buckets",
     "merge_manifests",
     "output_paths",
