@@ -53,12 +53,16 @@ def test_the_api_and_the_cli_default_to_the_same_plan(tmp_path, monkeypatch):
         def __init__(self, vae, options=RunOptions()):
             super().__init__(vae, options)
             seen.append(self)
+            self.given = vae
 
     monkeypatch.setattr(vaecli.batch.run, "Runner", Recording)  # where run_job builds it
     model = make_model(tmp_path / "m", block_out_channels=(8, 16, 16, 256))
     noise_image(tmp_path / "in" / "a.png", 16, 16)
     code, _, _ = run_json("encode", tmp_path / "in", "-o", tmp_path / "z", "-m", model, "--device", "cpu")
     assert code == 0 and len(seen) == 1
+    # the CLI lays out its own model when loading it, so its Runner runs that model, not a second copy
+    (ran,) = seen[0]._models.values()
+    assert ran is seen[0].given and ran.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     api = Runner(vaecli.load_vae(model))
     assert seen[0].options == api.options == RunOptions() and api.options.tiling == "auto"
     assert seen[0].plan == api.plan and api.plan.layout == torch.channels_last

@@ -105,7 +105,7 @@ def encode(
         if given:
             raise VaecliError(f"{', '.join(given)} only {'apply' if len(given) > 1 else 'applies'} with --dataset")
         options = encode_options(run, sample, pixels, write, latents)
-        vae = load_model(model, run.device, report.as_json, report.debug)
+        vae = load_model(model, run.device, report.as_json, report.debug, kernels=run.kernels.value)
         with progress("encode", report.quiet, report.debug) as live:
             result = encode_paths(vae, [Path(i) for i in inputs], out, options, options_run, live)
         finish(result, report.as_json, report.debug, live=live)
@@ -164,7 +164,7 @@ def decode(
         check_inputs_exist(inputs)
         check_layout(inputs, out, image_names(image_format.value))
         require_inputs(inputs, LATENT_SUFFIXES, out)
-        vae = load_model(model, run.device, report.as_json, report.debug)
+        vae = load_model(model, run.device, report.as_json, report.debug, kernels=run.kernels.value)
         with progress("decode", report.quiet, report.debug) as live:
             result = decode_paths(vae, inputs, out, options, options_run, live)
         finish(result, report.as_json, report.debug, live=live)
@@ -208,7 +208,7 @@ def roundtrip(
         check_inputs_exist(inputs)
         check_layout(inputs, out, image_names("png"))
         require_inputs(inputs, IMAGE_SUFFIXES, out)
-        vae = load_model(model, run.device, report.as_json, report.debug)
+        vae = load_model(model, run.device, report.as_json, report.debug, kernels=run.kernels.value)
         with progress("roundtrip", report.quiet, report.debug) as live:
             result = roundtrip_paths(vae, inputs, out, options, options_run, live)
         finish(result, report.as_json, report.debug, roundtrip_table(result) if result.items else None, live)

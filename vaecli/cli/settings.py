@@ -90,8 +90,10 @@ def bench_settings(run: BenchFlags, resolutions: list[int], warmup: int, iters: 
                 kernels=run.kernels.value)
 
 
-def load_model(choice: ModelFlags, device: Device, as_json: bool, debug: bool) -> Any:
-    """The model of the --model flags on `device`; any failure is a usage error of one line (exit 2)."""
+def load_model(choice: ModelFlags, device: Device, as_json: bool, debug: bool, kernels: str | None = None) -> Any:
+    """The model of the --model flags on `device`; any failure is a usage error of one line (exit 2). With
+    `kernels`, its weights are laid out for that plan here: the model is the CLI's own, so the Runner then
+    runs it as it is instead of a laid-out copy (one copy of the weights on the device)."""
     from ..batch import open_model
     from ..devices import resolve_device
 
@@ -99,7 +101,7 @@ def load_model(choice: ModelFlags, device: Device, as_json: bool, debug: bool) -
     resolve_device(device.value)  # an unavailable device is its own usage error, not a load failure
     model = choice.model
     try:
-        return open_model(
+        vae = open_model(
             model, choice.family.value if choice.family else None, device.value,
             subfolder=choice.subfolder, revision=choice.revision, variant=choice.variant,
         )
@@ -111,6 +113,11 @@ def load_model(choice: ModelFlags, device: Device, as_json: bool, debug: bool) -
         if model is None and not isinstance(exc, VaecliError):
             msg += " (is the default model installed? pass --model)"
         raise usage(f"cannot load the model: {msg if name in msg else f'{name}: {msg}'}", as_json) from None
+    if kernels is not None:
+        from ..plans import apply_layout, plan_for
+
+        apply_layout(vae, plan_for(next(vae.parameters()).device, vae.config, kernels))
+    return vae
 
 
 def refuse_torchrun(command: str) -> None:
