@@ -28,6 +28,15 @@ LINE_PREFIXES = ("error: ", "note: ", "warning: ", "interrupted: ")
 BOOT = textwrap.dedent(
     """
     import os, sys, threading
+    peak = os.environ.get("VAECLI_TEST_PEAK_FILE")
+    if peak and os.path.exists("/proc/self/status"):  # this process's own peak RSS (VmHWM starts at exec)
+        import atexit
+        def record():
+            with open("/proc/self/status") as f:
+                kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+            with open(peak, "w") as out:
+                out.write(kb)
+        atexit.register(record)
     block = os.environ.get("VAECLI_TEST_BLOCK_READ")
     if block:
         import vaecli.batch.sources as batch  # where a run opens its inputs
@@ -143,7 +152,8 @@ def spawn(case: Case, root: Path, args: list[str]) -> tuple[int, str, str, int]:
     """The CLI in a subprocess: (exit code, stdout, stderr, peak RSS in MiB); case.signum (SIGINT) when
     case.signal_after appears or case.signal_at seconds have passed; killed (and the test failed) at
     case.timeout."""
-    env = dict(subprocess_env(), **case.env)
+    peak = root.parent / f"{root.name}.peak"
+    env = dict(subprocess_env(), **case.env, VAECLI_TEST_PEAK_FILE=str(peak))
     outs = [open(root.parent / f"{root.name}.{kind}", "w+") for kind in ("stdout", "stderr")]
 
     def preexec() -> None:
@@ -196,7 +206,12 @@ def spawn(case: Case, root: Path, args: list[str]) -> tuple[int, str, str, int]:
         f.seek(0)
         texts.append(f.read())
         f.close()
-    rss_mib = usage.ru_maxrss // 1024 if sys.platform != "darwin" else usage.ru_maxrss // 2**20
+    # The child's own VmHWM: ru_maxrss also counts the pytest process it was forked from (Linux keeps the
+    # parent's high-water mark across fork and exec), which grows with the tests run before.
+    if peak.exists():
+        rss_mib = int(peak.read_text()) // 1024
+    else:
+        rss_mib = usage.ru_maxrss // 1024 if sys.platform != "darwin" else usage.ru_maxrss // 2**20
     return proc.returncode, texts[0], texts[1], rss_mib
 
 

@@ -173,8 +173,11 @@ def encode_dataset(
     part = parse_shard(flags.shard) if flags.shard else None
     spread = engine_options(flags, run)
     bind_local_device()  # under torchrun with CUDA: this rank's GPU
-    # With Ray the driver only holds the weights for the actors; each actor picks its own device.
-    vae = load_model(model, Device.cpu if flags.engine == Engine.ray else run.device, report.as_json, report.debug)
+    # With Ray the driver only holds the weights for the actors; each actor picks its own device. Here the
+    # weights are laid out for this device's plan once, so the Runner runs them without a second copy.
+    ray = flags.engine == Engine.ray
+    vae = load_model(model, Device.cpu if ray else run.device, report.as_json, report.debug,
+                     kernels=None if ray else run.kernels.value)
     with progress("dataset", report.quiet, report.debug) as live:
         result = prepare_dataset(vae, inputs, out, options, options_run, shard=part, progress=live, engine=spread)
     if not report.as_json and not secondary_rank():
@@ -215,7 +218,7 @@ def encode_musubi(
 
     options = MusubiOptions(flags.musubi_arch.value, flags.bucket_resolution or DEFAULTS.bucket_resolution,
                             flags.no_upscale, write.overwrite, run.batch_size, max_pixels=write.max_pixels)
-    vae = load_model(model, run.device, report.as_json, report.debug)
+    vae = load_model(model, run.device, report.as_json, report.debug, kernels=run.kernels.value)
     with progress("encode", report.quiet, report.debug) as live:
         result = export_musubi(vae, inputs, out, options, options_run, live)
     finish(result, report.as_json, report.debug, live=live)
