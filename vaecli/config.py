@@ -216,6 +216,16 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def int_range_problems(cfg: Any, ranges: Mapping[str, tuple[int, int]]) -> list[str]:
+    """One problem per field of `ranges` that is not an integer within its [low, high]."""
+    problems = []
+    for name, (low, high) in ranges.items():
+        value = getattr(cfg, name)
+        if not is_int(value) or not low <= value <= high:
+            problems.append(f"{name} must be an integer in [{low}, {high}], not {value!r}")
+    return problems
+
+
 def is_number(value: Any) -> bool:
     """A finite int or float from JSON (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -226,11 +236,7 @@ _is_int, _is_number = is_int, is_number
 
 def _field_problems(cfg: VAEConfig) -> list[str]:
     """Type and range of every field, each checked on its own (JSON from a file can hold anything)."""
-    problems = []
-    for name, (low, high) in _INT_RANGES.items():
-        value = getattr(cfg, name)
-        if not _is_int(value) or not low <= value <= high:
-            problems.append(f"{name} must be an integer in [{low}, {high}], not {value!r}")
+    problems = int_range_problems(cfg, _INT_RANGES)
     chs = cfg.block_out_channels
     if not isinstance(chs, tuple) or not 1 <= len(chs) <= MAX_LEVELS:
         problems.append(f"block_out_channels must be a list of 1 to {MAX_LEVELS} integers, not {chs!r}")

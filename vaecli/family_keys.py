@@ -86,3 +86,11 @@ def is_qwen_state(keys: Iterable[str]) -> bool:
     not a generic 'unknown weights', tells the user it cannot be loaded."""
     inner = set(strip_vae_prefix(keys))
     return any(m in inner for m in QWEN_DIFFUSERS_MARKERS + QWEN_ORIGINAL_MARKERS)
+
+
+def compile_key_pattern(pattern: str, fields: dict[str, str]) -> re.Pattern[str]:
+    """A rename-table key pattern as an anchored regex: each {field} placeholder becomes its group."""
+    regex = re.escape(pattern)
+    for name, group in fields.items():
+        regex = regex.replace(re.escape(name), group)
+    return re.compile("^" + regex)

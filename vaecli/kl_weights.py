@@ -19,6 +19,7 @@ import torch
 from . import families
 from .config import DEFAULT_FAMILY, Flux2Config, ModelInfo, VAEConfig, apply_family
 from .errors import ConfigError, WeightsError
+from .family_keys import compile_key_pattern
 from .models.kl import AutoencoderKL, build_model
 from .weight_checks import assign_frozen, check_keys, check_values
 from .weight_files import read_state_dict, regular_file, under_vae_prefix, weights_sha256
@@ -59,10 +60,7 @@ _FIELDS = {"{i}": r"(?P<i>\d+)", "{j}": r"(?P<j>\d+)", "{u}": r"(?P<u>\d+)", "{e
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
-    regex = re.escape(pattern)
-    for name, group in _FIELDS.items():
-        regex = regex.replace(re.escape(name), group)
-    return re.compile("^" + regex)
+    return compile_key_pattern(pattern, _FIELDS)
 
 
 _LDM_TO_DIFFUSERS = [(_compile(src), dst) for src, dst in RENAME_TABLE]

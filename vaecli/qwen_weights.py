@@ -22,7 +22,7 @@ import torch
 
 from .config import ModelInfo
 from .errors import ConfigError, WeightsError
-from .family_keys import QWEN_DIFFUSERS_MARKERS, QWEN_ORIGINAL_MARKERS
+from .family_keys import QWEN_DIFFUSERS_MARKERS, QWEN_ORIGINAL_MARKERS, compile_key_pattern
 from .models.qwenimage import AutoencoderKLQwenImage
 from .models.qwenimage_config import CLASS_NAME, QWEN_LATENTS_MEAN, QWEN_LATENTS_STD, QwenImageConfig
 from .weight_checks import assign_frozen, check_keys, check_values
@@ -60,10 +60,7 @@ _FIELDS = {"{e}": r"(?P<e>encoder|decoder)", "{k}": r"(?P<k>\d+)", "{d}": r"(?P<
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
-    regex = re.escape(pattern)
-    for name, group in _FIELDS.items():
-        regex = regex.replace(re.escape(name), group)
-    return re.compile("^" + regex)
+    return compile_key_pattern(pattern, _FIELDS)
 
 
 _TO_DIFFUSERS = [(_compile(src), dst) for src, dst in RENAME_TABLE]

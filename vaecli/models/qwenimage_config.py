@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import LatentSpec, latent_spec_problems
+from ..config import LatentSpec, int_range_problems, latent_spec_problems
 from ..config import is_int as _is_int
 from ..config import is_number as _is_number
 from ..errors import ConfigError
@@ -150,11 +150,7 @@ class QwenImageConfig:
 
 def _field_problems(cfg: QwenImageConfig) -> list[str]:
     """Type and range of every field, each on its own (JSON from a file can hold anything)."""
-    problems = []
-    for name, (low, high) in _INT_RANGES.items():
-        value = getattr(cfg, name)
-        if not _is_int(value) or not low <= value <= high:
-            problems.append(f"{name} must be an integer in [{low}, {high}], not {value!r}")
+    problems = int_range_problems(cfg, _INT_RANGES)
     mult = cfg.dim_mult
     if not isinstance(mult, tuple) or not 1 <= len(mult) <= MAX_LEVELS or not all(_is_int(m) and m >= 1 for m in mult):
         problems.append(f"dim_mult must be a list of 1 to {MAX_LEVELS} positive integers, not {mult!r}")

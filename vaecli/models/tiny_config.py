@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import LatentSpec, latent_spec_problems
+from ..config import LatentSpec, int_range_problems, latent_spec_problems
 from ..config import is_int as _is_int
 from ..config import is_number as _is_number
 from ..errors import ConfigError
@@ -150,11 +150,7 @@ def _int_list_problem(name: str, value: Any, low: int, high: int) -> str | None:
 
 def _field_problems(cfg: TinyConfig) -> list[str]:
     """Type and range of every field, each checked on its own (JSON from a file can hold anything)."""
-    problems = []
-    for name, (low, high) in _INT_RANGES.items():
-        value = getattr(cfg, name)
-        if not _is_int(value) or not low <= value <= high:
-            problems.append(f"{name} must be an integer in [{low}, {high}], not {value!r}")
+    problems = int_range_problems(cfg, _INT_RANGES)
     for name in ("encoder_block_out_channels", "decoder_block_out_channels"):
         problem = _int_list_problem(name, getattr(cfg, name), 1, MAX_CHANNELS)
         if problem:
